@@ -1,0 +1,243 @@
+"""Public attention API of ``ringlwm.kernels``: one device, no processes.
+
+Three layers, as in flash-attention:
+  backend forward/backward (Triton kernels, or the fused CPU kernel)
+  -> ``block_attention_forward`` / ``block_attention_backward``: validated, dispatching, one block
+  -> ``BlockwiseAttention`` (autograd Function) -> ``blockwise_attention``.
+
+The block functions are what a ring calls at each step: a forward that returns (out, lse) for one
+K/V block, and a backward that takes the ring's merged (out, lse) and returns float32 gradients to sum.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Callable, NamedTuple
+
+import torch
+
+from .cpu_flash import cpu_attention_backward, cpu_attention_forward
+
+
+class Backend(NamedTuple):
+    forward: Callable
+    backward: Callable
+
+
+def _triton_backend() -> Backend:
+    from .triton_flash import triton_attention_backward, triton_attention_forward  # imports triton lazily
+
+    return Backend(triton_attention_forward, triton_attention_backward)
+
+
+_BACKENDS: dict[str, Callable[[], Backend]] = {
+    "triton": _triton_backend,
+    "cpu": lambda: Backend(cpu_attention_forward, cpu_attention_backward),
+}
+
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_CPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def register_backend(name: str, factory: Callable[[], Backend]) -> None:
+    """Add a block-attention backend: ``factory()`` returns ``Backend(forward, backward)`` with the
+    signatures of ``triton_attention_forward`` / ``triton_attention_backward``."""
+    _BACKENDS[name] = factory
+
+
+def default_backend(device: torch.device) -> str:
+    """Triton on GPUs, the fused CPU kernel on CPU (Triton on CPU tensors needs TRITON_INTERPRET=1)."""
+    return "cpu" if device.type == "cpu" else "triton"
+
+
+def _resolve_backend(name: str | None, q: torch.Tensor) -> tuple[str, Backend]:
+    name = name or default_backend(q.device)
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; known: {sorted(_BACKENDS)}")
+    if name == "cpu" and q.device.type != "cpu":
+        raise ValueError(f"the 'cpu' attention backend needs CPU tensors, got tensors on {q.device}")
+    if name == "triton":
+        if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("the 'triton' backend on CPU tensors needs TRITON_INTERPRET=1 (the Triton interpreter)")
+        if q.dtype not in _TRITON_DTYPES:
+            raise TypeError(f"the 'triton' backend supports {_TRITON_DTYPES}, got {q.dtype}")
+        if not 16 <= q.shape[-1] <= 256:
+            raise ValueError(f"the 'triton' backend supports head_dim 16..256, got {q.shape[-1]}")
+    return name, _BACKENDS[name]()
+
+
+def _check_segment_ids(name: str, ids: torch.Tensor, batch: int, seqlen: int, device: torch.device) -> None:
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or tuple(ids.shape) != (batch, seqlen):
+        shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise ValueError(f"{name} must have shape (batch, seq) = {(batch, seqlen)}, got {shape}")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {ids.dtype}")
+    if ids.device != device:
+        raise ValueError(f"{name} is on {ids.device} but q is on {device}")
+
+
+def _check_inputs(q, k, v, q_segment_ids, kv_segment_ids, q_offset, kv_offset):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (batch, heads, seq, head_dim), got shape {tuple(t.shape)}")
+        if t.device != q.device:
+            raise ValueError(f"q, k and v must be on one device: q is on {q.device}, {name} on {t.device}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"q, k and v must have one dtype: q is {q.dtype}, {name} is {t.dtype}")
+    if q.dtype not in _CPU_DTYPES:
+        raise TypeError(f"attention needs a floating dtype among {_CPU_DTYPES}, got {q.dtype}")
+    batch, heads, seqlen_q, head_dim = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != batch or k.shape[3] != head_dim:
+        raise ValueError(
+            f"k/v shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} in batch or head_dim"
+        )
+    kv_heads, seqlen_k = k.shape[1], k.shape[2]
+    if kv_heads == 0 or heads % kv_heads != 0:
+        raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
+    if min(batch, heads, seqlen_q, seqlen_k, head_dim) == 0:
+        raise ValueError(f"empty attention inputs: q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if (q_segment_ids is None) != (kv_segment_ids is None):
+        raise ValueError("give both q_segment_ids and kv_segment_ids, or neither")
+    if q_segment_ids is not None:
+        _check_segment_ids("q_segment_ids", q_segment_ids, batch, seqlen_q, q.device)
+        _check_segment_ids("kv_segment_ids", kv_segment_ids, batch, seqlen_k, q.device)
+    for name, off in (("q_offset", q_offset), ("kv_offset", kv_offset)):
+        if isinstance(off, bool) or not isinstance(off, int):
+            raise TypeError(f"{name} must be a Python int, got {type(off).__name__}")
+
+
+def _prepare(q, k, v, causal, scale, q_segment_ids, kv_segment_ids, q_offset, kv_offset, backend):
+    _check_inputs(q, k, v, q_segment_ids, kv_segment_ids, q_offset, kv_offset)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    _, impl = _resolve_backend(backend, q)
+    kwargs = dict(
+        causal=bool(causal), scale=scale, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+        q_offset=q_offset, kv_offset=kv_offset,
+    )
+    return impl, kwargs
+
+
+def block_attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    q_segment_ids: torch.Tensor | None = None,
+    kv_segment_ids: torch.Tensor | None = None,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of one query block over one key/value block; no autograd.
+
+    q: (batch, heads, seq_q, head_dim); k, v: (batch, kv_heads, seq_k, head_dim), heads % kv_heads == 0.
+    Query i sees key j when ``q_offset + i >= kv_offset + j`` (if ``causal``) and
+    ``q_segment_ids[b, i] == kv_segment_ids[b, j]`` (if segment ids, (batch, seq_q) and (batch, seq_k),
+    are given). Returns ``out`` (like q, contiguous) and ``lse`` (batch, heads, seq_q), float32
+    (float64 for float64 inputs on CPU), natural log. A row that sees no key gets out = 0, lse = -inf.
+    """
+    impl, kwargs = _prepare(q, k, v, causal, scale, q_segment_ids, kv_segment_ids, q_offset, kv_offset, backend)
+    return impl.forward(q, k, v, **kwargs)
+
+
+def block_attention_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    q_segment_ids: torch.Tensor | None = None,
+    kv_segment_ids: torch.Tensor | None = None,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of one block's attention, given the upstream gradient ``dout`` and the final
+    ``out`` / ``lse`` of the query rows (for a ring: merged over all blocks, not this block's own).
+
+    Shapes and masking as in ``block_attention_forward``. Returns (dq, dk, dv) shaped like q, k, v in
+    float32 (float64 for float64 inputs on CPU), ready to be summed over blocks without rounding.
+    """
+    if dout.shape != q.shape or out.shape != q.shape:
+        raise ValueError(f"dout {tuple(dout.shape)} and out {tuple(out.shape)} must have q's shape {tuple(q.shape)}")
+    if tuple(lse.shape) != tuple(q.shape[:3]):
+        raise ValueError(f"lse must have shape (batch, heads, seq_q) = {tuple(q.shape[:3])}, got {tuple(lse.shape)}")
+    impl, kwargs = _prepare(q, k, v, causal, scale, q_segment_ids, kv_segment_ids, q_offset, kv_offset, backend)
+    return impl.backward(dout.to(q.dtype), q, k, v, out.to(q.dtype), lse, **kwargs)
+
+
+class BlockwiseAttention(torch.autograd.Function):
+    """Autograd wrapper: forward saves (q, k, v, out, lse); backward recomputes the probabilities."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, q_segment_ids, kv_segment_ids, causal, scale, q_offset, kv_offset, backend):
+        kwargs = dict(
+            causal=causal, scale=scale, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+            q_offset=q_offset, kv_offset=kv_offset, backend=backend,
+        )
+        out, lse = block_attention_forward(q, k, v, **kwargs)
+        ctx.save_for_backward(q, k, v, out, lse, q_segment_ids, kv_segment_ids)
+        ctx.kwargs = {key: val for key, val in kwargs.items() if not key.endswith("segment_ids")}
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, q_segment_ids, kv_segment_ids = ctx.saved_tensors
+        dq, dk, dv = block_attention_backward(
+            dout, q, k, v, out, lse, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, **ctx.kwargs
+        )
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None
+
+
+def blockwise_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    segment_ids: torch.Tensor | None = None,
+    return_lse: bool = False,
+    kv_segment_ids: torch.Tensor | None = None,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    backend: str | None = None,
+):
+    """Memory-efficient exact attention (FlashAttention-2 algorithm), differentiable.
+
+    q: (batch, heads, seq_q, head_dim); k, v: (batch, kv_heads, seq_k, head_dim) with heads % kv_heads
+    == 0 (GQA/MQA: K/V are never expanded in memory). Any strides.
+    segment_ids: (batch, seq) integers: a query attends only keys of its own segment (packed documents).
+    The ring form: ``segment_ids`` are the queries' (batch, seq_q) and ``kv_segment_ids`` the keys'
+    (batch, seq_k); ``q_offset``/``kv_offset`` are the blocks' positions in the full sequence, so that
+    causal masking compares ``q_offset + i >= kv_offset + j``.
+    backend: "triton" (default on GPU) or "cpu" (default on CPU: PyTorch's fused CPU flash kernel).
+
+    Returns out (batch, heads, seq_q, head_dim) in q's dtype, and with ``return_lse`` also the
+    log-sum-exp (batch, heads, seq_q) float32. Rows with no visible key give out = 0, lse = -inf.
+    """
+    q_segment_ids = segment_ids
+    if segment_ids is not None and kv_segment_ids is None:
+        if q.dim() == 4 and k.dim() == 4 and q.shape[2] != k.shape[2]:
+            raise ValueError(
+                f"seq_q ({q.shape[2]}) != seq_k ({k.shape[2]}): pass kv_segment_ids for the keys' segments"
+            )
+        kv_segment_ids = segment_ids
+    if kv_segment_ids is not None and q_segment_ids is None:
+        raise ValueError("kv_segment_ids needs segment_ids for the queries")
+    out, lse = BlockwiseAttention.apply(
+        q, k, v, q_segment_ids, kv_segment_ids, bool(causal), scale, q_offset, kv_offset, backend
+    )
+    return (out, lse) if return_lse else out

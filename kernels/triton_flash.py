@@ -1,0 +1,546 @@
+"""FlashAttention-2 style forward and backward kernels in Triton.
+
+Layout of every tensor argument (any strides; the launchers pass them through):
+    q, out, dout: (batch, heads, seq_q, head_dim)
+    k, v:         (batch, kv_heads, seq_k, head_dim), heads % kv_heads == 0 (GQA / MQA)
+    lse, delta:   (batch, heads, seq_q) float32, contiguous
+    segment ids:  (batch, seq) int32, contiguous
+
+Masking. Query i may attend key j when
+    j < seq_k                                         (tails)
+    and q_offset + i >= kv_offset + j                 (if causal)
+    and q_segment_ids[i] == kv_segment_ids[j]         (if segment ids are given)
+The offsets place the block in a longer sequence, so that one call computes one ring step.
+
+Numerics. Scores and the softmax statistics are fp32; the row maximum is tracked in log2 units so the
+kernels use exp2. A row whose keys are all masked has m = -inf; we subtract a safe 0 instead of m there
+(exp2(-inf - 0) = 0, whereas exp2(-inf - -inf) is NaN), and return out = 0, lse = -inf for it.
+
+The backward kernels do not mask key or query tails: tail rows of q/dout and tail rows of k/v are loaded
+as zeros, so every product they enter is zero, and their gradients are never stored.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# The interpreter runs one fixed, small configuration (autotuning there would only cost time).
+_INTERPRET_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32}
+
+
+def _smem_bytes(block_m: int, block_n: int, block_d: int, stages: int, elem: int) -> int:
+    """Rough shared memory estimate: one resident (M, D) tile plus (stages) buffered pairs of (N, D) tiles."""
+    return (block_m * block_d + 2 * stages * block_n * block_d) * elem
+
+
+# Leaves headroom under the 164 KiB of an A100 and 227 KiB of an H100 for the compiler's own scratch.
+_SMEM_LIMIT = 150 * 1024
+
+
+def _prune(configs, named_args, **kwargs):
+    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+    elem = named_args["Q"].element_size() if "Q" in named_args else 2
+    kept = [
+        c
+        for c in configs
+        if _smem_bytes(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], block_d, c.num_stages, elem) <= _SMEM_LIMIT
+    ]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+
+def _configs(pairs, warps=(4, 8), stages=(2, 3)):
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+        for m, n in pairs
+        for w in warps
+        for s in stages
+    ]
+
+
+_FWD_CONFIGS = _configs([(128, 64), (128, 32), (64, 64), (128, 128)])
+_BWD_CONFIGS = _configs([(64, 64), (32, 64), (64, 128), (128, 64), (32, 32)])
+_AUTOTUNE_KEY = ["seqlen_q", "seqlen_k", "HEAD_DIM", "CAUSAL", "HAS_SEG"]
+
+
+def _autotuned(configs):
+    """Autotune on a GPU; under the interpreter the launcher passes fixed block sizes instead."""
+
+    def wrap(fn):
+        if _INTERPRET:
+            return fn
+        return triton.autotune(configs=configs, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune})(
+            fn
+        )
+
+    return wrap
+
+
+def _launch_meta() -> dict:
+    return dict(_INTERPRET_BLOCKS) if _INTERPRET else {}
+
+
+# --------------------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_inner(
+    acc, l_i, m_i, q, q_pos, q_seg,
+    k_ptrs, v_ptrs, KSeg, stride_kn, stride_vn,
+    lo, hi, seqlen_k, kv_offset, qk_scale,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    offs_n = tl.arange(0, BLOCK_N)
+    k_ptrs += lo * stride_kn
+    v_ptrs += lo * stride_vn
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        if MASKED:
+            k = tl.load(k_ptrs, mask=cols[:, None] < seqlen_k, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if MASKED:
+            keep = cols[None, :] < seqlen_k
+            if CAUSAL:
+                keep = keep & (q_pos[:, None] >= kv_offset + cols[None, :])
+            if HAS_SEG:
+                k_seg = tl.load(KSeg + cols, mask=cols < seqlen_k, other=-2)
+                keep = keep & (q_seg[:, None] == k_seg[None, :])
+            s = tl.where(keep, s, float("-inf"))
+        elif HAS_SEG:
+            k_seg = tl.load(KSeg + cols)
+            s = tl.where(q_seg[:, None] == k_seg[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASKED:
+            v = tl.load(v_ptrs, mask=cols[:, None] < seqlen_k, other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+    return acc, l_i, m_i
+
+
+@_autotuned(_FWD_CONFIGS)
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, Out, Lse, QSeg, KSeg,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    num_heads, group_size, seqlen_q, seqlen_k, q_offset, kv_offset, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // num_heads).to(tl.int64)
+    h = (pid_bh % num_heads).to(tl.int64)
+    kvh = h // group_size
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=(offs_m[:, None] < seqlen_q) & d_ok[None, :], other=0.0)
+    k_ptrs = K + b * stride_kb + kvh * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = V + b * stride_vb + kvh * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    if HAS_SEG:
+        q_seg = tl.load(QSeg + b * seqlen_q + offs_m, mask=offs_m < seqlen_q, other=-1)
+        k_seg_base = KSeg + b * seqlen_k
+    else:
+        q_seg = offs_m  # unused
+        k_seg_base = KSeg
+    q_pos = q_offset + offs_m
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # Keys [0, full_hi) are in bounds and visible to every query of this block: no causal/tail mask.
+    # Keys [full_hi, hi) need the mask; keys >= hi are invisible to the whole block (causal) and skipped.
+    if CAUSAL:
+        hi = tl.minimum(seqlen_k, tl.maximum(q_offset + start_m + BLOCK_M - kv_offset, 0))
+        full_hi = tl.minimum(seqlen_k, tl.maximum(q_offset + start_m + 1 - kv_offset, 0))
+    else:
+        hi = seqlen_k
+        full_hi = seqlen_k
+    full_hi = (full_hi // BLOCK_N) * BLOCK_N
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, q_pos, q_seg, k_ptrs, v_ptrs, k_seg_base, stride_kn, stride_vn,
+        0, full_hi, seqlen_k, kv_offset, qk_scale,
+        BLOCK_N, False, CAUSAL, HAS_SEG, DOT_PRECISION,
+    )
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, q_pos, q_seg, k_ptrs, v_ptrs, k_seg_base, stride_kn, stride_vn,
+        full_hi, hi, seqlen_k, kv_offset, qk_scale,
+        BLOCK_N, True, CAUSAL, HAS_SEG, DOT_PRECISION,
+    )
+
+    empty = l_i == 0.0
+    acc = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=(offs_m[:, None] < seqlen_q) & d_ok[None, :])
+    tl.store(Lse + pid_bh.to(tl.int64) * seqlen_q + offs_m, lse, mask=offs_m < seqlen_q)
+
+
+# --------------------------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bwd_delta_kernel(
+    Out, DOut, Delta,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_db, stride_dh, stride_dm, stride_dd,
+    num_heads, seqlen_q,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """delta[i] = sum_d dout[i, d] * out[i, d], the row term of the softmax gradient."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // num_heads).to(tl.int64)
+    h = (pid_bh % num_heads).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DOut + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dm + offs_d[None, :] * stride_dd,
+                 mask=mask, other=0.0).to(tl.float32)
+    tl.store(Delta + pid_bh.to(tl.int64) * seqlen_q + offs_m, tl.sum(o * do, 1), mask=offs_m < seqlen_q)
+
+
+@triton.jit
+def _bwd_dkdv_inner(
+    dk, dv, k, v, k_pos, k_seg,
+    q_ptrs, do_ptrs, lse_ptr, delta_ptr, QSeg, stride_qm, stride_dom,
+    lo, hi, seqlen_q, q_offset, qk_scale,
+    BLOCK_M: tl.constexpr, CAUSAL_MASK: tl.constexpr, HAS_SEG: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    offs_m = tl.arange(0, BLOCK_M)
+    q_ptrs += lo * stride_qm
+    do_ptrs += lo * stride_dom
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + offs_m
+        row_ok = rows < seqlen_q
+        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+        do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+        delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
+        # Work with the transposed scores (keys x queries) so that dk, dv come out without transposes.
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        if CAUSAL_MASK:
+            s_t = tl.where(q_offset + rows[None, :] >= k_pos[:, None], s_t, float("-inf"))
+        if HAS_SEG:
+            q_seg = tl.load(QSeg + rows, mask=row_ok, other=-1)
+            s_t = tl.where(k_seg[:, None] == q_seg[None, :], s_t, float("-inf"))
+        p_t = tl.math.exp2(s_t - lse[None, :])
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+        q_ptrs += BLOCK_M * stride_qm
+        do_ptrs += BLOCK_M * stride_dom
+    return dk, dv
+
+
+@_autotuned(_BWD_CONFIGS)
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DOut, Lse, Delta, DK, DV, QSeg, KSeg,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    num_kv_heads, group_size, seqlen_q, seqlen_k, q_offset, kv_offset, qk_scale, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One program per (key block, batch * kv_head); loops over the query heads of its GQA group."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // num_kv_heads).to(tl.int64)
+    kvh = (pid_bh % num_kv_heads).to(tl.int64)
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    kv_mask = (offs_n[:, None] < seqlen_k) & d_ok[None, :]
+
+    k = tl.load(K + b * stride_kb + kvh * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                mask=kv_mask, other=0.0)
+    v = tl.load(V + b * stride_vb + kvh * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                mask=kv_mask, other=0.0)
+    if HAS_SEG:
+        k_seg = tl.load(KSeg + b * seqlen_k + offs_n, mask=offs_n < seqlen_k, other=-2)
+        q_seg_base = QSeg + b * seqlen_q
+    else:
+        k_seg = offs_n  # unused
+        q_seg_base = QSeg
+    k_pos = kv_offset + offs_n
+
+    # Queries [lo, full_lo) see part of this key block (causal mask); [full_lo, seqlen_q) see all of it.
+    if CAUSAL:
+        lo = tl.minimum(tl.maximum(kv_offset + start_n - q_offset, 0), seqlen_q)
+        full_lo = tl.minimum(tl.maximum(kv_offset + start_n + BLOCK_N - 1 - q_offset, 0), seqlen_q)
+        lo = (lo // BLOCK_M) * BLOCK_M
+        full_lo = tl.cdiv(full_lo, BLOCK_M) * BLOCK_M
+    else:
+        lo = 0
+        full_lo = 0
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for g in range(group_size):
+        h = kvh * group_size + g
+        bh = b * num_kv_heads * group_size + h
+        q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+        do_ptrs = DOut + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod
+        lse_ptr = Lse + bh * seqlen_q
+        delta_ptr = Delta + bh * seqlen_q
+        dk, dv = _bwd_dkdv_inner(
+            dk, dv, k, v, k_pos, k_seg, q_ptrs, do_ptrs, lse_ptr, delta_ptr, q_seg_base, stride_qm, stride_dom,
+            lo, full_lo, seqlen_q, q_offset, qk_scale,
+            BLOCK_M, CAUSAL, HAS_SEG, DOT_PRECISION,
+        )
+        dk, dv = _bwd_dkdv_inner(
+            dk, dv, k, v, k_pos, k_seg, q_ptrs, do_ptrs, lse_ptr, delta_ptr, q_seg_base, stride_qm, stride_dom,
+            full_lo, seqlen_q, seqlen_q, q_offset, qk_scale,
+            BLOCK_M, False, HAS_SEG, DOT_PRECISION,
+        )
+
+    dk = dk * scale
+    tl.store(DK + b * stride_dkb + kvh * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+             dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + b * stride_dvb + kvh * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _bwd_dq_inner(
+    dq, q, do, lse, delta, q_pos, q_seg,
+    k_ptrs, v_ptrs, KSeg, stride_kn, stride_vn,
+    lo, hi, seqlen_k, kv_offset, qk_scale,
+    BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr, HAS_SEG: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    offs_n = tl.arange(0, BLOCK_N)
+    k_ptrs += lo * stride_kn
+    v_ptrs += lo * stride_vn
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < seqlen_k
+        k = tl.load(k_ptrs, mask=col_ok[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if CAUSAL_MASK:
+            s = tl.where(q_pos[:, None] >= kv_offset + cols[None, :], s, float("-inf"))
+        if HAS_SEG:
+            k_seg = tl.load(KSeg + cols, mask=col_ok, other=-2)
+            s = tl.where(q_seg[:, None] == k_seg[None, :], s, float("-inf"))
+        p = tl.math.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+    return dq
+
+
+@_autotuned(_BWD_CONFIGS)
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DOut, Lse, Delta, DQ, QSeg, KSeg,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    num_heads, group_size, seqlen_q, seqlen_k, q_offset, kv_offset, qk_scale, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One program per (query block, batch * head)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // num_heads).to(tl.int64)
+    h = (pid_bh % num_heads).to(tl.int64)
+    kvh = h // group_size
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    row_ok = offs_m < seqlen_q
+    q_mask = row_ok[:, None] & d_ok[None, :]
+
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=q_mask, other=0.0)
+    do = tl.load(DOut + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                 mask=q_mask, other=0.0)
+    lse = tl.load(Lse + pid_bh.to(tl.int64) * seqlen_q + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(Delta + pid_bh.to(tl.int64) * seqlen_q + offs_m, mask=row_ok, other=0.0)
+    k_ptrs = K + b * stride_kb + kvh * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = V + b * stride_vb + kvh * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    if HAS_SEG:
+        q_seg = tl.load(QSeg + b * seqlen_q + offs_m, mask=row_ok, other=-1)
+        k_seg_base = KSeg + b * seqlen_k
+    else:
+        q_seg = offs_m  # unused
+        k_seg_base = KSeg
+    q_pos = q_offset + offs_m
+
+    if CAUSAL:
+        hi = tl.minimum(seqlen_k, tl.maximum(q_offset + start_m + BLOCK_M - kv_offset, 0))
+        full_hi = tl.minimum(seqlen_k, tl.maximum(q_offset + start_m + 1 - kv_offset, 0))
+        full_hi = (full_hi // BLOCK_N) * BLOCK_N
+    else:
+        hi = seqlen_k
+        full_hi = seqlen_k
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = _bwd_dq_inner(
+        dq, q, do, lse, delta, q_pos, q_seg, k_ptrs, v_ptrs, k_seg_base, stride_kn, stride_vn,
+        0, full_hi, seqlen_k, kv_offset, qk_scale,
+        BLOCK_N, False, HAS_SEG, DOT_PRECISION,
+    )
+    dq = _bwd_dq_inner(
+        dq, q, do, lse, delta, q_pos, q_seg, k_ptrs, v_ptrs, k_seg_base, stride_kn, stride_vn,
+        full_hi, hi, seqlen_k, kv_offset, qk_scale,
+        BLOCK_N, CAUSAL, HAS_SEG, DOT_PRECISION,
+    )
+    dq = dq * scale
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+             dq.to(DQ.dtype.element_ty), mask=q_mask)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------------
+
+_MAX_INT32 = 2**31 - 1
+
+
+def _fit_int32_offsets(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Tile offsets inside one (batch, head) slice are int32 in the kernels; make sure they cannot overflow."""
+    out = []
+    for t in tensors:
+        if t.shape[2] * t.stride(2) + t.shape[3] * t.stride(3) > _MAX_INT32:
+            t = t.contiguous()
+            if t.shape[2] * t.shape[3] > _MAX_INT32:
+                raise ValueError(
+                    f"one (batch, head) slice of shape {tuple(t.shape[2:])} has more than 2**31 elements; "
+                    "split the sequence over more ranks"
+                )
+        out.append(t)
+    return tuple(out)
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs mean the user asked for fp32 math: no silent TF32 rounding of q, k, v.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _seg_args(q_segment_ids, kv_segment_ids, q):
+    if q_segment_ids is None:
+        dummy = torch.empty(1, dtype=torch.int32, device=q.device)
+        return dummy, dummy, False
+    return q_segment_ids.to(torch.int32).contiguous(), kv_segment_ids.to(torch.int32).contiguous(), True
+
+
+def triton_attention_forward(
+    q, k, v, *, causal, scale, q_segment_ids=None, kv_segment_ids=None, q_offset=0, kv_offset=0
+):
+    """Returns (out like q, lse (batch, heads, seq_q) float32). Arguments are already validated."""
+    q, k, v = _fit_int32_offsets(q, k, v)
+    batch, heads, seqlen_q, head_dim = q.shape
+    kv_heads, seqlen_k = k.shape[1], k.shape[2]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
+    q_seg, k_seg, has_seg = _seg_args(q_segment_ids, kv_segment_ids, q)
+
+    def grid(meta):
+        return (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads)
+
+    _fwd_kernel[grid](
+        q, k, v, out, lse, q_seg, k_seg,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        heads, heads // kv_heads, seqlen_q, seqlen_k, q_offset, kv_offset, scale * LOG2E,
+        HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), CAUSAL=causal, HAS_SEG=has_seg,
+        DOT_PRECISION=_dot_precision(q.dtype), **_launch_meta(),
+    )
+    return out, lse
+
+
+def triton_attention_backward(
+    dout, q, k, v, out, lse, *, causal, scale, q_segment_ids=None, kv_segment_ids=None, q_offset=0, kv_offset=0
+):
+    """Returns (dq, dk, dv) in float32, shaped like q, k, v. ``lse`` may come from a larger attention
+    (the merged lse of a ring) as long as ``out`` is the matching merged output."""
+    q, k, v, out, dout = _fit_int32_offsets(q, k, v, out, dout)
+    batch, heads, seqlen_q, head_dim = q.shape
+    kv_heads, seqlen_k = k.shape[1], k.shape[2]
+    block_d = _block_d(head_dim)
+    q_seg, k_seg, has_seg = _seg_args(q_segment_ids, kv_segment_ids, q)
+
+    # Rows that attended nothing carry lse = -inf; any finite value gives them p = 0 (their scores are -inf).
+    # The kernels work in log2 units.
+    lse2 = torch.where(torch.isneginf(lse), 0.0, lse.float() * LOG2E).contiguous()
+    delta = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
+    delta_block = 64 if block_d <= 128 else 32
+    _bwd_delta_kernel[(triton.cdiv(seqlen_q, delta_block), batch * heads)](
+        out, dout, delta, *out.stride(), *dout.stride(), heads, seqlen_q,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=delta_block,
+    )
+
+    dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    dk = torch.empty(k.shape, dtype=torch.float32, device=q.device)
+    dv = torch.empty(v.shape, dtype=torch.float32, device=q.device)
+    common = dict(
+        HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, HAS_SEG=has_seg,
+        DOT_PRECISION=_dot_precision(q.dtype), **_launch_meta(),
+    )
+    _bwd_dkdv_kernel[lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), batch * kv_heads)](
+        q, k, v, dout, lse2, delta, dk, dv, q_seg, k_seg,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
+        kv_heads, heads // kv_heads, seqlen_q, seqlen_k, q_offset, kv_offset, scale * LOG2E, scale,
+        **common,
+    )
+    _bwd_dq_kernel[lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads)](
+        q, k, v, dout, lse2, delta, dq, q_seg, k_seg,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
+        heads, heads // kv_heads, seqlen_q, seqlen_k, q_offset, kv_offset, scale * LOG2E, scale,
+        **common,
+    )
+    return dq, dk, dv
+
+
+__all__ = ["triton_attention_forward", "triton_attention_backward"]

@@ -1,0 +1,27 @@
+"""ringlwm: RingAttention training and inference for million-token-context Llama models.
+
+The Triton kernels live in the top-level ``kernels/`` folder and install as the subpackage
+``ringlwm.kernels`` through the ``package_dir`` mapping below.
+"""
+
+from setuptools import setup
+
+setup(
+    name="ringlwm",
+    version="0.1.0",
+    description="RingAttention, Triton blockwise attention and progressive long-context training for Llama",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    package_dir={"ringlwm": "src/ringlwm", "ringlwm.kernels": "kernels"},
+    packages=["ringlwm", "ringlwm.kernels"],
+    # torch stays a plain lower bound: with CPU torch 2.13.0 already installed pip keeps it and pulls
+    # no CUDA build (`make install` installs that torch first when none is present).
+    install_requires=[
+        "torch>=2.5",
+        "triton>=3.1; platform_system == 'Linux'",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "ruff>=0.6"],
+    },
+)
