@@ -94,7 +94,7 @@ def _launch_meta() -> dict:
 
 @triton.jit
 def _fwd_inner(
-    acc, l_i, m_i, q, q_pos, q_seg,
+    acc, l_i, m_i, q, q_pos, q_seg, d_ok,
     k_ptrs, v_ptrs, KSeg, stride_kn, stride_vn,
     lo, hi, seqlen_k, kv_offset, qk_scale,
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr,
@@ -105,10 +105,13 @@ def _fwd_inner(
     v_ptrs += lo * stride_vn
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
+        # Columns past head_dim (BLOCK_D is a power of two) are always masked; rows past seq_k only
+        # in the MASKED loop (the unmasked one covers whole in-bounds tiles).
         if MASKED:
-            k = tl.load(k_ptrs, mask=cols[:, None] < seqlen_k, other=0.0)
+            kv_mask = (cols[:, None] < seqlen_k) & d_ok[None, :]
         else:
-            k = tl.load(k_ptrs)
+            kv_mask = d_ok[None, :]
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if MASKED:
             keep = cols[None, :] < seqlen_k
@@ -126,10 +129,7 @@ def _fwd_inner(
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if MASKED:
-            v = tl.load(v_ptrs, mask=cols[:, None] < seqlen_k, other=0.0)
-        else:
-            v = tl.load(v_ptrs)
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
         k_ptrs += BLOCK_N * stride_kn
@@ -186,12 +186,12 @@ def _fwd_kernel(
         full_hi = seqlen_k
     full_hi = (full_hi // BLOCK_N) * BLOCK_N
     acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, q_pos, q_seg, k_ptrs, v_ptrs, k_seg_base, stride_kn, stride_vn,
+        acc, l_i, m_i, q, q_pos, q_seg, d_ok, k_ptrs, v_ptrs, k_seg_base, stride_kn, stride_vn,
         0, full_hi, seqlen_k, kv_offset, qk_scale,
         BLOCK_N, False, CAUSAL, HAS_SEG, DOT_PRECISION,
     )
     acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, q_pos, q_seg, k_ptrs, v_ptrs, k_seg_base, stride_kn, stride_vn,
+        acc, l_i, m_i, q, q_pos, q_seg, d_ok, k_ptrs, v_ptrs, k_seg_base, stride_kn, stride_vn,
         full_hi, hi, seqlen_k, kv_offset, qk_scale,
         BLOCK_N, True, CAUSAL, HAS_SEG, DOT_PRECISION,
     )
@@ -234,7 +234,7 @@ def _bwd_delta_kernel(
 
 @triton.jit
 def _bwd_dkdv_inner(
-    dk, dv, k, v, k_pos, k_seg,
+    dk, dv, k, v, k_pos, k_seg, d_ok,
     q_ptrs, do_ptrs, lse_ptr, delta_ptr, QSeg, stride_qm, stride_dom,
     lo, hi, seqlen_q, q_offset, qk_scale,
     BLOCK_M: tl.constexpr, CAUSAL_MASK: tl.constexpr, HAS_SEG: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -245,8 +245,9 @@ def _bwd_dkdv_inner(
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
         row_ok = rows < seqlen_q
-        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
-        do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
+        q_mask = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_ptrs, mask=q_mask, other=0.0)
+        do = tl.load(do_ptrs, mask=q_mask, other=0.0)
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
         delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
         # Work with the transposed scores (keys x queries) so that dk, dv come out without transposes.
@@ -324,12 +325,12 @@ def _bwd_dkdv_kernel(
         lse_ptr = Lse + bh * seqlen_q
         delta_ptr = Delta + bh * seqlen_q
         dk, dv = _bwd_dkdv_inner(
-            dk, dv, k, v, k_pos, k_seg, q_ptrs, do_ptrs, lse_ptr, delta_ptr, q_seg_base, stride_qm, stride_dom,
+            dk, dv, k, v, k_pos, k_seg, d_ok, q_ptrs, do_ptrs, lse_ptr, delta_ptr, q_seg_base, stride_qm, stride_dom,
             lo, full_lo, seqlen_q, q_offset, qk_scale,
             BLOCK_M, CAUSAL, HAS_SEG, DOT_PRECISION,
         )
         dk, dv = _bwd_dkdv_inner(
-            dk, dv, k, v, k_pos, k_seg, q_ptrs, do_ptrs, lse_ptr, delta_ptr, q_seg_base, stride_qm, stride_dom,
+            dk, dv, k, v, k_pos, k_seg, d_ok, q_ptrs, do_ptrs, lse_ptr, delta_ptr, q_seg_base, stride_qm, stride_dom,
             full_lo, seqlen_q, seqlen_q, q_offset, qk_scale,
             BLOCK_M, False, HAS_SEG, DOT_PRECISION,
         )
@@ -343,7 +344,7 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _bwd_dq_inner(
-    dq, q, do, lse, delta, q_pos, q_seg,
+    dq, q, do, lse, delta, q_pos, q_seg, d_ok,
     k_ptrs, v_ptrs, KSeg, stride_kn, stride_vn,
     lo, hi, seqlen_k, kv_offset, qk_scale,
     BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr, HAS_SEG: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -354,8 +355,9 @@ def _bwd_dq_inner(
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < seqlen_k
-        k = tl.load(k_ptrs, mask=col_ok[:, None], other=0.0)
-        v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
+        kv_mask = col_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if CAUSAL_MASK:
             s = tl.where(q_pos[:, None] >= kv_offset + cols[None, :], s, float("-inf"))
@@ -424,12 +426,12 @@ def _bwd_dq_kernel(
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _bwd_dq_inner(
-        dq, q, do, lse, delta, q_pos, q_seg, k_ptrs, v_ptrs, k_seg_base, stride_kn, stride_vn,
+        dq, q, do, lse, delta, q_pos, q_seg, d_ok, k_ptrs, v_ptrs, k_seg_base, stride_kn, stride_vn,
         0, full_hi, seqlen_k, kv_offset, qk_scale,
         BLOCK_N, False, HAS_SEG, DOT_PRECISION,
     )
     dq = _bwd_dq_inner(
-        dq, q, do, lse, delta, q_pos, q_seg, k_ptrs, v_ptrs, k_seg_base, stride_kn, stride_vn,
+        dq, q, do, lse, delta, q_pos, q_seg, d_ok, k_ptrs, v_ptrs, k_seg_base, stride_kn, stride_vn,
         full_hi, hi, seqlen_k, kv_offset, qk_scale,
         BLOCK_N, CAUSAL, HAS_SEG, DOT_PRECISION,
     )
