@@ -14,7 +14,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     package_dir={"ringlwm": "src/ringlwm", "ringlwm.kernels": "kernels"},
-    packages=["ringlwm", "ringlwm.kernels"],
+    packages=["ringlwm", "ringlwm.kernels", "ringlwm.ring"],
     # torch stays a plain lower bound: with CPU torch 2.13.0 already installed pip keeps it and pulls
     # no CUDA build (`make install` installs that torch first when none is present).
     install_requires=[

@@ -2,7 +2,7 @@
 
 - ``blockwise_attention``: the differentiable function (causal, packed segments, GQA, returns lse).
 - ``block_attention_forward`` / ``block_attention_backward``: one block's (out, lse) and its float32
-  gradients, the pieces a ring calls at each step.
+  gradients, the pieces a ring calls at each step; ``merge_attention`` combines partial (out, lse).
 - Backends: ``"triton"`` (FlashAttention-2 kernels, default on GPU; on CPU tensors under
   ``TRITON_INTERPRET=1``) and ``"cpu"`` (PyTorch's fused CPU flash kernel, default on CPU).
 """
@@ -14,6 +14,7 @@ from .blockwise import (
     block_attention_forward,
     blockwise_attention,
     default_backend,
+    merge_attention,
     register_backend,
 )
 
@@ -24,5 +25,6 @@ __all__ = [
     "block_attention_forward",
     "blockwise_attention",
     "default_backend",
+    "merge_attention",
     "register_backend",
 ]

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -241,3 +242,22 @@ def blockwise_attention(
         q, k, v, q_segment_ids, kv_segment_ids, bool(causal), scale, q_offset, kv_offset, backend
     )
     return (out, lse) if return_lse else out
+
+
+def merge_attention(
+    out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine two partial attentions of the same queries over disjoint key sets, exactly.
+
+    out, block_out: (..., seq, head_dim); lse, block_lse: (..., seq), natural log. Returns the attention
+    over the union of the key sets as (out float32, lse float32): out = w * out + (1 - w) * block_out
+    with w = exp(lse - lse_new), lse_new = logaddexp(lse, block_lse). A side with lse = -inf (no keys)
+    gets weight 0, and rows empty on both sides stay out = 0, lse = -inf (no NaN from -inf - -inf).
+    Accumulate in float32 and cast once at the end: rounding each step to 16 bits compounds over a ring.
+    """
+    out, block_out = out.float(), block_out.float()
+    lse, block_lse = lse.float(), block_lse.float()
+    new_lse = torch.logaddexp(lse, block_lse)
+    safe = torch.where(torch.isneginf(new_lse), 0.0, new_lse)
+    merged = out * torch.exp(lse - safe).unsqueeze(-1) + block_out * torch.exp(block_lse - safe).unsqueeze(-1)
+    return merged, new_lse

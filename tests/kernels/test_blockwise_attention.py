@@ -10,8 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from reference import assert_within_baseline, max_err, reference_attention
-
-from ringlwm.kernels import block_attention_backward, block_attention_forward, blockwise_attention
+from ringlwm.kernels import block_attention_backward, block_attention_forward, blockwise_attention, merge_attention
 
 GPU = torch.cuda.is_available()
 TRITON_DEVICE = "cuda" if GPU else "cpu"
@@ -210,6 +209,28 @@ def test_blocks_merged_by_lse_equal_full_attention(backend):
     assert max_err(dq, full[2]) < 5e-6
     assert max_err(torch.cat(dks, 2), full[3]) < 5e-6
     assert max_err(torch.cat(dvs, 2), full[4]) < 5e-6
+
+
+def test_merge_attention_of_disjoint_key_sets_equals_full():
+    """merge_attention against fp64 attention over the union, including rows empty on one or both sides."""
+    q, k, v, _ = _inputs(2, 4, 2, 30, 50, 32, torch.float64, seed=13)
+    q_seg = torch.randint(0, 3, (2, 30), generator=torch.Generator().manual_seed(14))
+    kv_seg = torch.randint(0, 3, (2, 50), generator=torch.Generator().manual_seed(15))
+    q_seg[:, :4] = 8  # no key anywhere: empty on both sides
+    kv_seg[:, :25] = torch.where(kv_seg[:, :25] == 2, 0, kv_seg[:, :25])  # segment 2 only in the second half
+    seg_kw = dict(q_segment_ids=q_seg)
+    first, second = slice(0, 25), slice(25, 50)
+    parts = [reference_attention(q, k[:, :, sl], v[:, :, sl], kv_segment_ids=kv_seg[:, sl], **seg_kw)
+             for sl in (first, second)]
+    out, lse = merge_attention(parts[0][0], parts[0][1], parts[1][0], parts[1][1])
+    ref_out, ref_lse = reference_attention(q, k, v, kv_segment_ids=kv_seg, **seg_kw)
+    assert out.dtype == torch.float32 and lse.dtype == torch.float32
+    assert torch.isfinite(out).all()
+    assert max_err(out, ref_out) < 1e-6
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+    finite = torch.isfinite(ref_lse)
+    assert max_err(lse[finite], ref_lse[finite]) < 1e-5
+    assert torch.isneginf(parts[0][1][:, :, 4:]).any()  # the case "empty on one side only" was exercised
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

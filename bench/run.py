@@ -1,0 +1,27 @@
+"""`make bench [PART=...]`: run the benchmark parts and write bench/results/.
+
+    python -m bench.run --part kernels
+"""
+
+from __future__ import annotations
+
+import argparse
+
+PARTS = ("kernels",)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--part", default="all", choices=("all", *PARTS))
+    parser.add_argument("--quick", action="store_true", help="fewer, smaller configurations")
+    args = parser.parse_args(argv)
+    parts = PARTS if args.part == "all" else (args.part,)
+    for part in parts:
+        if part == "kernels":
+            from bench import kernels
+
+            kernels.main(quick=args.quick)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""All point-to-point communication of the ring, in one small class.
+
+Each rank sends to its successor and receives from its predecessor in the group. One exchange is
+started with ``start`` (asynchronous: compute goes on meanwhile) and finished with ``wait``; starting a
+second exchange before waiting on the first is a bug and raises. On NCCL the transfers run on NCCL's own
+stream, so they overlap with attention kernels on the compute stream; ``wait`` makes the compute stream
+wait for them (no host sync). On gloo they run on gloo's threads.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+class RingComm:
+    """Double-buffered send-to-next / receive-from-previous exchanges within ``group``."""
+
+    def __init__(self, group: dist.ProcessGroup | None = None):
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        to_global = (lambda r: r) if group is None else (lambda r: dist.get_global_rank(group, r))
+        self.send_peer = to_global((self.rank + 1) % self.world_size)
+        self.recv_peer = to_global((self.rank - 1) % self.world_size)
+        self._pending = None
+        self._buffers: list[list[torch.Tensor] | None] = [None, None]
+        self._flip = 0
+
+    def _recv_buffers(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Alternate between two sets of receive buffers. The set reused now was the one sent from in the
+        previous exchange, which ``wait`` has completed, and is no longer the current block."""
+        bufs = self._buffers[self._flip]
+        if bufs is None or any(b.shape != t.shape or b.dtype != t.dtype for b, t in zip(bufs, tensors)):
+            bufs = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
+            self._buffers[self._flip] = bufs
+        self._flip ^= 1
+        return bufs
+
+    def start(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Send ``tensors`` to the next rank and receive the same shapes from the previous one.
+
+        Returns the receive buffers; read them only after ``wait``. ``tensors`` must not be modified
+        before ``wait`` either.
+        """
+        if self._pending is not None:
+            raise RuntimeError("RingComm.start called while the previous exchange is still pending; call wait()")
+        tensors = [t.contiguous() for t in tensors]
+        recv = self._recv_buffers(tensors)
+        ops = [dist.P2POp(dist.isend, t, self.send_peer, self.group) for t in tensors]
+        ops += [dist.P2POp(dist.irecv, r, self.recv_peer, self.group) for r in recv]
+        self._pending = (dist.batch_isend_irecv(ops), tensors)
+        return recv
+
+    def wait(self) -> None:
+        if self._pending is None:
+            raise RuntimeError("RingComm.wait called with no exchange started")
+        requests, _keepalive = self._pending
+        for req in requests:
+            req.wait()
+        self._pending = None
