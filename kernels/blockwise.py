@@ -253,10 +253,11 @@ def merge_attention(
     over the union of the key sets as (out float32, lse float32): out = w * out + (1 - w) * block_out
     with w = exp(lse - lse_new), lse_new = logaddexp(lse, block_lse). A side with lse = -inf (no keys)
     gets weight 0, and rows empty on both sides stay out = 0, lse = -inf (no NaN from -inf - -inf).
-    Accumulate in float32 and cast once at the end: rounding each step to 16 bits compounds over a ring.
+    Accumulate in float32 (float64 for float64 inputs) and cast once at the end: rounding each step to
+    16 bits compounds over a ring.
     """
-    out, block_out = out.float(), block_out.float()
-    lse, block_lse = lse.float(), block_lse.float()
+    acc = torch.promote_types(torch.promote_types(out.dtype, block_out.dtype), torch.float32)
+    out, block_out, lse, block_lse = (t.to(acc) for t in (out, block_out, lse, block_lse))
     new_lse = torch.logaddexp(lse, block_lse)
     safe = torch.where(torch.isneginf(new_lse), 0.0, new_lse)
     merged = out * torch.exp(lse - safe).unsqueeze(-1) + block_out * torch.exp(block_lse - safe).unsqueeze(-1)

@@ -42,20 +42,26 @@ def _step_block(step: int, rank: int, world_size: int, causal: bool, local_len: 
     return slice(half, local_len), everything, False
 
 
+def _accumulator_dtype(q: torch.Tensor) -> torch.dtype:
+    """fp32 for 16-bit and fp32 inputs (per-step results are never rounded to 16 bits); fp64 stays fp64."""
+    return torch.promote_types(q.dtype, torch.float32)
+
+
 def _shares_a_segment(q_seg: torch.Tensor | None, kv_seg: torch.Tensor | None) -> bool:
     """False only when no key of the block can be seen by any local query (packed documents). Batch rows are
     pooled, so this can only answer True too often, never wrongly skip work."""
     if q_seg is None:
         return True
-    return bool(torch.isin(kv_seg, q_seg).any())
+    return bool(torch.isin(kv_seg.reshape(-1), q_seg.reshape(-1)).any())
 
 
 def _ring_forward(q, k, v, segment_ids, causal, scale, group, backend):
     rank, world_size = sp_world(group)
     local_len = q.shape[2]
     comm = RingComm(group)
-    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
+    acc = _accumulator_dtype(q)
+    out = torch.zeros(q.shape, dtype=acc, device=q.device)
+    lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
     block = [k, v] + ([segment_ids] if segment_ids is not None else [])
     for step in range(world_size):
         if step + 1 < world_size:
@@ -82,7 +88,8 @@ def _ring_backward(dout, q, k, v, out, lse, segment_ids, causal, scale, group, b
     rank, world_size = sp_world(group)
     local_len = q.shape[2]
     kv_comm, grad_comm = RingComm(group), RingComm(group)
-    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    acc = _accumulator_dtype(q)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     block = [k, v] + ([segment_ids] if segment_ids is not None else [])
     grad_incoming: list[torch.Tensor] = []
     for step in range(world_size):
@@ -103,8 +110,8 @@ def _ring_backward(dout, q, k, v, out, lse, segment_ids, causal, scale, group, b
                 dq[:, :, qs] += dq_blk
                 grads = (ks, dk_blk, dv_blk)
         if step == 0:
-            dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
-            dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+            dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+            dv = torch.zeros(v.shape, dtype=acc, device=v.device)
         else:
             # The accumulated gradients of the block we now hold, from the rank that held it before.
             grad_comm.wait()
