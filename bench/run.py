@@ -1,13 +1,13 @@
 """`make bench [PART=...]`: run the benchmark parts and write bench/results/.
 
-    python -m bench.run --part kernels
+    python -m bench.run --part kernels|ring [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
 
-PARTS = ("kernels",)
+PARTS = ("kernels", "ring")
 
 
 def main(argv=None) -> None:
@@ -21,6 +21,10 @@ def main(argv=None) -> None:
             from bench import kernels
 
             kernels.main(quick=args.quick)
+        elif part == "ring":
+            from bench import ring
+
+            ring.main(quick=args.quick)
 
 
 if __name__ == "__main__":

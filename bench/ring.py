@@ -1,0 +1,115 @@
+"""Ring benchmark: ring_attention on W gloo ranks against the ideal, single-process time / W.
+
+    python -m bench.run --part ring [--quick]
+
+CPU, fp32, causal, forward+backward, batch 1, 8 heads, head_dim 64, one thread per process. The
+reference is PyTorch's fused SDPA (one process, one thread) on the full sequence, timed in the same run;
+``efficiency`` = (reference time / W) / ring time. Each (W, length) runs in fresh processes, so that
+``peak_rss_mb`` (the process's peak resident memory, max over ranks) belongs to that configuration alone;
+``attn_mem_mb`` is the growth of the peak during the timed steps, which must grow linearly with the local
+length (never with the square of the full length).
+
+On a 2-core machine W=4 puts two processes on each core: its efficiency is bounded by 0.5 there.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from bench.common import append_csv, print_table, stamp, time_fn
+from ringlwm import ring_attention
+from ringlwm.distributed import run_local
+
+HEADS, HEAD_DIM = 8, 64
+
+
+def _status_mb(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS: now, VmHWM: peak) in MiB. Linux only; getrusage's
+    ru_maxrss is no use here, as a spawned child inherits its parent's high-water mark."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def _reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+
+
+def _inputs(seqlen):
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(1, HEADS, seqlen, HEAD_DIM, generator=gen) for _ in range(4)]
+
+
+def _reps(seqlen):
+    return (1, 3) if seqlen <= 8192 else (0, 1)  # (warmup, timed)
+
+
+def _ring_worker(rank, world_size, seqlen):
+    # Only this rank's part is ever made (the values do not matter for timing): the full-length inputs
+    # would otherwise set the peak memory before the ring runs.
+    q, k, v, dout = _inputs(seqlen // world_size)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    before = _status_mb("VmRSS")
+    _reset_peak_rss()
+
+    def step():
+        dist.barrier()
+        out = ring_attention(q, k, v, causal=True)
+        out.backward(dout)
+        dist.barrier()
+
+    warmup, reps = _reps(seqlen)
+    seconds = time_fn(step, q.device, warmup=warmup, reps=reps)
+    return {"seconds": seconds, "peak_rss_mb": _status_mb("VmHWM"), "before_mb": before}
+
+
+def _reference_seconds(seqlen):
+    """Fused SDPA on the full sequence, one process, one thread (restored afterwards)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        q, k, v, dout = _inputs(seqlen)
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+
+        def step():
+            F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(dout)
+
+        warmup, reps = _reps(seqlen)
+        return time_fn(step, q.device, warmup=warmup, reps=reps)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def main(quick: bool = False) -> list[dict]:
+    device = torch.device("cpu")
+    base = stamp(device)
+    base["device"] = f"cpu ({os.cpu_count()} cores), gloo, 1 thread per rank"
+    seqlens = (4096, 8192) if quick else (4096, 8192, 16384, 32768)
+    worlds = (2,) if quick else (1, 2, 4)
+    rows = []
+    for seqlen in seqlens:
+        ref = _reference_seconds(seqlen)
+        for world_size in worlds:
+            if world_size == 1 and seqlen > 8192:
+                continue  # W=1 is blockwise_attention itself, measured by the kernels part
+            results = run_local(_ring_worker, world_size, seqlen)
+            ring_s = max(r["seconds"] for r in results)
+            peak = max(r["peak_rss_mb"] for r in results)
+            growth = max(r["peak_rss_mb"] - r["before_mb"] for r in results)
+            rows.append(dict(base, world_size=world_size, seqlen=seqlen, local_seqlen=seqlen // world_size,
+                             heads=HEADS, head_dim=HEAD_DIM, reference_s=round(ref, 4), ideal_s=round(ref / world_size, 4),
+                             ring_s=round(ring_s, 4), efficiency=round(ref / world_size / ring_s, 3),
+                             peak_rss_mb=round(peak, 1), attn_mem_mb=round(growth, 1)))
+            print(f"ring W={world_size} seq={seqlen}: {ring_s:.3f}s vs ideal {ref / world_size:.3f}s", flush=True)
+    path = append_csv("ring", rows)
+    print(f"\nring on {base['device']} ({base['date']}, {base['git']}); rows appended to {path}")
+    print_table(rows, ["world_size", "seqlen", "local_seqlen", "reference_s", "ideal_s", "ring_s", "efficiency",
+                       "peak_rss_mb", "attn_mem_mb"])
+    return rows
