@@ -14,12 +14,15 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     package_dir={"ringlwm": "src/ringlwm", "ringlwm.kernels": "kernels"},
-    packages=["ringlwm", "ringlwm.kernels", "ringlwm.ring"],
+    packages=["ringlwm", "ringlwm.kernels", "ringlwm.ring", "ringlwm.models"],
     # torch stays a plain lower bound: with CPU torch 2.13.0 already installed pip keeps it and pulls
     # no CUDA build (`make install` installs that torch first when none is present).
     install_requires=[
         "torch>=2.5",
         "triton>=3.1; platform_system == 'Linux'",
+        # the model layer; transformers does not require torch, so it pulls no CUDA build either
+        "transformers>=4.56",
+        "safetensors",
     ],
     extras_require={
         "dev": ["pytest>=8", "ruff>=0.6"],

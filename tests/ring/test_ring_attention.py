@@ -12,10 +12,10 @@ import torch
 import torch.distributed as dist
 from dist_utils import run_distributed
 from reference import max_err, reference_attention
+from ringlwm.kernels import blockwise_attention
 
 import ringlwm.ring.attention as ring_module
 from ringlwm import RingAttention, ring_attention, shard_sequence, unshard_sequence
-from ringlwm.kernels import blockwise_attention
 
 
 def _full_inputs(batch, heads, kv_heads, seqlen, head_dim, dtype, seed):

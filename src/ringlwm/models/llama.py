@@ -1,0 +1,218 @@
+"""RingLlamaForCausalLM: a Hugging Face Llama whose attention runs over the ring.
+
+    model = RingLlamaForCausalLM.from_pretrained("path/to/llama")        # any local HF Llama checkpoint
+    out = model(input_ids, position_ids, labels=labels, segment_ids=seg, sp_group=group)
+    out.loss.backward()
+
+Every tensor argument is this rank's zigzag shard (``ringlwm.shard_sequence``) of the full sequence.
+Attention goes through transformers' attention interface under the name ``"ringlwm_ring"`` (registered
+at import; transformers' own modules are not patched). Checkpoints stay plain Llama checkpoints:
+``save_pretrained`` output loads in ``LlamaForCausalLM``.
+
+Long-sequence memory: the loss is blockwise (``models/loss.py``: no (tokens x vocab) logits), the MLP can
+run in chunks of tokens with rematerialisation (``mlp_chunk_size``), and each decoder layer can be
+checkpointed (``activation_checkpointing``), all set on the config (``ringlwm_options``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
+from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
+from transformers.masking_utils import AttentionMaskInterface
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.llama.modeling_llama import LlamaMLP
+
+from ringlwm.kernels import blockwise_attention
+from ringlwm.models.loss import linear_cross_entropy, sequence_parallel_loss
+from ringlwm.ring import ring_attention, sp_world
+
+ATTN_IMPLEMENTATION = "ringlwm_ring"
+
+# Options kept on the config (and so saved with it; plain LlamaForCausalLM ignores them).
+DEFAULT_OPTIONS = {
+    "loss_chunk_size": 4096,  # tokens per chunk of the blockwise cross-entropy
+    "mlp_chunk_size": None,  # tokens per chunk of the blockwise feed-forward (None: whole sequence)
+    "activation_checkpointing": False,  # recompute each decoder layer in the backward
+    "attention_backend": None,  # block kernel for the ring ("triton", "cpu", ...; None: by device)
+}
+
+
+def _ring_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                            segment_ids=None, sp_group=None, **_kwargs):
+    """transformers attention-interface function. query: (batch, heads, local_seq, head_dim); key/value:
+    (batch, kv_heads, kv_seq, head_dim). Returns ((batch, local_seq, heads, head_dim), None)."""
+    if dropout:
+        raise ValueError("ring attention has no attention dropout; set config.attention_dropout = 0")
+    if attention_mask is not None:
+        raise ValueError("ring attention takes no attention_mask: express padding and packing with segment_ids")
+    backend = module.config.ringlwm_options.get("attention_backend")
+    if key.shape[2] != query.shape[2]:
+        # Decoding against a KV cache (single process): the new queries sit at the end of the keys.
+        if sp_world(sp_group)[1] > 1:
+            raise ValueError("a KV cache with sequence parallelism goes through ringlwm.generate, not forward")
+        out = blockwise_attention(query, key, value, causal=True, scale=scaling, q_offset=key.shape[2] - query.shape[2],
+                                  backend=backend)
+    else:
+        out = ring_attention(query, key, value, causal=True, segment_ids=segment_ids, scale=scaling,
+                             group=sp_group, backend=backend)
+    return out.transpose(1, 2), None
+
+
+def _no_mask(*_args, **_kwargs):
+    """The ring never takes a dense mask: causality and documents come from positions and segment ids."""
+    return None
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, _ring_attention_forward)
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _no_mask)
+
+
+class ChunkedLlamaMLP(LlamaMLP):
+    """Blockwise feed-forward: the MLP over chunks of tokens, each recomputed in the backward, so the
+    (tokens x intermediate_size) activations exist for one chunk at a time. Same weights as LlamaMLP."""
+
+    chunk_size: int | None = None
+
+    def forward(self, x):
+        chunk = self.chunk_size
+        if not chunk or x.shape[1] <= chunk:
+            return super().forward(x)
+        parts = []
+        for piece in x.split(chunk, dim=1):
+            if torch.is_grad_enabled() and piece.requires_grad:
+                parts.append(checkpoint(super().forward, piece, use_reentrant=False))
+            else:
+                parts.append(super().forward(piece))
+        return torch.cat(parts, dim=1)
+
+
+def set_context_length(config: LlamaConfig, max_position_embeddings: int, rope_theta: float | None = None) -> None:
+    """Context extension: the stage's maximum length and RoPE base (LWM raises theta with each stage)."""
+    config.max_position_embeddings = int(max_position_embeddings)
+    if rope_theta is not None:
+        params = dict(getattr(config, "rope_parameters", None) or {"rope_type": "default"})
+        params["rope_theta"] = float(rope_theta)
+        config.rope_parameters = params
+
+
+def rope_theta(config: LlamaConfig) -> float:
+    params = getattr(config, "rope_parameters", None) or {}
+    return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
+class RingLlamaForCausalLM(LlamaForCausalLM):
+    """``LlamaForCausalLM`` that runs sequence-parallel over the ring (see the module docstring)."""
+
+    def __init__(self, config: LlamaConfig):
+        options = dict(DEFAULT_OPTIONS)
+        options.update(getattr(config, "ringlwm_options", None) or {})
+        unknown = set(options) - set(DEFAULT_OPTIONS)
+        if unknown:
+            raise ValueError(f"unknown ringlwm_options {sorted(unknown)}; known: {sorted(DEFAULT_OPTIONS)}")
+        config.ringlwm_options = options
+        config._attn_implementation = ATTN_IMPLEMENTATION
+        super().__init__(config)
+        self.apply_options()
+
+    @classmethod
+    def _check_and_adjust_attn_implementation(cls, attn_implementation, is_init_check: bool = False, **kwargs):
+        return ATTN_IMPLEMENTATION
+
+    def apply_options(self, **updates) -> None:
+        """Set ``ringlwm_options`` (e.g. ``mlp_chunk_size=2048``) and apply them to the modules."""
+        opts = self.config.ringlwm_options
+        unknown = set(updates) - set(DEFAULT_OPTIONS)
+        if unknown:
+            raise ValueError(f"unknown ringlwm_options {sorted(unknown)}; known: {sorted(DEFAULT_OPTIONS)}")
+        opts.update(updates)
+        for layer in self.model.layers:
+            if type(layer.mlp) is LlamaMLP:
+                layer.mlp.__class__ = ChunkedLlamaMLP  # same parameters and state-dict keys
+            if isinstance(layer.mlp, ChunkedLlamaMLP):
+                layer.mlp.chunk_size = opts["mlp_chunk_size"]
+        # transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_*; accept both.
+        if hasattr(self, "activation_checkpointing_enable"):
+            enable, disable = self.activation_checkpointing_enable, self.activation_checkpointing_disable
+            active = self.is_activation_checkpointing
+        else:
+            enable, disable = self.gradient_checkpointing_enable, self.gradient_checkpointing_disable
+            active = self.is_gradient_checkpointing
+        if opts["activation_checkpointing"]:
+            enable({"use_reentrant": False})
+        elif active:
+            disable()
+
+    def _check_inputs(self, input_ids, inputs_embeds, position_ids, labels, segment_ids, sp_group):
+        x = input_ids if input_ids is not None else inputs_embeds
+        if x is None:
+            raise ValueError("give input_ids or inputs_embeds")
+        batch, local_len = x.shape[0], x.shape[1]
+        _, world_size = sp_world(sp_group)
+        if position_ids is None:
+            if world_size > 1:
+                raise ValueError("position_ids are required with sequence parallelism (global positions, sharded)")
+            position_ids = torch.arange(local_len, device=x.device).expand(batch, local_len)
+        if position_ids.dim() == 1:
+            position_ids = position_ids.unsqueeze(0).expand(batch, -1)
+        for name, t in (("position_ids", position_ids), ("labels", labels), ("segment_ids", segment_ids)):
+            if t is not None and tuple(t.shape) != (batch, local_len):
+                raise ValueError(f"{name} must have shape (batch, local_seq) = {(batch, local_len)}, got {tuple(t.shape)}")
+        if position_ids.numel() and int(position_ids.max()) >= self.config.max_position_embeddings:
+            raise ValueError(
+                f"position {int(position_ids.max())} is beyond the model's max_position_embeddings "
+                f"({self.config.max_position_embeddings}); raise it with set_context_length for context extension"
+            )
+        if position_ids.numel() and int(position_ids.min()) < 0:
+            raise ValueError("position_ids must be non-negative")
+        return position_ids
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        segment_ids: torch.LongTensor | None = None,
+        sp_group: dist.ProcessGroup | None = None,
+        *,
+        loss_weights: torch.Tensor | None = None,
+        return_logits: bool = False,
+        inputs_embeds: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values=None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Shapes: input_ids, position_ids, labels, segment_ids, loss_weights: (batch, local_seq), this rank's
+        zigzag shards. position_ids are global positions (restarting per document when packed); labels
+        are next-token targets already aligned with the inputs (-100: no loss; the model does not shift);
+        loss_weights (optional) weight each token's loss. ``loss`` is the weighted mean over the valid
+        tokens of the whole sequence group, the same on every rank; ``logits`` are (batch, local_seq, vocab)
+        only with ``return_logits=True``.
+
+        With ``past_key_values``/``use_cache`` (generation on one process) it behaves as LlamaForCausalLM.
+        """
+        if past_key_values is not None or use_cache:
+            if attention_mask is not None and not bool(attention_mask.all()):
+                raise ValueError("padded batches are not supported in cached generation; pass prompts of one length")
+            return super().forward(input_ids=input_ids, position_ids=position_ids, inputs_embeds=inputs_embeds,
+                                   past_key_values=past_key_values, use_cache=use_cache,
+                                   logits_to_keep=logits_to_keep, **kwargs)
+        if attention_mask is not None:
+            raise ValueError("RingLlamaForCausalLM takes segment_ids instead of attention_mask")
+        position_ids = self._check_inputs(input_ids, inputs_embeds, position_ids, labels, segment_ids, sp_group)
+        outputs = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, position_ids=position_ids,
+                             segment_ids=segment_ids, sp_group=sp_group, use_cache=False, **kwargs)
+        hidden = outputs.last_hidden_state
+        loss = None
+        if labels is not None:
+            loss_sum, weight_sum = linear_cross_entropy(
+                hidden, self.lm_head.weight, labels, loss_weights,
+                chunk_size=self.config.ringlwm_options["loss_chunk_size"],
+            )
+            loss = sequence_parallel_loss(loss_sum, weight_sum, sp_group)
+        logits = self.lm_head(hidden) if return_logits else None
+        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                      attentions=outputs.attentions)
