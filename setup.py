@@ -4,7 +4,7 @@ The Triton kernels live in the top-level ``kernels/`` folder and install as the 
 ``ringlwm.kernels`` through the ``package_dir`` mapping below.
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="ringlwm",
@@ -14,7 +14,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     package_dir={"ringlwm": "src/ringlwm", "ringlwm.kernels": "kernels"},
-    packages=["ringlwm", "ringlwm.kernels", "ringlwm.ring", "ringlwm.models"],
+    packages=find_packages("src") + ["ringlwm.kernels"],
     # torch stays a plain lower bound: with CPU torch 2.13.0 already installed pip keeps it and pulls
     # no CUDA build (`make install` installs that torch first when none is present).
     install_requires=[

@@ -27,6 +27,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 from ringlwm.kernels import blockwise_attention
 from ringlwm.models.loss import linear_cross_entropy, sequence_parallel_loss
 from ringlwm.ring import ring_attention, sp_world
+from ringlwm.ring.decode import sharded_decode_attention
 
 ATTN_IMPLEMENTATION = "ringlwm_ring"
 
@@ -40,14 +41,24 @@ DEFAULT_OPTIONS = {
 
 
 def _ring_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                            segment_ids=None, sp_group=None, **_kwargs):
+                            segment_ids=None, sp_group=None, ringlwm_cache=None, **_kwargs):
     """transformers attention-interface function. query: (batch, heads, local_seq, head_dim); key/value:
-    (batch, kv_heads, kv_seq, head_dim). Returns ((batch, local_seq, heads, head_dim), None)."""
+    (batch, kv_heads, kv_seq, head_dim). Returns ((batch, local_seq, heads, head_dim), None).
+
+    With ``ringlwm_cache`` (a ShardedKVCache, from ringlwm.generate): during the prefill each rank keeps its
+    shard of the keys/values; during decoding the new token's K/V goes to its owner rank and the query
+    attends the sharded cache (exact log-sum-exp merge across ranks)."""
     if dropout:
         raise ValueError("ring attention has no attention dropout; set config.attention_dropout = 0")
     if attention_mask is not None:
         raise ValueError("ring attention takes no attention_mask: express padding and packing with segment_ids")
     backend = module.config.ringlwm_options.get("attention_backend")
+    if ringlwm_cache is not None and not ringlwm_cache.prefilling:
+        ringlwm_cache.append(module.layer_idx, key, value)
+        out = sharded_decode_attention(query, ringlwm_cache, module.layer_idx, scale=scaling, backend=backend)
+        return out.transpose(1, 2), None
+    if ringlwm_cache is not None:
+        ringlwm_cache.store_prefill(module.layer_idx, key, value)
     if key.shape[2] != query.shape[2]:
         # Decoding against a KV cache (single process): the new queries sit at the end of the keys.
         if sp_world(sp_group)[1] > 1:
@@ -177,6 +188,7 @@ class RingLlamaForCausalLM(LlamaForCausalLM):
         sp_group: dist.ProcessGroup | None = None,
         *,
         loss_weights: torch.Tensor | None = None,
+        loss_reduction: str = "mean",
         return_logits: bool = False,
         inputs_embeds: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
@@ -189,8 +201,10 @@ class RingLlamaForCausalLM(LlamaForCausalLM):
         zigzag shards. position_ids are global positions (restarting per document when packed); labels
         are next-token targets already aligned with the inputs (-100: no loss; the model does not shift);
         loss_weights (optional) weight each token's loss. ``loss`` is the weighted mean over the valid
-        tokens of the whole sequence group, the same on every rank; ``logits`` are (batch, local_seq, vocab)
-        only with ``return_logits=True``.
+        tokens of the whole sequence group, the same on every rank. With ``loss_reduction="sum"`` it is
+        this rank's weighted sum instead (for a trainer that divides by the weight of a larger batch:
+        data-parallel ranks, accumulation steps). ``logits`` are (batch, local_seq, vocab) only with
+        ``return_logits=True``.
 
         With ``past_key_values``/``use_cache`` (generation on one process) it behaves as LlamaForCausalLM.
         """
@@ -212,7 +226,12 @@ class RingLlamaForCausalLM(LlamaForCausalLM):
                 hidden, self.lm_head.weight, labels, loss_weights,
                 chunk_size=self.config.ringlwm_options["loss_chunk_size"],
             )
-            loss = sequence_parallel_loss(loss_sum, weight_sum, sp_group)
+            if loss_reduction == "sum":
+                loss = loss_sum
+            elif loss_reduction == "mean":
+                loss = sequence_parallel_loss(loss_sum, weight_sum, sp_group)
+            else:
+                raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         logits = self.lm_head(hidden) if return_logits else None
         return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
                                       attentions=outputs.attentions)

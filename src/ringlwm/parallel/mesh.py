@@ -1,0 +1,79 @@
+"""The device mesh: data parallel (replicate), FSDP (shard) and sequence parallel (the ring).
+
+    dims = ParallelDims(dp_replicate=1, dp_shard=-1, sp=2, world_size=4)   # -1: whatever is left
+    mesh = dims.build_mesh("cpu")
+    sp_group = mesh["sp"].get_group()
+
+Axes, outermost first: ("dp_replicate", "dp_shard", "sp"). Ranks of one sp group are adjacent, so a
+ring stays inside a node when it can. Parameters are sharded over dp_shard and sp jointly (as LWM
+shards over (fsdp, sp)): the flattened axis "dp_shard_sp" is the FSDP mesh, replicated over
+dp_replicate (HSDP). Every rank of one sp group reads the same sequences; the data-parallel index is
+(dp_replicate, dp_shard).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+AXES = ("dp_replicate", "dp_shard", "sp")
+
+
+@dataclass
+class ParallelDims:
+    """Degrees of the three mesh axes; one of dp_replicate / dp_shard may be -1 (fill the world)."""
+
+    dp_replicate: int = 1
+    dp_shard: int = -1
+    sp: int = 1
+    world_size: int = 1
+
+    def __post_init__(self):
+        for name in ("dp_replicate", "dp_shard", "sp"):
+            value = getattr(self, name)
+            if value == 0 or value < -1 or (name == "sp" and value == -1):
+                raise ValueError(f"{name} must be a positive degree (or -1 for dp_replicate/dp_shard), got {value}")
+        if self.dp_replicate == -1 and self.dp_shard == -1:
+            raise ValueError("only one of dp_replicate and dp_shard can be -1")
+        fixed = self.sp * max(self.dp_replicate, 1) * max(self.dp_shard, 1)
+        if self.world_size % fixed:
+            raise ValueError(self._mismatch(f"world size {self.world_size} is not divisible by the fixed degrees"))
+        if self.dp_replicate == -1:
+            self.dp_replicate = self.world_size // fixed
+        elif self.dp_shard == -1:
+            self.dp_shard = self.world_size // fixed
+        if self.dp_replicate * self.dp_shard * self.sp != self.world_size:
+            raise ValueError(self._mismatch("the degrees must multiply to the world size"))
+
+    def _mismatch(self, why: str) -> str:
+        return (f"{why}: dp_replicate={self.dp_replicate} x dp_shard={self.dp_shard} x sp={self.sp} "
+                f"vs world_size={self.world_size}")
+
+    @property
+    def dp(self) -> int:
+        """Number of data-parallel replicas of the sequence stream (distinct batches per step)."""
+        return self.dp_replicate * self.dp_shard
+
+    def build_mesh(self, device_type: str) -> DeviceMesh:
+        mesh = init_device_mesh(device_type, (self.dp_replicate, self.dp_shard, self.sp), mesh_dim_names=AXES)
+        mesh[("dp_shard", "sp")]._flatten("dp_shard_sp")
+        mesh[("dp_replicate", "dp_shard")]._flatten("dp")
+        return mesh
+
+
+def mesh_coordinates(mesh: DeviceMesh) -> dict[str, int]:
+    """This rank's (dp, sp) indices: which data shard it reads and which zigzag part it holds."""
+    return {"dp_rank": mesh["dp"].get_local_rank(), "sp_rank": mesh["sp"].get_local_rank()}
+
+
+def fsdp_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The mesh FSDP shards over: (dp_replicate, dp_shard_sp); HSDP when dp_replicate > 1."""
+    if mesh["dp_replicate"].size() > 1:
+        return mesh[("dp_replicate", "dp_shard_sp")]
+    return mesh["dp_shard_sp"]
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1

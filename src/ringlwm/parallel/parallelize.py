@@ -1,0 +1,57 @@
+"""Turn a model built on the meta device into a sharded, trainable one: an ordered list of steps.
+
+    parallelize_llama(model, mesh, mixed_precision=True)
+
+Order matters:
+1. activation checkpointing first, so that FSDP wraps the checkpointed layers (the all-gathered
+   parameters are then freed after each layer's forward and gathered again for its recomputation);
+2. FSDP2 ``fully_shard`` per decoder layer, then the root (embeddings, final norm, head), so each layer's
+   parameters are gathered just before it runs and released after;
+3. materialise (``to_empty``) and load weights last, into the sharded parameters, so that no rank ever
+   holds the whole model: the full state dict lives on rank 0 only and is broadcast shard by shard.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from ringlwm.parallel.mesh import fsdp_mesh
+
+
+def apply_activation_checkpointing(model, enabled: bool) -> None:
+    model.apply_options(activation_checkpointing=enabled)
+
+
+def apply_fsdp(model, mesh: DeviceMesh, mixed_precision: bool) -> None:
+    """FSDP2 over the (dp_replicate, dp_shard x sp) mesh. bf16 compute with fp32 gradient reduction on GPU;
+    plain fp32 on CPU (gloo). Gradients are averaged over the whole FSDP mesh (the trainer scales its loss
+    to make that a sum over sequence shards and the exact token mean over the global batch)."""
+    shard_mesh = fsdp_mesh(mesh)
+    kwargs = {"mesh": shard_mesh}
+    if mixed_precision:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for layer in model.model.layers:
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+
+
+def materialize(model, device: torch.device, full_state_dict: dict | None, *, broadcast: bool) -> None:
+    """Allocate the sharded parameters on ``device``; with ``broadcast``, fill them from ``full_state_dict``
+    (given on rank 0, None elsewhere), else leave them for a checkpoint load. Non-persistent buffers
+    (RoPE frequencies) are recomputed from the config."""
+    model.to_empty(device=device)
+    if broadcast:
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(model, full_state_dict or {}, options=options)
+    # Rebuilt rather than patched: its __init__ computes the frequencies from the config, whatever the
+    # RoPE type and the transformers version.
+    rotary = model.model.rotary_emb
+    model.model.rotary_emb = type(rotary)(config=model.config).to(device)
+
+
+def parallelize_llama(model, mesh: DeviceMesh, *, mixed_precision: bool, activation_checkpointing: bool) -> None:
+    apply_activation_checkpointing(model, activation_checkpointing)
+    apply_fsdp(model, mesh, mixed_precision)

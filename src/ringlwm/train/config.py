@@ -1,0 +1,293 @@
+"""Typed training configuration: recipe files (YAML or TOML) -> dataclasses that validate themselves.
+
+    config = load_config("recipes/tiny.yaml", overrides=["optim.lr=3e-4", "stages.0.steps=20"])
+
+Unknown keys are errors (a typo should not silently train with a default). ``key=value`` overrides take
+dotted paths; list items by index (``stages.1.seq_len=4096``); values are parsed as YAML
+(``true``, ``1e-4``, ``[1, 2]``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomllib
+import yaml
+
+from ringlwm.ring.layout import check_divisible
+
+_SOURCE_FORMATS = ("jsonl", "parquet", "text", "synthetic")
+
+
+@dataclass
+class ModelConfig:
+    init: str = "random"
+    """"random" (a new model of the shape below) or the path of a local Hugging Face Llama checkpoint."""
+    vocab_size: int | None = None
+    """Random init only: vocabulary size; None takes the tokenizer's."""
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    init_std: float = 0.02
+    """Random init only: standard deviation of the weights."""
+    mixed_precision: bool | None = None
+    """bf16 compute with fp32 master weights and gradient reduction; None: on GPU yes, on CPU no."""
+    activation_checkpointing: bool = False
+    mlp_chunk_size: int | None = None
+    """Blockwise feed-forward chunk (tokens); None: the whole local sequence at once."""
+    loss_chunk_size: int = 4096
+    """Blockwise cross-entropy chunk (tokens)."""
+    attention_backend: str | None = None
+    """Block kernel of the ring ("triton", "cpu"); None: by device."""
+
+    def __post_init__(self):
+        for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "loss_chunk_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"model: hidden_size ({self.hidden_size}) must divide by num_heads ({self.num_heads}) and "
+                f"num_heads by num_kv_heads ({self.num_kv_heads})"
+            )
+        if self.init != "random" and not Path(self.init).is_dir():
+            raise ValueError(f"model.init: no checkpoint directory at {self.init!r} (or use 'random')")
+
+
+@dataclass
+class SourceConfig:
+    path: str = ""
+    """A JSONL or Parquet file, or a folder of .txt files; unused for "synthetic"."""
+    format: str = "jsonl"
+    """jsonl | parquet | text | synthetic (random-token documents, for smoke tests)."""
+    fields: str = "text"
+    """LWM field spec: "," separates segments, "+" joins fields, "[...]" has no loss: "[question],answer"."""
+    weight: float = 1.0
+    """Sampling ratio of this source in the mixture."""
+    synthetic_lengths: list[int] = field(default_factory=lambda: [16, 256])
+    """"synthetic" only: [min, max] document length in tokens."""
+
+    def __post_init__(self):
+        if self.format not in _SOURCE_FORMATS:
+            raise ValueError(f"data source format must be one of {_SOURCE_FORMATS}, got {self.format!r}")
+        if self.weight <= 0:
+            raise ValueError(f"data source weight must be positive, got {self.weight}")
+        if self.format != "synthetic" and not self.path:
+            raise ValueError(f"a {self.format} data source needs a path")
+        if self.format == "synthetic" and not (len(self.synthetic_lengths) == 2 and 1 <= self.synthetic_lengths[0]
+                                               <= self.synthetic_lengths[1]):
+            raise ValueError(f"synthetic_lengths must be [min, max] with 1 <= min <= max, got {self.synthetic_lengths}")
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = field(default_factory=list)
+    tokenizer: str | None = None
+    """A sentencepiece .model file or a local Hugging Face tokenizer directory (None only for synthetic data)."""
+    seed: int = 0
+    on_error: str = "raise"
+    """Bad records: "raise" (stop with the file and line) or "skip" (count and go on)."""
+    loss_weighting: str = "token"
+    """How losses of packed documents are weighted (see ringlwm.data.packing): "token" or "example"."""
+
+    def __post_init__(self):
+        if not self.sources:
+            raise ValueError("data.sources is empty: name at least one source")
+        if self.on_error not in ("raise", "skip"):
+            raise ValueError(f"data.on_error must be 'raise' or 'skip', got {self.on_error!r}")
+        if self.tokenizer is None and any(s.format != "synthetic" for s in self.sources):
+            raise ValueError("data.tokenizer is required for text sources")
+
+
+@dataclass
+class StageConfig:
+    name: str = "stage"
+    seq_len: int = 1024
+    """Tokens per sequence; also the model's max_position_embeddings for this stage."""
+    rope_theta: float = 10000.0
+    steps: int = 100
+    lr: float = 1e-4
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    """The cosine schedule ends at lr * min_lr_ratio."""
+    batch_size: int = 1
+    """Sequences per data-parallel replica per micro-step."""
+    grad_accum: int = 1
+    batch_tokens: int | None = None
+    """Global tokens per optimizer step; when set, grad_accum is derived from it (and must come out whole)."""
+    sp: int = 1
+    """Sequence-parallel degree (ring size) of this stage."""
+    data: DataConfig | None = None
+    """This stage's data; None: the recipe's top-level data."""
+
+    def __post_init__(self):
+        for name in ("seq_len", "steps", "batch_size", "grad_accum", "sp"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"stage {self.name!r}: {name} must be positive, got {getattr(self, name)}")
+        if self.lr <= 0 or self.rope_theta <= 0:
+            raise ValueError(f"stage {self.name!r}: lr and rope_theta must be positive")
+        if not 0 <= self.warmup_steps <= self.steps:
+            raise ValueError(f"stage {self.name!r}: warmup_steps must lie in [0, steps={self.steps}]")
+        check_divisible(self.seq_len, self.sp, what=f"stage {self.name!r}: seq_len")
+
+    def resolve_grad_accum(self, dp: int) -> int:
+        if self.batch_tokens is None:
+            return self.grad_accum
+        per_micro = self.seq_len * self.batch_size * dp
+        if self.batch_tokens % per_micro:
+            raise ValueError(
+                f"stage {self.name!r}: batch_tokens {self.batch_tokens} is not a multiple of seq_len x batch_size x "
+                f"dp = {self.seq_len} x {self.batch_size} x {dp} = {per_micro}"
+            )
+        return self.batch_tokens // per_micro
+
+
+@dataclass
+class OptimConfig:
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.1
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Global gradient-norm clipping threshold; 0 disables."""
+
+
+@dataclass
+class ParallelConfig:
+    dp_replicate: int = 1
+    dp_shard: int = -1
+    """-1: all ranks not used by dp_replicate x sp."""
+
+
+@dataclass
+class CheckpointConfig:
+    save_every: int = 0
+    """Steps between checkpoints within a stage (0: only at the end of each stage)."""
+    keep_last: int = 2
+    """Checkpoints kept per run (stage-final checkpoints are always kept)."""
+    export_hf: bool = True
+    """Write the final model as a Hugging Face checkpoint to OUT/hf."""
+
+
+@dataclass
+class LoggingConfig:
+    wandb: bool = True
+    wandb_project: str = "ringlwm"
+    wandb_mode: str = "offline"
+    """offline unless you say otherwise (WANDB_MODE in the environment wins)."""
+    progress: bool = True
+    """A progress bar on rank 0."""
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig | None = None
+    stages: list[StageConfig] = field(default_factory=list)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.stages:
+            raise ValueError("a recipe needs at least one stage")
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names must be unique, got {names}")
+        for stage in self.stages:
+            if stage.data is None and self.data is None:
+                raise ValueError(f"stage {stage.name!r} has no data and the recipe has no top-level data")
+
+    def stage_data(self, stage: StageConfig) -> DataConfig:
+        return stage.data or self.data
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading
+# ------------------------------------------------------------------------------------------------
+
+
+def _build(cls, value, where: str):
+    """Recursively turn plain dicts/lists into the annotated dataclasses, naming the path on errors."""
+    hints = typing.get_type_hints(cls)
+    if not isinstance(value, dict):
+        raise ValueError(f"{where or 'recipe'} must be a mapping, got {type(value).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(value) - names
+    if unknown:
+        raise ValueError(f"unknown key(s) {sorted(unknown)} in {where or 'recipe'}; known: {sorted(names)}")
+    kwargs = {}
+    for key, item in value.items():
+        kwargs[key] = _convert(hints[key], item, f"{where}.{key}" if where else key)
+    return cls(**kwargs)
+
+
+def _convert(hint, item, where):
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if item is None:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], item, where)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, item, where)
+    if origin is list:
+        if not isinstance(item, list):
+            raise ValueError(f"{where} must be a list, got {item!r}")
+        return [_convert(args[0], x, f"{where}[{i}]") for i, x in enumerate(item)]
+    if hint is float and isinstance(item, (int, float)) and not isinstance(item, bool):
+        return float(item)
+    if hint is float and isinstance(item, str):
+        try:
+            return float(item)  # YAML reads "1e-4" without a dot as a string
+        except ValueError:
+            pass
+    if hint in (int, float, str, bool) and not isinstance(item, hint):
+        raise ValueError(f"{where} must be {hint.__name__}, got {item!r}")
+    return item
+
+
+def _apply_override(tree: dict, override: str) -> None:
+    if "=" not in override:
+        raise ValueError(f"override {override!r} is not key=value")
+    key, raw = override.split("=", 1)
+    value = yaml.safe_load(raw)
+    node = tree
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ValueError(f"override {key!r}: no list index {part!r} (length {len(node)})")
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {})
+            if node is None:
+                node = {}
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ValueError(f"override {key!r}: no list index {last!r}")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe not found: {path}")
+    text = path.read_text()
+    tree = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    tree = tree or {}
+    for override in overrides:
+        _apply_override(tree, override)
+    return _build(TrainConfig, tree, "")
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)

@@ -1,0 +1,105 @@
+"""Per-step metrics: OUT/metrics.jsonl, wandb (offline unless told otherwise), a progress bar on rank 0.
+
+Throughput and MFU. tokens_per_s counts every token of the global batch (packing fills sequences, so
+padding is small). Model FLOPs per token follow the PaLM appendix: 6 * parameters for the matmuls,
+plus 6 * layers * hidden * seq_len for causal attention (12 * L * H * S, halved by the causal mask).
+MFU divides by the device's dense bf16 peak; it is null where that peak is unknown (CPUs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+# Dense bf16 peak FLOP/s (vendor data sheets, without sparsity).
+_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12}
+
+
+def device_peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peak in _PEAK_FLOPS.items():
+        if key in name:
+            return peak
+    return None
+
+
+def flops_per_token(num_params: int, num_layers: int, hidden: int, seq_len: int) -> float:
+    return 6.0 * num_params + 6.0 * num_layers * hidden * seq_len
+
+
+def max_memory_gb(device: torch.device) -> float:
+    """Peak memory of this process: CUDA allocator peak on GPU, peak resident set (VmHWM) on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return float("nan")
+
+
+class MetricsLogger:
+    """Rank 0 writes; other ranks' calls are no-ops."""
+
+    def __init__(self, out_dir: Path, *, enabled: bool, config: dict, wandb_cfg, progress: bool, total_steps: int):
+        self.enabled = enabled
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self._wandb = None
+        self._bar = None
+        if not enabled:
+            return
+        if wandb_cfg.wandb:
+            self._wandb = self._init_wandb(Path(out_dir), config, wandb_cfg)
+        if progress:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True)
+
+    @staticmethod
+    def _init_wandb(out_dir: Path, config: dict, cfg):
+        try:
+            import wandb
+        except ImportError:
+            print("wandb is not installed: logging to metrics.jsonl only (pip install wandb)")
+            return None
+        os.environ.setdefault("WANDB_MODE", cfg.wandb_mode)
+        id_file = out_dir / "wandb_id"
+        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        id_file.write_text(run_id)
+        return wandb.init(project=cfg.wandb_project, id=run_id, resume="allow", dir=str(out_dir), config=config)
+
+    def truncate_after(self, global_step: int) -> None:
+        """On resume: drop lines of steps the checkpoint does not cover (they will be run again)."""
+        if not self.enabled or not self.path.is_file():
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= global_step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+        if self._bar is not None:
+            self._bar.update(global_step)
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(stage=record["stage"], loss=f"{record['loss']:.4f}",
+                                  tok_s=f"{record['tokens_per_s']:.0f}")
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._wandb is not None:
+            self._wandb.finish()

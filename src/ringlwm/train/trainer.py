@@ -1,0 +1,227 @@
+"""The training loop: config -> mesh -> model -> loader -> steps -> metrics and checkpoints.
+
+Per stage (progressive context extension): build the mesh for the stage's sp degree, build the model on
+the meta device with the stage's length and RoPE theta, shard it (FSDP2), fill it (first stage: the
+init checkpoint or a seeded random init, broadcast from rank 0; later stages: the previous stage's final
+checkpoint through DCP, resharded), then train.
+
+Loss bookkeeping (a classic source of silent bugs in context-parallel trainers): each rank computes the
+weighted loss *sum* over its zigzag shard; the step's total weight is all-reduced over every rank and
+every accumulation micro-batch before any backward, and each rank backpropagates
+``local_sum * world_size / total_weight``. FSDP averages gradients over the world, so the update is the
+gradient of the exact weighted token mean of the global batch, whatever the dp/sp/accumulation split.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
+
+from ringlwm.models import RingLlamaForCausalLM, set_context_length
+from ringlwm.parallel import ParallelDims, materialize, mesh_coordinates, parallelize_llama
+from ringlwm.train.checkpoint import Checkpointer, full_model_state_dict, rng_state, set_rng_state
+from ringlwm.train.config import StageConfig, TrainConfig, to_dict
+from ringlwm.train.data import build_loader, load_data_tokenizer
+from ringlwm.train.metrics import MetricsLogger, device_peak_flops, flops_per_token, max_memory_gb
+
+
+def init_distributed() -> torch.device:
+    """torchrun sets RANK/WORLD_SIZE; a plain `python -m ringlwm.train` becomes a group of one."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    return device
+
+
+def lr_at(stage: StageConfig, step: int) -> float:
+    """Linear warmup to stage.lr, then cosine decay to stage.lr * min_lr_ratio at the last step."""
+    if stage.warmup_steps and step < stage.warmup_steps:
+        return stage.lr * (step + 1) / stage.warmup_steps
+    decay_steps = max(stage.steps - stage.warmup_steps, 1)
+    progress = min((step - stage.warmup_steps) / decay_steps, 1.0)
+    floor = stage.lr * stage.min_lr_ratio
+    return floor + (stage.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def stage_model_config(config: TrainConfig, stage: StageConfig, vocab_size: int | None) -> LlamaConfig:
+    m = config.model
+    if m.init == "random":
+        if vocab_size is None:
+            raise ValueError("model.vocab_size is needed for a random init without a tokenizer")
+        llama = LlamaConfig(vocab_size=vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+                            num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
+                            num_key_value_heads=m.num_kv_heads, initializer_range=m.init_std,
+                            tie_word_embeddings=False, attention_dropout=0.0)
+    else:
+        llama = AutoConfig.from_pretrained(m.init)
+        if not isinstance(llama, LlamaConfig):
+            raise ValueError(f"model.init {m.init!r} is a {type(llama).__name__}, not a Llama checkpoint")
+        if vocab_size is not None and vocab_size > llama.vocab_size:
+            raise ValueError(f"the tokenizer has {vocab_size} tokens but the checkpoint's vocabulary is {llama.vocab_size}")
+    set_context_length(llama, stage.seq_len, rope_theta=stage.rope_theta)
+    llama.ringlwm_options = {"loss_chunk_size": m.loss_chunk_size, "mlp_chunk_size": m.mlp_chunk_size,
+                             "activation_checkpointing": m.activation_checkpointing,
+                             "attention_backend": m.attention_backend}
+    return llama
+
+
+def initial_state_dict(config: TrainConfig, llama: LlamaConfig) -> dict | None:
+    """The first stage's weights, on rank 0 only (broadcast shard by shard by ``materialize``)."""
+    if dist.get_rank() != 0:
+        return None
+    if config.model.init == "random":
+        torch.manual_seed(config.seed)
+        return RingLlamaForCausalLM(llama).state_dict()
+    return LlamaForCausalLM.from_pretrained(config.model.init, dtype=torch.float32).state_dict()
+
+
+def _all_reduce_sum(values: list[float], device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def train(config: TrainConfig, out_dir: str | Path, *, save_every: int | None = None) -> None:
+    out_dir = Path(out_dir)
+    device = init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    save_every = config.checkpoint.save_every if save_every is None else save_every
+    mixed = config.model.mixed_precision
+    mixed = device.type == "cuda" if mixed is None else mixed
+    checkpointer = Checkpointer(out_dir, keep_last=config.checkpoint.keep_last)
+    resume = checkpointer.latest()
+    stage_offsets = [sum(s.steps for s in config.stages[:i]) for i in range(len(config.stages))]
+    logger = MetricsLogger(out_dir, enabled=rank == 0, config=to_dict(config), wandb_cfg=config.logging,
+                           progress=config.logging.progress, total_steps=sum(s.steps for s in config.stages))
+    if resume is not None:
+        logger.truncate_after(stage_offsets[resume.stage] + resume.step)
+        if rank == 0:
+            print(f"resuming from {resume.path} (stage {resume.stage}, step {resume.step})", flush=True)
+
+    for index, stage in enumerate(config.stages):
+        if resume is not None and (resume.stage > index or (resume.stage == index and resume.final)):
+            continue  # this stage is already done
+        dims = ParallelDims(config.parallel.dp_replicate, config.parallel.dp_shard, stage.sp, world)
+        mesh = dims.build_mesh(device.type)
+        coords = mesh_coordinates(mesh)
+        sp_group = mesh["sp"].get_group()
+        data_cfg = config.stage_data(stage)
+        tokenizer = load_data_tokenizer(data_cfg)
+        vocab = tokenizer.vocab_size if tokenizer is not None else config.model.vocab_size
+        llama = stage_model_config(config, stage, config.model.vocab_size or vocab)
+
+        with torch.device("meta"):
+            model = RingLlamaForCausalLM(llama)
+        parallelize_llama(model, mesh, mixed_precision=mixed,
+                          activation_checkpointing=config.model.activation_checkpointing)
+        first_weights = initial_state_dict(config, llama) if index == 0 and resume is None else None
+        materialize(model, device, first_weights, broadcast=index == 0 and resume is None)
+        decay = [p for p in model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in model.parameters() if p.dim() < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": config.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=stage.lr, betas=tuple(config.optim.betas), eps=config.optim.eps,
+        )
+        loader = build_loader(data_cfg, stage, tokenizer=tokenizer, dp_rank=coords["dp_rank"], dp_size=dims.dp,
+                              sp_rank=coords["sp_rank"], sp_size=dims.sp, seed=config.seed + index, device=device)
+
+        start = 0
+        if resume is not None and resume.stage == index:
+            if resume.world_size != world or resume.parallel != {"sp": dims.sp, "dp": dims.dp}:
+                raise ValueError(f"{resume.path} was written with world size {resume.world_size} and "
+                                 f"{resume.parallel}; resuming inside a stage needs the same layout")
+            extra = checkpointer.load(resume, model, optimizer)
+            loader.load_state_dict(extra["loader"])
+            set_rng_state(extra["rng"])
+            start = resume.step
+        elif index > 0:
+            previous = checkpointer.stage_final(index - 1)
+            if previous is None:
+                raise FileNotFoundError(f"stage {stage.name!r} needs the final checkpoint of stage {index - 1}")
+            checkpointer.load(previous, model)
+
+        grad_accum = stage.resolve_grad_accum(dims.dp)
+        num_params = sum(p.numel() for p in model.parameters())
+        step_flops = flops_per_token(num_params, llama.num_hidden_layers, llama.hidden_size, stage.seq_len)
+        peak = device_peak_flops(device)
+        tokens_per_step = stage.seq_len * stage.batch_size * dims.dp * grad_accum
+        iterator = iter(loader)
+        model.train()
+        for step in range(start, stage.steps):
+            t0 = time.perf_counter()
+            lr = lr_at(stage, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            micro = [next(iterator) for _ in range(grad_accum)]
+            local_weight = sum(float(b["loss_weights"].sum()) for b in micro)
+            # Every rank holds a disjoint part of the global batch; the sum over the world is its weight.
+            (total_weight,) = _all_reduce_sum([local_weight], device)
+            scale = world / max(total_weight, 1e-12)
+            local_loss = 0.0
+            for batch in micro:
+                out = model(batch["input_ids"], batch["position_ids"], labels=batch["labels"],
+                            segment_ids=batch["segment_ids"], loss_weights=batch["loss_weights"], sp_group=sp_group,
+                            loss_reduction="sum")
+                (out.loss * scale).backward()
+                local_loss += float(out.loss.detach())
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                model.parameters(), config.optim.grad_clip if config.optim.grad_clip > 0 else float("inf")
+            )
+            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            (global_loss,) = _all_reduce_sum([local_loss], device)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - t0
+            tokens_per_s = tokens_per_step / seconds
+            logger.log({
+                "step": stage_offsets[index] + step + 1, "stage": stage.name, "stage_step": step + 1,
+                "loss": global_loss / max(total_weight, 1e-12), "lr": lr, "grad_norm": grad_norm,
+                "tokens": tokens_per_step, "tokens_per_s": tokens_per_s,
+                "mfu": tokens_per_s * step_flops / (peak * world) if peak else None,
+                "max_memory_gb": max_memory_gb(device), "seq_len": stage.seq_len, "sp": dims.sp,
+                "rope_theta": stage.rope_theta,
+            })
+            done = step + 1 == stage.steps
+            if done or (save_every and (step + 1) % save_every == 0):
+                checkpointer.save(stage=index, step=step + 1, final=done, model=model, optimizer=optimizer,
+                                  extra={"loader": loader.state_dict(), "rng": rng_state()},
+                                  parallel={"sp": dims.sp, "dp": dims.dp})
+
+        if index == len(config.stages) - 1 and config.checkpoint.export_hf:
+            export_hf(model, llama, out_dir / "hf")
+        del model, optimizer
+        resume = None
+    logger.close()
+    dist.barrier()
+
+
+def export_hf(model, llama: LlamaConfig, path: Path) -> None:
+    """Write the trained weights as a plain Hugging Face Llama checkpoint (rank 0)."""
+    state = full_model_state_dict(model)
+    if dist.get_rank() == 0:
+        config = LlamaConfig.from_dict(llama.to_dict())
+        config._attn_implementation = None
+        hf = LlamaForCausalLM(config)
+        hf.load_state_dict(state)
+        hf.save_pretrained(path)
+    dist.barrier()
