@@ -23,6 +23,14 @@ setup(
         # the model layer; transformers does not require torch, so it pulls no CUDA build either
         "transformers>=4.56",
         "safetensors",
+        # data pipeline (datasets >= 2.18: IterableDataset.state_dict, used to resume Parquet streams)
+        "sentencepiece>=0.2",
+        "datasets>=2.18",
+        # trainer and evaluation: recipes, progress bars, wandb (offline by default), plots
+        "pyyaml",
+        "tqdm",
+        "wandb",
+        "matplotlib",
     ],
     extras_require={
         "dev": ["pytest>=8", "ruff>=0.6"],

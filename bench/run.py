@@ -1,13 +1,13 @@
 """`make bench [PART=...]`: run the benchmark parts and write bench/results/.
 
-    python -m bench.run --part kernels|ring [--quick]
+    python -m bench.run --part kernels|ring|data [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
 
-PARTS = ("kernels", "ring")
+PARTS = ("kernels", "ring", "data")
 
 
 def main(argv=None) -> None:
@@ -25,6 +25,10 @@ def main(argv=None) -> None:
             from bench import ring
 
             ring.main(quick=args.quick)
+        elif part == "data":
+            from bench import data
+
+            data.main(quick=args.quick)
 
 
 if __name__ == "__main__":

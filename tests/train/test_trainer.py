@@ -40,7 +40,7 @@ def _write(tmp_path, recipe, name="recipe.yaml") -> Path:
 
 
 def _command(recipe_path, out, nproc, *args):
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=0",
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
             "-m", "ringlwm.train", str(recipe_path), "--out", str(out), *args]
 
 

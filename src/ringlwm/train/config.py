@@ -259,7 +259,7 @@ def _apply_override(tree: dict, override: str) -> None:
     value = yaml.safe_load(raw)
     node = tree
     parts = key.split(".")
-    for i, part in enumerate(parts[:-1]):
+    for part in parts[:-1]:
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
                 raise ValueError(f"override {key!r}: no list index {part!r} (length {len(node)})")

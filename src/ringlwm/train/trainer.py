@@ -140,7 +140,8 @@ def train(config: TrainConfig, out_dir: str | Path, *, save_every: int | None = 
             [{"params": decay, "weight_decay": config.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=stage.lr, betas=tuple(config.optim.betas), eps=config.optim.eps,
         )
-        loader = build_loader(data_cfg, stage, tokenizer=tokenizer, dp_rank=coords["dp_rank"], dp_size=dims.dp,
+        loader = build_loader(data_cfg, stage, tokenizer=tokenizer, vocab_size=llama.vocab_size,
+                              dp_rank=coords["dp_rank"], dp_size=dims.dp,
                               sp_rank=coords["sp_rank"], sp_size=dims.sp, seed=config.seed + index, device=device)
 
         start = 0
