@@ -26,7 +26,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=None, help="run directory (default: runs/<recipe name>)")
     parser.add_argument("--steps", type=int, default=None, help="steps of every stage")
     parser.add_argument("--save-every", type=int, default=None, help="checkpoint every K steps")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value may come before or after the options
     config = load_config(args.recipe, args.overrides)
     if args.steps is not None:
         for stage in config.stages:

@@ -3,12 +3,14 @@
 Each source becomes a resumable stream of (token_ids, loss_mask) examples; the sources are interleaved
 by ``Mixture`` at their weights (restarting a source when it runs out: epochs), packed to the stage's
 length and sharded for this rank's (dp, sp) position. The ``synthetic`` format needs no files and no
-tokenizer: documents of a random motif repeated, so a model can only predict them well by attending
-back (smoke tests and the tiny recipe).
+tokenizer: documents of a random motif repeated, tokens drawn from a Zipf distribution. A model first
+learns the skewed unigram statistics (a quick, reliable drop in loss: smoke tests), then can only do
+better by attending back to the motif (the tiny recipe).
 """
 
 from __future__ import annotations
 
+import itertools
 import random
 
 from ringlwm.data import (
@@ -47,11 +49,12 @@ class SyntheticMotifs(Stream):
         if vocab_size < 4:
             raise ValueError(f"synthetic data needs a vocabulary of at least 4 tokens, got {vocab_size}")
         self.vocab_size, self.lengths, self.seed = vocab_size, lengths, seed
+        self._zipf = list(itertools.accumulate(1.0 / (k + 1) for k in range(vocab_size)))
 
     def example(self, index: int) -> tuple[list[int], list[bool]]:
         rng = random.Random(f"{self.seed}/{index}")
         length = rng.randint(*self.lengths)
-        motif = [rng.randrange(self.vocab_size) for _ in range(rng.randint(2, 12))]
+        motif = rng.choices(range(self.vocab_size), cum_weights=self._zipf, k=rng.randint(2, 12))
         tokens = (motif * (length // len(motif) + 1))[:length]
         return tokens, [True] * length
 
