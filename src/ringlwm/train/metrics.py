@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 
 import torch
@@ -72,7 +73,7 @@ class MetricsLogger:
             return None
         os.environ.setdefault("WANDB_MODE", cfg.wandb_mode)
         id_file = out_dir / "wandb_id"
-        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id)
         return wandb.init(project=cfg.wandb_project, id=run_id, resume="allow", dir=str(out_dir), config=config)
 
