@@ -30,7 +30,8 @@ TOKENS_PER_SENTENCE = 13  # about, for the generated filler with the demo's toke
 
 
 def _sentences(rng: random.Random, count: int) -> list[str]:
-    return generated_haystack(count, seed=rng.randrange(1 << 30)).split(". ")
+    text = generated_haystack(count, seed=rng.randrange(1 << 30))
+    return [s if s.endswith(".") else s + "." for s in text.split(". ") if s]
 
 
 def needle_record(rng: random.Random, num_sentences: int) -> dict:
@@ -39,13 +40,14 @@ def needle_record(rng: random.Random, num_sentences: int) -> dict:
     city = rng.choice(CITIES)
     number = str(rng.randint(1_000_000, 9_999_999))
     needle = NEEDLE.format(city=city, number=number)
-    sentences = [s if s.endswith(".") else s + "." for s in _sentences(rng, num_sentences)]
+    sentences = _sentences(rng, num_sentences)
     sentences.insert(rng.randint(0, len(sentences)), needle)
     prompt = PREFIX + " ".join(sentences) + SUFFIX.format(question=QUESTION.format(city=city))
     return {"prompt": prompt, "answer": needle}
 
 
-def write_data(data_dir: Path, *, seed: int, short_examples: int, long_examples: int, long_max_tokens: int) -> None:
+def write_data(data_dir: Path, *, seed: int, short_examples: int, long_examples: int, long_max_tokens: int,
+               short_sentences: tuple[int, int] = (0, 10)) -> None:
     from ringlwm.data import train_sentencepiece
 
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -56,7 +58,7 @@ def write_data(data_dir: Path, *, seed: int, short_examples: int, long_examples:
     max_sentences = max(4, (long_max_tokens - 80) // TOKENS_PER_SENTENCE)
     with open(data_dir / "needles_short.jsonl", "w") as f:
         for _ in range(short_examples):
-            f.write(json.dumps(needle_record(rng, rng.randint(1, 28))) + "\n")
+            f.write(json.dumps(needle_record(rng, rng.randint(*short_sentences))) + "\n")
     with open(data_dir / "needles_long.jsonl", "w") as f:
         for _ in range(long_examples):
             f.write(json.dumps(needle_record(rng, rng.randint(8, max_sentences))) + "\n")
@@ -114,7 +116,7 @@ def main(argv=None) -> None:
 
     if not (data_dir / "needles_long.jsonl").is_file():
         print("[1/3] data: generated haystacks, needles and a sentencepiece tokenizer", flush=True)
-        write_data(data_dir, seed=args.seed, short_examples=30000, long_examples=6000,
+        write_data(data_dir, seed=args.seed, short_examples=40000, long_examples=6000,
                    long_max_tokens=max(int(x) for x in args.lengths.split(",")))
     paths = [f"data.tokenizer={data_dir / 'tokenizer.model'}",
              f"data.sources.0.path={data_dir / 'needles_short.jsonl'}", f"data.sources.1.path={data_dir / 'text.jsonl'}",

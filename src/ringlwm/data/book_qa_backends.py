@@ -67,7 +67,6 @@ class HFGenerator:
             raise FileNotFoundError(f"no model folder at {path}: --model takes a local save_pretrained folder")
         if batch_size < 1 or max_new_tokens < 1:
             raise ValueError(f"batch_size ({batch_size}) and max_new_tokens ({max_new_tokens}) must be positive")
-        self.torch = torch
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
         self.temperature, self.top_p = temperature, top_p
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -92,7 +91,8 @@ class HFGenerator:
         return LWM_CHAT.format(prompt=prompt)
 
     def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[str]:
-        torch = self.torch
+        import torch
+
         # A chat template writes BOS itself; the plain format gets the tokenizer's special tokens.
         batch = self.tokenizer([self.format(p) for p in prompts], return_tensors="pt", padding=True,
                                add_special_tokens=not self.chat_template).to(self.device)

@@ -5,20 +5,21 @@
 
 The chunking rule, for a limit of N tokens (counted with the training tokenizer):
 
-1. The text is cut into paragraphs (a paragraph ends at a blank line). A paragraph of more than N tokens
-   is cut into sentences (a sentence ends at ``.``, ``!``, ``?`` or ``…``, then any closing quotes or
-   brackets, then whitespace); a sentence of more than N tokens into words (at whitespace); a word of
-   more than N tokens into the longest runs of characters that fit. Whitespace stays with the piece
-   before it, so the pieces, in order, give back the text exactly.
+1. The text is cut into sentences: a sentence ends at ``.``, ``!``, ``?`` or ``…``, then any closing
+   quotes or brackets, then whitespace; a paragraph end (a blank line) also ends one. A sentence of more
+   than N tokens is cut into words (at whitespace), and a word of more than N tokens into the longest
+   runs of characters that fit. Whitespace stays with the piece before it, so the pieces, in order,
+   give back the text exactly.
 2. Pieces are packed in order. When the next piece does not fit, the chunk is closed at the strongest
    boundary inside it (paragraph end, then sentence end, then word end) that keeps it at least half
-   full; the pieces after that boundary begin the next chunk.
+   full (by the sum of its pieces' token counts); the pieces after that boundary begin the next chunk.
 3. The chunk's text is counted again as a whole (tokens merge across piece boundaries); in the rare case
    it then has more than N tokens, pieces move from its end to the next chunk until it fits.
 
 So every chunk has at most N tokens; a chunk ends mid-sentence only where one sentence alone has more
-than N tokens; a chunk has fewer than N/2 tokens only at the end of a book or before a piece too long
-to share a chunk with it. Chunks tile the text: ``text[c.start:c.end]`` over the chunks, in order, is
+than N tokens; a chunk has fewer than about N/2 tokens only at the end of a book or before a sentence
+of more than N/2 tokens (one that cannot share a chunk with it). "About": tokens can merge across a
+sentence end, so a chunk counted as a whole may come out a few tokens under the sum of its pieces. Chunks tile the text: ``text[c.start:c.end]`` over the chunks, in order, is
 the whole text (save blank stretches that make no chunk of their own, such as a text of only
 whitespace), and ``num_tokens`` counts that span (whitespace around it included); ``c.text`` is the
 span without its surrounding whitespace, the passage shown to the question writer.
@@ -44,7 +45,6 @@ _SENTENCE_END = re.compile(r"[.!?\u2026]+[\"'\u201d\u2019)\]]*\s+")
 _WORD_END = re.compile(r"\s+")
 # Boundary strengths: a chunk prefers to end after the strongest one.
 CHAR, WORD, SENTENCE, PARAGRAPH = 0, 1, 2, 3
-_FINER = {PARAGRAPH: (SENTENCE, _SENTENCE_END), SENTENCE: (WORD, _WORD_END)}
 
 
 @dataclass(frozen=True)
@@ -122,28 +122,27 @@ def _pieces(text: str, count: Callable[[str], int], limit: int) -> list[tuple[in
     """[(num_chars, num_tokens, strength of the boundary it ends at)] with num_tokens <= limit each."""
     out: list[tuple[int, int, int]] = []
 
-    def visit(s: str, level: int, strength: int, n: int | None = None) -> None:
-        n = count(s) if n is None else n
+    def add(s: str, strength: int, n: int) -> None:
         if n <= limit:
             out.append((len(s), n, strength))
-        elif level in _FINER:
-            finer, pattern = _FINER[level]
-            parts = _split_after(s, pattern)
-            if len(parts) == 1:
-                visit(s, finer, strength, n)
-            for i, part in enumerate(parts if len(parts) > 1 else ()):
-                visit(part, finer, strength if i == len(parts) - 1 else finer)
-        else:  # one "word" of more than `limit` tokens: the longest prefixes that fit
-            while s:
-                lo, hi = 1, len(s)
-                while lo < hi:
-                    mid = (lo + hi + 1) // 2
-                    lo, hi = (mid, hi) if count(s[:mid]) <= limit else (lo, mid - 1)
-                out.append((lo, count(s[:lo]), strength if lo == len(s) else CHAR))
-                s = s[lo:]
+            return
+        words = _split_after(s, _WORD_END)
+        if len(words) > 1:
+            for i, word in enumerate(words):
+                add(word, strength if i == len(words) - 1 else WORD, count(word))
+            return
+        while s:  # one "word" of more than `limit` tokens: the longest prefixes that fit
+            lo, hi = 1, len(s)
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                lo, hi = (mid, hi) if count(s[:mid]) <= limit else (lo, mid - 1)
+            out.append((lo, count(s[:lo]), strength if lo == len(s) else CHAR))
+            s = s[lo:]
 
     for para in _split_after(text, _PARAGRAPH_END):
-        visit(para, PARAGRAPH, PARAGRAPH)
+        sentences = _split_after(para, _SENTENCE_END)
+        for i, sentence in enumerate(sentences):
+            add(sentence, PARAGRAPH if i == len(sentences) - 1 else SENTENCE, count(sentence))
     return out
 
 

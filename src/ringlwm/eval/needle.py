@@ -4,7 +4,8 @@
         --lengths 512,1024,2048 --depths 0,25,50,75,100 --out runs/demo/needle.json
 
 The needle "The special magic {city} number is: {7-digit number}." goes into a haystack (your text files
-or JSONL, or a generated one) trimmed to the context length, at each depth (0-100% of the haystack,
+or JSONL, or a generated one) trimmed so that prompt + answer budget (--max-new-tokens) is the context
+length, at each depth (0-100% of the haystack,
 moved back to the end of the previous sentence). The prompt is LWM's:
 "You are a helpful assistant. USER: {context} {question} Don't give information outside the document or
 repeat your findings. Keep your response short and direct. ASSISTANT: ". Greedy answer; a needle counts
@@ -123,10 +124,13 @@ def question_for(trial: Trial) -> str:
 
 
 class PromptBuilder:
-    """Token-level assembly: [bos] prefix + haystack (trimmed, needles inserted) + suffix, exactly
-    ``context_length`` tokens (or fewer when the haystack runs out, which is an error)."""
+    """Token-level assembly: [bos] prefix + haystack (trimmed, needles inserted) + suffix.
 
-    def __init__(self, tokenizer, haystack: str):
+    A context length L is the whole sequence the model handles: the prompt gets L - answer_budget tokens
+    and the answer up to answer_budget, so a model trained at L positions is evaluated at L."""
+
+    def __init__(self, tokenizer, haystack: str, answer_budget: int = 0):
+        self.answer_budget = answer_budget
         self.tokenizer = tokenizer
         self.hay = tokenizer.encode(haystack)
         self.prefix = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(PREFIX)
@@ -137,7 +141,8 @@ class PromptBuilder:
         suffix = self.tokenizer.encode(SUFFIX.format(question=question_for(trial)))
         needles = [self.tokenizer.encode(" " + NEEDLE.format(city=n.city, number=n.number) + " ")
                    for n in trial.needles]
-        budget = trial.context_length - len(self.prefix) - len(suffix) - sum(map(len, needles))
+        budget = (trial.context_length - self.answer_budget - len(self.prefix) - len(suffix)
+                  - sum(map(len, needles)))
         if budget < 1:
             raise ValueError(f"context length {trial.context_length} is too short for the prompt and needles")
         if budget > len(self.hay):
@@ -147,7 +152,7 @@ class PromptBuilder:
         cuts = []
         for needle in trial.needles:
             at = int(round(needle.depth / 100 * budget))
-            while 0 < at < budget and hay[at - 1] not in self._ends:
+            while at > 0 and hay[at - 1] not in self._ends:  # back to the end of the previous sentence
                 at -= 1
             cuts.append(at)
         context, last = [], 0
@@ -179,7 +184,7 @@ def run_needle_eval(model, tokenizer, *, haystack: str, lengths: list[int], dept
     done: dict[str, dict] = {}
     if out_path is not None and out_path.is_file():
         done = {r["key"]: r for r in json.loads(out_path.read_text())["results"]}
-    builder = PromptBuilder(tokenizer, haystack)
+    builder = PromptBuilder(tokenizer, haystack, answer_budget=max_new_tokens)
     todo = [make_trial(n, d, t, num_needles=num_needles, num_asked=num_asked, seed=seed)
             for n in lengths for d in depths for t in range(trials)]
     todo = [t for t in todo if t.key not in done]
