@@ -33,6 +33,8 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "dev": ["pytest>=8", "ruff>=0.6"],
+        # lm-evaluation-harness for short-context quality (its HF backend needs accelerate)
+        "eval": ["lm-eval>=0.4", "accelerate"],
+        "dev": ["pytest>=8", "ruff>=0.6", "lm-eval>=0.4", "accelerate"],
     },
 )

@@ -259,6 +259,20 @@ def test_assembly_trims_windows_when_the_estimate_is_low(tok):
         assert set(skipped) <= {"too_short", "tail_too_short"}  # a window trimmed below L - tolerance
 
 
+def test_max_examples_per_book_draws_windows(tok):
+    from ringlwm.data.book_qa import assemble_examples
+
+    book = books()[0]
+    chunks = chunk_text(book.text, tok, 64)
+    pairs = {c.index: [{"question": f"Q{c.index}-{j}?", "answer": "Yes."} for j in range(3)] for c in chunks}
+    options = dict(chunk_tokens=64, max_pair_tokens=40, seed=1)
+    every, _ = assemble_examples(book, chunks, pairs, tok, 400, **options)
+    some, skipped = assemble_examples(book, chunks, pairs, tok, 400, max_examples=3, **options)
+    assert len(every) > 6 and len(some) == 3 and skipped["over_max_examples"] == len(every) - 3
+    assert all(r in every for r in some)  # the same window gets the same question, capped or not
+    assert [r["first_chunk"] for r in some] != [r["first_chunk"] for r in every[:3]]  # not just the first ones
+
+
 def test_length_too_small_for_chunks(tok, tmp_path):
     with pytest.raises(ValueError, match="too short for chunks"):
         run_book_qa(books(), tok, tmp_path, FakeGenerator(), chunk_tokens=200, lengths=[240], max_pair_tokens=40,
@@ -379,10 +393,16 @@ def test_hf_backend_batches_left_padded_and_counts_garbage(tok, tmp_path):
     stored = [json.loads(line) for line in (tmp_path / "out" / "qa.jsonl").read_text().splitlines()]
     assert all(isinstance(r["raw"], str) and r["pairs"] == [] for r in stored)
     assert any(r["raw"].strip() for r in stored)  # it did generate
-    assert summary.examples == {300: 0} and set(summary.skipped[300]) == {"no_question"}
+    assert summary.examples == {300: 0} and summary.skipped[300]["no_question"] >= 1
     # greedy decoding: the same batch gives the same outputs
     prompts = ["the river", "a long story about the old king"]
     assert gen.generate(prompts, [0, 1]) == gen.generate(prompts, [0, 1])
+    # the prompt goes in LWM's format, or the tokenizer's chat template when it has one
+    assert gen.format("hi") == "You are a helpful assistant. USER: hi ASSISTANT: "
+    gen.tokenizer.chat_template = "{% for m in messages %}<s>[{{ m['role'] }}] {{ m['content'] }}{% endfor %}"
+    gen.chat_template = True
+    assert gen.format("hi") == "<s>[user] hi"
+    assert len(gen.generate(prompts, [0, 1])) == 2
 
 
 # --- OpenAI-compatible endpoint ----------------------------------------------------------------------

@@ -21,16 +21,18 @@
    Train on them with the field spec "[prompt],answer" (loss on the answer and EOS only).
 
 Assembly. ``num_tokens`` is the length of ``encode_example(record, "[prompt],answer", tokenizer)``
-(BOS and EOS included), the length the trainer sees. A book's chunks are taken in order as windows that
-do not overlap: each window grows while its estimated length, with room for the longest QA pair of the
-book, stays within L; then the question chunk is drawn among the window's chunks that have pairs, and a
-pair among its pairs; the example is counted exactly, and trimmed by chunks at the end (or the start
-when the question is in the last chunk) if it has more than L tokens. An example is written only when
-it has at most L and at least L - tolerance tokens, tolerance = chunk_tokens + max_pair_tokens + 32.
-What is not written is counted in the summary: "book_too_short" (the whole book is shorter than that),
-"tail_too_short" (what is left after a book's last full window), "no_question" (no chunk of the window
-has a pair), "too_short" (a window trimmed below the bound; rare, as chunk counts seldom understate). So a length of 1M needs books of about 1M tokens; concatenate shorter ones yourself if
-you want them. ``--max-examples-per-book`` caps the windows per book and length.
+(BOS and EOS included), the length the trainer sees. A book's chunks are cut, in order, into windows
+that do not overlap: each grows while the sum of its chunks' counts, plus the format's own tokens and
+the longest QA pair of the book, stays within L. In each window a chunk with pairs is drawn for the
+question, and one of its pairs; the example is then counted exactly and, in the rare case that it has
+more than L tokens, loses chunks at its end (at its start when the question is in the last chunk).
+An example is written only when it has at most L and at least L - tolerance tokens, tolerance =
+chunk_tokens + max_pair_tokens + 32 (a full window misses L by less than its next chunk and the QA
+room it did not use). What is not written is counted in the summary, by reason: "book_too_short" (the
+whole book cannot reach L - tolerance), "tail_too_short" (what is left after a book's last window),
+"no_question" (no chunk of the window has a pair), "too_short" (trimmed below the bound; rare), and
+"over_max_examples" (``--max-examples-per-book`` keeps that many windows of a book per length, drawn
+at random). So a length of 1M needs books of about 1M tokens; concatenate shorter ones if you want them.
 
 Resuming. ``qa.jsonl`` is append-only, one line per chunk whose generation finished, keyed by (book id,
 chunk index) with a hash of the chunk's text; a rerun reads it back and asks only for the chunks not
@@ -264,20 +266,28 @@ def assemble_examples(book: Book, chunks: Sequence[Chunk], pairs: dict[int, list
     if max(c.num_tokens for c in chunks) > budget:
         raise ValueError(f"target length {length} leaves {budget} tokens for the context: too short for chunks "
                          f"of up to {chunk_tokens} tokens (lower --chunk-tokens or raise the length)")
-    examples: list[dict] = []
+    windows: list[tuple[int, int]] = []  # [a, b) chunk ranges, planned with the chunks' counts
     a = 0
-    while a < len(chunks) and (max_examples is None or len(examples) < max_examples):
+    while a < len(chunks):
         b, total = a, 0
         while b < len(chunks) and total + chunks[b].num_tokens <= budget:
             total += chunks[b].num_tokens
             b += 1
-        b = max(b, a + 1)
+        if b == len(chunks) and base + reserve + total < length - tolerance:
+            skipped["tail_too_short"] += 1
+        else:
+            windows.append((a, b))
+        a = b
+    if max_examples is not None and len(windows) > max_examples:
+        rng = random.Random(f"{seed}/{book.id}/{length}")
+        skipped["over_max_examples"] += len(windows) - max_examples
+        windows = [windows[i] for i in sorted(rng.sample(range(len(windows)), max_examples))]
+    examples: list[dict] = []
+    for a, b in windows:
         rng = random.Random(f"{seed}/{book.id}/{length}/{a}")
         candidates = [k for k in range(a, b) if pairs.get(k)]
         if not candidates:
-            short = b == len(chunks) and base + total < length - tolerance
-            skipped["tail_too_short" if short else "no_question"] += 1
-            a = b
+            skipped["no_question"] += 1
             continue
         k = rng.choice(candidates)
         i = rng.randrange(len(pairs[k]))
@@ -294,19 +304,17 @@ def assemble_examples(book: Book, chunks: Sequence[Chunk], pairs: dict[int, list
             excess = (n - length) * window / max(1, n - base - pair_tokens[(k, i)])
             while excess > 0 and a < b - 1:
                 if k < b - 1:
-                    b -= 1  # the last chunk goes back to the next window
+                    b -= 1
                     excess -= chunks[b].num_tokens
                 else:
                     excess -= chunks[a].num_tokens
                     a += 1
-        next_a = b
         if not length - tolerance <= n <= length:
-            skipped["tail_too_short" if b == len(chunks) else "too_short"] += 1
+            skipped["too_short"] += 1
         else:
             record.update(book=book.id, first_chunk=a, last_chunk=b - 1, question_chunk=k,
                           question=pair["question"], target_length=length, num_tokens=n)
             examples.append(record)
-        a = next_a
     return examples, skipped
 
 
@@ -348,7 +356,7 @@ def run_book_qa(books: Sequence[Book] | Iterable[str | os.PathLike], tokenizer: 
     from the stored QA only). max_pair_tokens: pairs whose question and answer have more tokens together
     are dropped ("too_long"). Returns the summary, also written to ``out_dir/summary.json``.
     """
-    books = list(books)
+    books = [books] if isinstance(books, (str, os.PathLike, Book)) else list(books)
     if not all(isinstance(b, Book) for b in books):
         books = load_books(books)
     lengths = sorted(set(int(n) for n in lengths))

@@ -155,3 +155,33 @@ def full_model_state_dict(model) -> dict:
     """The whole model's weights on rank 0's CPU (empty dict elsewhere), gathered shard by shard."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_model_state_dict(model, options=options)
+
+
+def export_hf_tokenizer(tokenizer_path: str | Path, out_dir: Path) -> None:
+    """Save the training tokenizer in Hugging Face form beside the model, so that ``AutoTokenizer`` (and
+    tools built on it, such as lm-evaluation-harness) load the checkpoint directory as it is. A
+    sentencepiece model becomes a Llama tokenizer that adds BOS, as the training documents start with it."""
+    from transformers import AutoTokenizer, LlamaTokenizer
+
+    source = Path(tokenizer_path)
+    if source.is_dir():
+        AutoTokenizer.from_pretrained(source).save_pretrained(out_dir)
+        return
+    shutil.copyfile(source, out_dir / "tokenizer.model")
+    LlamaTokenizer.from_pretrained(out_dir, add_bos_token=True, add_eos_token=False).save_pretrained(out_dir)
+
+
+def export_hf(model, llama, path: Path, tokenizer_path: str | Path | None = None) -> None:
+    """Write the trained weights as a plain Hugging Face Llama checkpoint (with its tokenizer) on rank 0."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    state = full_model_state_dict(model)
+    if _rank() == 0:
+        config = LlamaConfig.from_dict(llama.to_dict())
+        config._attn_implementation = None
+        hf = LlamaForCausalLM(config)
+        hf.load_state_dict(state)
+        hf.save_pretrained(path)
+        if tokenizer_path is not None:
+            export_hf_tokenizer(tokenizer_path, Path(path))
+    _barrier()

@@ -25,7 +25,7 @@ from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
 
 from ringlwm.models import RingLlamaForCausalLM, set_context_length
 from ringlwm.parallel import ParallelDims, materialize, mesh_coordinates, parallelize_llama
-from ringlwm.train.checkpoint import Checkpointer, full_model_state_dict, rng_state, set_rng_state
+from ringlwm.train.checkpoint import Checkpointer, export_hf, rng_state, set_rng_state
 from ringlwm.train.config import StageConfig, TrainConfig, to_dict
 from ringlwm.train.data import build_loader, load_data_tokenizer
 from ringlwm.train.metrics import MetricsLogger, device_peak_flops, flops_per_token, max_memory_gb
@@ -209,20 +209,8 @@ def train(config: TrainConfig, out_dir: str | Path, *, save_every: int | None = 
                                   parallel={"sp": dims.sp, "dp": dims.dp})
 
         if index == len(config.stages) - 1 and config.checkpoint.export_hf:
-            export_hf(model, llama, out_dir / "hf")
+            export_hf(model, llama, out_dir / "hf", tokenizer_path=data_cfg.tokenizer)
         del model, optimizer
         resume = None
     logger.close()
-    dist.barrier()
-
-
-def export_hf(model, llama: LlamaConfig, path: Path) -> None:
-    """Write the trained weights as a plain Hugging Face Llama checkpoint (rank 0)."""
-    state = full_model_state_dict(model)
-    if dist.get_rank() == 0:
-        config = LlamaConfig.from_dict(llama.to_dict())
-        config._attn_implementation = None
-        hf = LlamaForCausalLM(config)
-        hf.load_state_dict(state)
-        hf.save_pretrained(path)
     dist.barrier()
