@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from bench.common import append_csv, print_table, stamp, time_fn
 from ringlwm import ring_attention
 from ringlwm.distributed import run_local
+from ringlwm.ring import zigzag_positions
 
 HEADS, HEAD_DIM = 8, 64
 
@@ -112,4 +113,96 @@ def main(quick: bool = False) -> list[dict]:
     print(f"\nring on {base['device']} ({base['date']}, {base['git']}); rows appended to {path}")
     print_table(rows, ["world_size", "seqlen", "local_seqlen", "reference_s", "ideal_s", "ring_s", "efficiency",
                        "peak_rss_mb", "attn_mem_mb"])
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# Training a tiny model at long lengths: memory per rank, and one step at >= 128K tokens (`long`)
+# ------------------------------------------------------------------------------------------------
+
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=2)
+
+
+def _train_step_worker(rank, world_size, seqlen):
+    """One forward + backward of the tiny model on this rank's zigzag shard; peak memory and time."""
+    import time
+
+    from transformers import LlamaConfig
+
+    from ringlwm.models import RingLlamaForCausalLM, set_context_length
+
+    config = LlamaConfig(**TINY, tie_word_embeddings=False)
+    set_context_length(config, seqlen, rope_theta=1e6)
+    config.ringlwm_options = {"activation_checkpointing": True, "mlp_chunk_size": 8192, "loss_chunk_size": 8192}
+    torch.manual_seed(0)
+    model = RingLlamaForCausalLM(config)
+    local = seqlen // world_size
+    gen = torch.Generator().manual_seed(rank)
+    ids = torch.randint(0, TINY["vocab_size"], (1, local), generator=gen)
+    pos = zigzag_positions(seqlen, rank, world_size)[None]
+    before = _status_mb("VmRSS")
+    _reset_peak_rss()
+    t0 = time.perf_counter()
+    model(ids, pos, labels=ids).loss.backward()
+    dist.barrier()
+    return {"seconds": time.perf_counter() - t0, "peak_mb": _status_mb("VmHWM"), "growth_mb": _status_mb("VmHWM") - before}
+
+
+def train_memory_rows(lengths_by_world: dict[int, tuple[int, ...]], base: dict) -> list[dict]:
+    rows = []
+    for world_size, lengths in lengths_by_world.items():
+        for seqlen in lengths:
+            results = run_local(_train_step_worker, world_size, seqlen)
+            rows.append(dict(base, world_size=world_size, seqlen=seqlen, local_seqlen=seqlen // world_size,
+                             step_s=round(max(r["seconds"] for r in results), 2),
+                             peak_rss_mb=round(max(r["peak_mb"] for r in results), 1),
+                             step_mem_mb=round(max(r["growth_mb"] for r in results), 1)))
+            print(f"tiny-model step W={world_size} seq={seqlen}: {rows[-1]['step_s']}s, "
+                  f"+{rows[-1]['step_mem_mb']} MB per rank", flush=True)
+    return rows
+
+
+def longest_trainable(rows: list[dict], budget_mb: float) -> dict[int, int]:
+    """Per world size: the longest sequence whose step memory fits ``budget_mb`` per rank, from a linear
+    fit (memory = a + b * local tokens) of the measured steps. Extrapolated: the compute at such lengths
+    takes hours on this machine."""
+    out = {}
+    for world_size in sorted({r["world_size"] for r in rows}):
+        pts = [(r["local_seqlen"], r["step_mem_mb"]) for r in rows if r["world_size"] == world_size]
+        n = len(pts)
+        mean_x = sum(x for x, _ in pts) / n
+        mean_y = sum(y for _, y in pts) / n
+        slope = sum((x - mean_x) * (y - mean_y) for x, y in pts) / sum((x - mean_x) ** 2 for x, _ in pts)
+        intercept = mean_y - slope * mean_x
+        out[world_size] = int((budget_mb - intercept) / slope) * world_size
+    return out
+
+
+def main_memory(quick: bool = False) -> list[dict]:
+    base = stamp(torch.device("cpu"))
+    base["device"] = f"cpu ({os.cpu_count()} cores), gloo, 1 thread per rank"
+    lengths = (8192, 16384) if quick else (8192, 16384, 32768)
+    rows = train_memory_rows({1: lengths, 2: tuple(2 * n for n in lengths)}, base)
+    budget = 12 * 1024  # 24 GiB machine, 2 ranks
+    longest = longest_trainable(rows, budget)
+    for row in rows:
+        row["longest_at_12gib"] = longest[row["world_size"]]
+    path = append_csv("ring_memory", rows)
+    print(f"\ntiny-model training memory; rows appended to {path}")
+    print_table(rows, ["world_size", "seqlen", "local_seqlen", "step_s", "step_mem_mb", "peak_rss_mb"])
+    print("longest trainable sequence at 12 GiB per rank (linear fit of the measured steps): "
+          + ", ".join(f"W={w}: {n:,} tokens" for w, n in longest.items())
+          + (f"; ratio {longest[2] / longest[1]:.2f}" if 1 in longest and 2 in longest else ""))
+    return rows
+
+
+def main_long(seqlen: int = 131072) -> list[dict]:
+    """One full training step (forward + backward) of the tiny model at ``seqlen`` tokens on 2 processes."""
+    base = stamp(torch.device("cpu"))
+    base["device"] = f"cpu ({os.cpu_count()} cores), gloo, 1 thread per rank"
+    rows = train_memory_rows({2: (seqlen,)}, base)
+    path = append_csv("long", rows)
+    print(f"\nlong: one training step at {seqlen:,} tokens on 2 processes; rows appended to {path}")
+    print_table(rows, ["world_size", "seqlen", "local_seqlen", "step_s", "step_mem_mb", "peak_rss_mb"])
     return rows

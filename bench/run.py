@@ -1,18 +1,19 @@
 """`make bench [PART=...]`: run the benchmark parts and write bench/results/.
 
-    python -m bench.run --part kernels|ring|data [--quick]
+    python -m bench.run --part kernels|ring|data|train|long [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
 
-PARTS = ("kernels", "ring", "data")
+PARTS = ("kernels", "ring", "data", "train")
+EXTRA = ("long",)  # not in the default run: minutes of compute
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--part", default="all", choices=("all", *PARTS))
+    parser.add_argument("--part", default="all", choices=("all", *PARTS, *EXTRA))
     parser.add_argument("--quick", action="store_true", help="fewer, smaller configurations")
     args = parser.parse_args(argv)
     parts = PARTS if args.part == "all" else (args.part,)
@@ -25,10 +26,22 @@ def main(argv=None) -> None:
             from bench import ring
 
             ring.main(quick=args.quick)
+            ring.main_memory(quick=args.quick)
         elif part == "data":
             from bench import data
 
             data.main(quick=args.quick)
+        elif part == "train":
+            from bench import train
+
+            train.main(quick=args.quick)
+        elif part == "long":
+            from bench import ring
+
+            ring.main_long()
+    from bench import report
+
+    report.main()
 
 
 if __name__ == "__main__":

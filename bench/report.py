@@ -1,0 +1,109 @@
+"""Markdown summary and PNG plots of bench/results/*.csv (the newest run of each part).
+
+    python -m bench.report        (also run at the end of `make bench`)
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+from pathlib import Path
+
+from bench.common import RESULTS
+
+
+def _latest(name: str) -> list[dict]:
+    path = RESULTS / f"{name}.csv"
+    if not path.is_file():
+        return []
+    rows = list(csv.DictReader(path.open()))
+    if not rows:
+        return []
+    newest = max(r["date"] for r in rows)
+    return [r for r in rows if r["date"] == newest]
+
+
+def _table(rows: list[dict], columns: list[str]) -> list[str]:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return lines
+
+
+def _plot(path: Path, series: dict[str, list[tuple[float, float]]], xlabel: str, ylabel: str, title: str,
+          logx: bool = True) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for label, points in series.items():
+        points = sorted(points)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    if logx:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> Path:
+    out = ["# ringlwm benchmark results", "",
+           "Every figure is measured against a reference timed in the same run; the CSVs beside this file hold",
+           "all rows (device, date, git revision, versions). Regenerate with `make bench` or `python -m bench.report`.",
+           ""]
+    kernels = _latest("kernels")
+    if kernels:
+        out += [f"## Kernels ({kernels[0]['device']}, {kernels[0]['date']})", ""]
+        out += _table(kernels, ["impl", "dtype", "causal", "seqlen", "head_dim", "fwd_ms", "bwd_ms", "fwdbwd_ms",
+                                "fwdbwd_tflops", "fwdbwd_speedup_vs_sdpa"]) + [""]
+        series = defaultdict(list)
+        for r in kernels:
+            series[f"{r['impl']} d{r['head_dim']} {'causal' if r['causal'] == 'True' else 'full'}"].append(
+                (int(r["seqlen"]), float(r["fwdbwd_tflops"])))
+        _plot(RESULTS / "kernels.png", series, "sequence length", "fwd+bwd TFLOP/s", "Attention kernels")
+        out += ["![kernels](kernels.png)", ""]
+    ring = _latest("ring")
+    if ring:
+        out += [f"## Ring attention ({ring[0]['device']}, {ring[0]['date']})", "",
+                "efficiency = (single-process fused SDPA time / W) / ring time; attn_mem_mb = growth of a rank's",
+                "peak memory during the timed steps.", ""]
+        out += _table(ring, ["world_size", "seqlen", "local_seqlen", "ideal_s", "ring_s", "efficiency",
+                             "attn_mem_mb"]) + [""]
+        eff, mem = defaultdict(list), defaultdict(list)
+        for r in ring:
+            eff[f"W={r['world_size']}"].append((int(r["seqlen"]), float(r["efficiency"])))
+            mem[f"W={r['world_size']}"].append((int(r["local_seqlen"]), float(r["attn_mem_mb"])))
+        _plot(RESULTS / "ring_efficiency.png", eff, "sequence length", "efficiency vs ideal", "Ring efficiency")
+        _plot(RESULTS / "ring_memory.png", mem, "local sequence length", "MB per rank", "Ring memory per rank")
+        out += ["![ring efficiency](ring_efficiency.png) ![ring memory](ring_memory.png)", ""]
+    memory = _latest("ring_memory")
+    if memory:
+        out += ["## Training a tiny model: memory per rank and the longest trainable sequence", ""]
+        out += _table(memory, ["world_size", "seqlen", "local_seqlen", "step_s", "step_mem_mb", "longest_at_12gib"])
+        out += ["", "`longest_at_12gib`: extrapolated from a linear fit of the measured step memory (compute at",
+                "such lengths would take hours here).", ""]
+    for name, title, columns in (
+        ("long", "One training step at 128K tokens (2 processes)",
+         ["world_size", "seqlen", "local_seqlen", "step_s", "step_mem_mb", "peak_rss_mb"]),
+        ("train", "Training throughput", ["impl", "tokens_per_s", "vs_hf", "mfu", "matmul_peak_gflops"]),
+        ("data", "Data pipeline", None),
+    ):
+        rows = _latest(name)
+        if rows:
+            out += [f"## {title} ({rows[0]['device']}, {rows[0]['date']})", ""]
+            out += _table(rows, columns or [c for c in rows[0] if c not in ("date", "device", "git", "ringlwm",
+                                                                            "torch", "triton")]) + [""]
+    path = RESULTS / "SUMMARY.md"
+    path.write_text("\n".join(out) + "\n")
+    print(f"wrote {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()
