@@ -19,6 +19,7 @@ import json
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -75,6 +76,10 @@ def _torchrun(nproc: int, module: str, *args: str) -> None:
     subprocess.run(command, check=True, env=env)
 
 
+def _running_median(values: list[float], window: int) -> list[float]:
+    return [statistics.median(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
+
+
 def plot_loss(metrics_path: Path, png: Path) -> None:
     import matplotlib
 
@@ -85,7 +90,11 @@ def plot_loss(metrics_path: Path, png: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for stage in dict.fromkeys(r["stage"] for r in rows):
         part = [r for r in rows if r["stage"] == stage]
-        ax.plot([r["step"] for r in part], [r["loss"] for r in part], label=f"{stage} ({part[0]['seq_len']} tokens)")
+        steps, losses = [r["step"] for r in part], [r["loss"] for r in part]
+        line, = ax.plot(steps, losses, alpha=0.25, linewidth=0.6)
+        # Each step is a small batch (a few needle answers, sometimes a text document): show a running median.
+        ax.plot(steps, _running_median(losses, 50), color=line.get_color(), linewidth=2,
+                label=f"{stage} ({part[0]['seq_len']} tokens), median of 50 steps")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.set_yscale("log")
@@ -147,7 +156,9 @@ def summary(out: Path, *, total: float, train: float, evaluate: float) -> None:
     for stage in dict.fromkeys(r["stage"] for r in rows):
         part = [r for r in rows if r["stage"] == stage]
         lines.append(f"  stage {stage:<8} {part[0]['seq_len']:>5} tokens, theta {part[0]['rope_theta']:>8g}, "
-                     f"sp {part[0]['sp']}: {len(part)} steps, loss {part[0]['loss']:.3f} -> {part[-1]['loss']:.3f}, "
+                     f"sp {part[0]['sp']}: {len(part)} steps, loss (median of 50 steps) "
+                     f"{statistics.median(r['loss'] for r in part[:50]):.3f} -> "
+                     f"{statistics.median(r['loss'] for r in part[-50:]):.3f}, "
                      f"{sum(r['tokens_per_s'] for r in part) / len(part):,.0f} tokens/s")
     lines.append("")
     lines.append("  needle retrieval (accuracy over depths 0-100%):")

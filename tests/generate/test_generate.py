@@ -72,3 +72,26 @@ def test_sampling_stop_tokens_and_errors(checkpoint_dir):
         generate(model, PROMPTS, max_new_tokens=200)
     with pytest.raises(ValueError, match="at least one token"):
         generate(model, [[]], max_new_tokens=2)
+
+
+def test_stop_strings_cut_the_output(tmp_path):
+    from ringlwm.data import load_tokenizer, train_sentencepiece
+    from ringlwm.eval.needle import generated_haystack
+
+    tok = load_tokenizer(train_sentencepiece([generated_haystack(300, seed=2)], vocab_size=200,
+                                             model_prefix=tmp_path / "tok"))
+    config = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                         initializer_range=0.5)
+    torch.manual_seed(1)
+    model = RingLlamaForCausalLM(config).eval()
+    prompt = [tok.bos_id] + tok.encode("The old river")
+    free = generate(model, [prompt], max_new_tokens=12)[0]
+    text = tok.decode(free)
+    stop = tok.decode(free[5:7]).strip()
+    assert stop and stop in text
+    cut = generate(model, [prompt], max_new_tokens=12, stop_strings=(stop,), tokenizer=tok)[0]
+    assert stop not in tok.decode(cut)
+    assert cut == free[: len(cut)] and len(cut) < len(free)
+    with pytest.raises(ValueError, match="need a tokenizer"):
+        generate(model, [prompt], max_new_tokens=2, stop_strings=("x",))
