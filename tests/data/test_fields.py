@@ -7,6 +7,7 @@ import pickle
 
 import numpy as np
 import pytest
+from byte_tokenizer import ByteTokenizer
 
 from ringlwm.data import (
     IGNORE_INDEX,
@@ -17,18 +18,6 @@ from ringlwm.data import (
     parse_field_spec,
     read_jsonl,
 )
-
-
-class ByteTokenizer:
-    """UTF-8 bytes shifted by 3 (0 unk, 1 BOS, 2 EOS): exact, instant, no files."""
-
-    bos_id, eos_id, pad_id, vocab_size = 1, 2, None, 259
-
-    def encode(self, text):
-        return [b + 3 for b in text.encode()]
-
-    def decode(self, ids):
-        return bytes(i - 3 for i in ids if i >= 3).decode()
 
 
 class NoSpecialTokenizer(ByteTokenizer):

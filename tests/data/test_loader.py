@@ -8,6 +8,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from byte_tokenizer import ByteTokenizer
 
 from ringlwm.data import (
     IGNORE_INDEX,
@@ -24,18 +25,6 @@ from ringlwm.data import (
 )
 
 SEQ_LEN = 48  # a multiple of 2 * sp_size for sp_size 1, 2, 3, 4
-
-
-class ByteTokenizer:
-    """UTF-8 bytes shifted by 3 (0 unk, 1 BOS, 2 EOS): exact, instant, no files."""
-
-    bos_id, eos_id, pad_id, vocab_size = 1, 2, None, 259
-
-    def encode(self, text):
-        return [b + 3 for b in text.encode()]
-
-    def decode(self, ids):
-        return bytes(i - 3 for i in ids if i >= 3).decode()
 
 
 TOK = ByteTokenizer()

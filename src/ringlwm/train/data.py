@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import sys
 
 from ringlwm.data import (
     Mixture,
@@ -22,24 +23,8 @@ from ringlwm.data import (
     read_parquet,
     read_text_folder,
 )
-from ringlwm.data.stream import Stream
+from ringlwm.data.stream import Stream, _IndexIterator
 from ringlwm.train.config import DataConfig, StageConfig
-
-
-class _SyntheticIterator:
-    def __init__(self, stream: SyntheticMotifs, index: int):
-        self.stream, self.index = stream, index
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        example = self.stream.example(self.index)
-        self.index += 1
-        return example
-
-    def state_dict(self) -> dict:
-        return {"index": self.index}
 
 
 class SyntheticMotifs(Stream):
@@ -58,8 +43,15 @@ class SyntheticMotifs(Stream):
         tokens = (motif * (length // len(motif) + 1))[:length]
         return tokens, [True] * length
 
-    def iter_from(self, state: dict | None) -> _SyntheticIterator:
-        return _SyntheticIterator(self, 0 if state is None else int(state["index"]))
+    # An endless lazy sequence, so the data package's index iterator (state {"index": i}) serves it.
+    def __len__(self) -> int:
+        return sys.maxsize
+
+    def __getitem__(self, index: int) -> tuple[list[int], list[bool]]:
+        return self.example(index)
+
+    def iter_from(self, state: dict | None):
+        return _IndexIterator(self, 0 if state is None else int(state["index"]))
 
 
 def load_data_tokenizer(cfg: DataConfig):
