@@ -31,6 +31,10 @@ setup(
         "tqdm",
         "wandb",
         "matplotlib",
+        # vision: images, video decoding, LWM checkpoint readers (msgpack)
+        "pillow>=9.1",
+        "av>=12",
+        "msgpack>=1.0",
     ],
     extras_require={
         # lm-evaluation-harness for short-context quality (its HF backend needs accelerate)

@@ -14,6 +14,7 @@ The stages, one file each:
     fields.py     field specs ("[question],answer") -> (token_ids, loss_mask)
     mixture.py    interleave example streams at set ratios, deterministic given the seed
     packing.py    documents -> full-length sequences with shifted labels, positions, segments, weights
+    vision_tokens.py  VQGAN frames in LWM's token format: (token_ids, loss_mask, vision_mask) examples
     loader.py     dp split, batching, zigzag sharding, state_dict / load_state_dict
     stream.py     the resumable-stream protocol every stage follows
 
@@ -46,10 +47,15 @@ _EXPORTS = {
     "KEYS": "packing",
     "PAD_SEGMENT": "packing",
     "PackedSequences": "packing",
+    "VISION_KEYS": "packing",
     "PackingStats": "packing",
     "pack_documents": "packing",
     "PackedLoader": "loader",
     "shard_batch": "loader",
+    "VisionEncodedSource": "vision_tokens",
+    "encode_vision_example": "vision_tokens",
+    "encode_vision_source": "vision_tokens",
+    "vision_chat_record": "vision_tokens",
     "ListStream": "stream",
     "ReplayStream": "stream",
     "Stream": "stream",

@@ -97,7 +97,8 @@ def encode_example(
                 raise DataError(f"record has no field {name!r} needed by field spec {spec.text!r} (its fields: "
                                 f"{have})", "missing_field")
             if not isinstance(value, str):
-                raise DataError(f"field {name!r} is {type(value).__name__}, not a string", "bad_field")
+                hint = " (vision frames? see vision_tokens.encode_vision_source)" if isinstance(value, list) else ""
+                raise DataError(f"field {name!r} is {type(value).__name__}, not a string{hint}", "bad_field")
             parts.append(value)
         texts.append(subfield_separator.join(parts))
     if not any(t.strip() for t in texts):
@@ -137,7 +138,7 @@ class _EncodedIterator:
         while True:
             record = next(self._records)
             try:
-                example = encode_example(record, s.spec, s.tokenizer, **s.options)
+                example = s.encode(record)
             except DataError as e:
                 where = getattr(self._records, "location", "")
                 if s.on_error == "raise":
@@ -152,22 +153,33 @@ class _EncodedIterator:
 
 
 class EncodedSource(Stream):
-    """The (token_ids, loss_mask) examples of a record source; see ``encode_source``."""
+    """The (token_ids, loss_mask) examples of a record source; see ``encode_source``. Subclasses change
+    what a record becomes by overriding ``encode`` and ``OPTIONS`` (``vision_tokens.VisionEncodedSource``)."""
+
+    OPTIONS = ("add_bos", "add_eos", "subfield_separator")
 
     def __init__(self, source, spec: str | FieldSpec, tokenizer: Tokenizer, *, on_error: str | None = None,
                  **options):
         self.source = as_stream(source, "source")
-        self.spec = parse_field_spec(spec)
+        self.spec = self.parse_spec(spec)
         self.tokenizer = tokenizer
         self.on_error = check_on_error(on_error or getattr(self.source, "on_error", "raise"))
         # Shares the source's counters (and their place in the saved state), so one object holds every
         # skip of this input.
         self.shares_stats = isinstance(getattr(self.source, "stats", None), SourceStats)
         self.stats = self.source.stats if self.shares_stats else SourceStats()
-        unknown = set(options) - {"add_bos", "add_eos", "subfield_separator"}
+        unknown = set(options) - set(self.OPTIONS)
         if unknown:
-            raise TypeError(f"encode_source got unknown options {sorted(unknown)}")
+            raise TypeError(f"{type(self).__name__} got unknown options {sorted(unknown)}; known: {list(self.OPTIONS)}")
         self.options = options
+
+    @staticmethod
+    def parse_spec(spec):
+        return parse_field_spec(spec)
+
+    def encode(self, record):
+        """One record -> one example; raises DataError for a bad record."""
+        return encode_example(record, self.spec, self.tokenizer, **self.options)
 
     def iter_from(self, state: dict | None) -> _EncodedIterator:
         return _EncodedIterator(self, state)

@@ -3,6 +3,7 @@
     loader = PackedLoader(mixture, seq_len=32768, batch_size=1, dp_rank=dp, dp_size=DP, sp_rank=sp, sp_size=SP)
     for batch in loader:          # input_ids, labels, position_ids, segment_ids: (batch_size, seq_len // SP)
         ...                       # int64; loss_weights float32; already in this rank's zigzag layout
+                                  # vision=True adds vision_mask, label_vision_mask (bool), sharded alike
     state = loader.state_dict()   # small, picklable; the same on every rank
 
 Which rank gets what: every rank runs the same deterministic pipeline and numbers the packed sequences
@@ -28,7 +29,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from ringlwm.data.packing import KEYS, PackedSequences
+from ringlwm.data.packing import PackedSequences
 from ringlwm.data.stream import Stream, as_stream
 from ringlwm.ring.layout import check_divisible, zigzag_positions
 
@@ -67,12 +68,14 @@ class PackedLoader:
     seq_len: the full (global) sequence length, a multiple of 2 * sp_size. batch_size: sequences per dp
     rank per step. seed: passed to a factory; recorded in the state and checked on restore.
     device: where the batches go (CPU tensors when None). loss_weighting, pad_id, continuation_labels,
-    split: see ``packing.py``.
+    split, vision: see ``packing.py`` (vision=True for ``RingLwmForCausalLM``: the examples may carry
+    vision masks, and every batch has the ``VISION_KEYS`` tensors too).
     """
 
     def __init__(self, examples, seq_len: int, batch_size: int, dp_rank: int = 0, dp_size: int = 1,
                  sp_rank: int = 0, sp_size: int = 1, seed: int = 0, device: torch.device | str | None = None, *,
-                 loss_weighting: str = "token", pad_id: int = 0, continuation_labels: bool = True, split: str = "long"):
+                 loss_weighting: str = "token", pad_id: int = 0, continuation_labels: bool = True, split: str = "long",
+                 vision: bool = False):
         for name, value in (("batch_size", batch_size), ("dp_size", dp_size), ("sp_size", sp_size)):
             if not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -86,7 +89,7 @@ class PackedLoader:
         self.device = torch.device(device) if device is not None else None
         self.stream = self._make_stream(examples)
         self.packed = PackedSequences(self.stream, seq_len, loss_weighting=loss_weighting, pad_id=pad_id,
-                                      continuation_labels=continuation_labels, split=split)
+                                      continuation_labels=continuation_labels, split=split, vision=vision)
         self._it = self.packed.iter_from(None)
         self._sequences = 0  # global sequences consumed
         self._batches = 0
@@ -103,7 +106,7 @@ class PackedLoader:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        """The next batch: KEYS -> (batch_size, seq_len // sp_size) tensors."""
+        """The next batch: KEYS (and with vision, VISION_KEYS) -> (batch_size, seq_len // sp_size) tensors."""
         mine = []
         step = self.batch_size * self.dp_size
         for j in range(step):
@@ -115,7 +118,7 @@ class PackedLoader:
                 mine.append(seq)
         self._sequences += step
         self._batches += 1
-        batch = {key: torch.from_numpy(np.stack([s[key] for s in mine])) for key in KEYS}
+        batch = {key: torch.from_numpy(np.stack([s[key] for s in mine])) for key in self.packed.keys}
         batch = shard_batch(batch, self.sp_rank, self.sp_size)
         if self.device is not None:
             batch = {k: v.to(self.device) for k, v in batch.items()}
@@ -128,19 +131,22 @@ class PackedLoader:
             "seq_len": self.seq_len,
             "seed": self.seed,
             "split": self.packed.split,
+            "vision": self.packed.vision,
             "sequences": self._sequences,
             "batches": self._batches,
             "packer": self._it.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from ``state`` (from ``state_dict`` of a loader over the same stream, seq_len, seed and split)."""
+        """Continue from ``state`` (from ``state_dict`` of a loader over the same stream, seq_len, seed, split
+        and vision)."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"loader state version {state.get('version')!r}; this loader reads {STATE_VERSION}")
-        mine = {"seq_len": self.seq_len, "seed": self.seed, "split": self.packed.split}
+        mine = {"seq_len": self.seq_len, "seed": self.seed, "split": self.packed.split, "vision": self.packed.vision}
         for key, value in mine.items():
-            if state[key] != value:
-                raise ValueError(f"loader state was saved with {key}={state[key]!r}, this loader has {value!r}: "
+            saved = state.get(key, False) if key == "vision" else state[key]  # states from before vision: text
+            if saved != value:
+                raise ValueError(f"loader state was saved with {key}={saved!r}, this loader has {value!r}: "
                                  "the packed sequences would differ")
         self._it = self.packed.iter_from(state["packer"])
         self._sequences, self._batches = state["sequences"], state["batches"]

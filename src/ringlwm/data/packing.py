@@ -28,11 +28,18 @@ target; ``continuation_labels=False`` drops that target instead.
 
 Loss weights (the model's loss is sum(w * CE) / sum(w) over the whole global batch):
   * "token" (default): w = mask value of the target (1.0 for a trained token). Every trained token counts
-    the same, as in plain LM training and LWM's text stages; a float mask (e.g. LWM's 0.5 vision /
-    0.5 text weighting, to come with vision tokens) passes through unchanged.
+    the same, as in plain LM training and LWM's text stages; a float mask passes through unchanged.
+    (LWM's 0.5 vision / 0.5 text weighting is not a token weight: ``RingLwmForCausalLM`` averages each
+    modality's loss on its own and weights the two means.)
   * "example": the weights of each piece in a sequence are scaled to sum to 1, so a 20-token chat answer
     counts as much as a 20,000-token one instead of being drowned by it (useful for instruction mixes of
     very uneven lengths). Per piece, not per document: a book cut into pieces gives each piece one unit.
+
+Vision tokens (``vision=True``, for ``RingLwmForCausalLM``): examples may also be (token_ids, loss_mask,
+vision_mask) triples (``data/vision_tokens.py``; a plain pair is all text). Every sequence then also has
+  * "vision_mask" (bool): input token i is a VQGAN code / frame token (vision embedding), not text;
+  * "label_vision_mask" (bool): the target of position i, token i+1, is a vision token (vision head).
+Both are False on padding, and they follow the tokens through splitting exactly like the labels.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ from ringlwm.data.stream import Stream, as_stream
 IGNORE_INDEX = -100  # the same value as ringlwm.models.loss.IGNORE_INDEX (imported there without transformers)
 PAD_SEGMENT = -1
 KEYS = ("input_ids", "labels", "position_ids", "segment_ids", "loss_weights")
+VISION_KEYS = ("vision_mask", "label_vision_mask")  # bool; only with vision=True
 LOSS_WEIGHTINGS = ("token", "example")
 SPLITS = ("long", "always")
 
@@ -74,25 +82,41 @@ class PackingStats:
 
 
 class _Doc:
-    """One example ready to place: ids, shifted labels and target weights (all (length,)), how much of it
-    is placed already, and the upstream position just before it was read (to re-read it on restore)."""
+    """One example ready to place: ids, shifted labels and target weights (all (length,)), with vision=True
+    the input and target vision masks (else None), how much of it is placed already, and the upstream
+    position just before it was read (to re-read it on restore)."""
 
-    __slots__ = ("ids", "labels", "weights", "length", "offset", "before")
+    __slots__ = ("ids", "labels", "weights", "vision", "label_vision", "length", "offset", "before")
 
-    def __init__(self, ids, labels, weights, before):
+    def __init__(self, ids, labels, weights, before, vision=None, label_vision=None):
         self.ids, self.labels, self.weights = ids, labels, weights
+        self.vision, self.label_vision = vision, label_vision
         self.length, self.offset, self.before = len(ids), 0, before
 
 
-def _prepare(example, index: int, before) -> _Doc:
+def _prepare(example, index: int, before, vision: bool = False) -> _Doc:
+    vision_mask = None
     try:
-        token_ids, loss_mask = example
+        if isinstance(example, (tuple, list)) and len(example) == 3 and not np.isscalar(example[0]):
+            token_ids, loss_mask, vision_mask = example
+        else:
+            token_ids, loss_mask = example
     except (TypeError, ValueError):
-        raise ValueError(f"example {index}: expected a (token_ids, loss_mask) pair, got {type(example).__name__}") from None
+        raise ValueError(f"example {index}: expected a (token_ids, loss_mask) pair or a (token_ids, loss_mask, "
+                         f"vision_mask) triple, got {type(example).__name__}") from None
     ids = np.asarray(token_ids)
     mask = np.asarray(loss_mask, dtype=np.float32)
     if ids.ndim != 1 or mask.ndim != 1 or len(ids) != len(mask):
         raise ValueError(f"example {index}: token_ids {ids.shape} and loss_mask {mask.shape} must be 1-D of one length")
+    if vision_mask is not None:
+        vision_mask = np.asarray(vision_mask)
+        if vision_mask.shape != ids.shape or vision_mask.dtype.kind not in "bui":
+            raise ValueError(f"example {index}: vision_mask {vision_mask.shape} must be booleans of the length of "
+                             f"token_ids {ids.shape}")
+        vision_mask = vision_mask.astype(bool)
+        if not vision and vision_mask.any():
+            raise ValueError(f"example {index} has vision tokens: pack with vision=True (PackedSequences, "
+                             "PackedLoader) so that the vision masks reach the model")
     if len(ids) == 0:
         raise ValueError(f"example {index} is empty (no tokens)")
     if ids.dtype.kind not in "iu" or int(ids.min()) < 0:
@@ -104,7 +128,13 @@ def _prepare(example, index: int, before) -> _Doc:
     labels[:-1] = np.where(mask[1:] > 0, ids[1:], IGNORE_INDEX)
     weights = np.zeros(len(ids), dtype=np.float32)
     weights[:-1] = mask[1:]
-    return _Doc(ids, labels, weights, before)
+    if not vision:
+        return _Doc(ids, labels, weights, before)
+    if vision_mask is None:
+        vision_mask = np.zeros(len(ids), dtype=bool)
+    label_vision = np.zeros(len(ids), dtype=bool)
+    label_vision[:-1] = vision_mask[1:]
+    return _Doc(ids, labels, weights, before, vision_mask, label_vision)
 
 
 class _PackIterator:
@@ -144,7 +174,7 @@ class _PackIterator:
         if example is None:
             return None
         self._index += 1
-        return _prepare(example, self._index, before)
+        return _prepare(example, self._index, before, self.config.vision)
 
     def __next__(self) -> dict[str, np.ndarray]:
         seq_len = self.config.seq_len
@@ -181,6 +211,7 @@ class _PackIterator:
     def _emit(self, pieces, num_pad: int) -> dict[str, np.ndarray]:
         cfg = self.config
         ids, labels, positions, segments, weights = [], [], [], [], []
+        vision, label_vision = [], []
         for segment, (doc, start, end) in enumerate(pieces):
             n = end - start
             lab, w = doc.labels[start:end], doc.weights[start:end]
@@ -194,12 +225,18 @@ class _PackIterator:
             weights.append(w)
             positions.append(self._positions[:n])
             segments.append(np.full(n, segment, dtype=np.int64))
+            if cfg.vision:
+                vision.append(doc.vision[start:end])
+                label_vision.append(doc.label_vision[start:end])
         if num_pad:
             ids.append(np.full(num_pad, cfg.pad_id, dtype=np.int64))
             labels.append(np.full(num_pad, IGNORE_INDEX, dtype=np.int64))
             weights.append(np.zeros(num_pad, dtype=np.float32))
             positions.append(self._positions[:num_pad])  # padding is a segment of its own, positions from 0
             segments.append(np.full(num_pad, PAD_SEGMENT, dtype=np.int64))
+            if cfg.vision:
+                vision.append(np.zeros(num_pad, dtype=bool))
+                label_vision.append(np.zeros(num_pad, dtype=bool))
         out = {
             "input_ids": np.concatenate(ids),
             "labels": np.concatenate(labels),
@@ -207,6 +244,9 @@ class _PackIterator:
             "segment_ids": np.concatenate(segments),
             "loss_weights": np.concatenate(weights).astype(np.float32, copy=False),
         }
+        if cfg.vision:
+            out["vision_mask"] = np.concatenate(vision)
+            out["label_vision_mask"] = np.concatenate(label_vision)
         self.stats.sequences += 1
         self.stats.tokens += cfg.seq_len - num_pad
         self.stats.pad_tokens += num_pad
@@ -219,11 +259,12 @@ class PackedSequences(Stream):
 
     examples: a stream (``encode_source``, ``Mixture``), a list, or a factory; see ``pack_documents`` for
     the rest. A saved state holds the upstream position of the document being placed and its offset, so
-    a restore re-reads (and re-tokenizes) at most that one document.
+    a restore re-reads (and re-tokenizes) at most that one document. vision: also emit the bool
+    ``VISION_KEYS`` masks (see the module docstring).
     """
 
     def __init__(self, examples, seq_len: int, *, loss_weighting: str = "token", pad_id: int = 0,
-                 continuation_labels: bool = True, split: str = "long"):
+                 continuation_labels: bool = True, split: str = "long", vision: bool = False):
         if not isinstance(seq_len, (int, np.integer)) or seq_len < 1:
             raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
         if loss_weighting not in LOSS_WEIGHTINGS:
@@ -235,6 +276,12 @@ class PackedSequences(Stream):
         self.examples = as_stream(examples) if examples is not None else None
         self.seq_len, self.loss_weighting = int(seq_len), loss_weighting
         self.pad_id, self.continuation_labels, self.split = int(pad_id), bool(continuation_labels), split
+        self.vision = bool(vision)
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The keys of every packed sequence."""
+        return KEYS + VISION_KEYS if self.vision else KEYS
 
     def iter_from(self, state: dict | None) -> _PackIterator:
         return _PackIterator(self, self.examples.iter_from(state["examples"] if state else None), state)
@@ -248,6 +295,7 @@ def pack_documents(
     pad_id: int = 0,
     continuation_labels: bool = True,
     split: str = "long",
+    vision: bool = False,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Pack (token_ids, loss_mask) examples, in order, into sequences of exactly ``seq_len`` tokens.
 
@@ -255,8 +303,9 @@ def pack_documents(
     (or non-negative float) loss masks, as from ``encode_example``. Yields dicts of the ``KEYS`` arrays,
     each (seq_len,): input_ids, labels, position_ids, segment_ids int64; loss_weights float32. The last
     sequence is padded (pad_id, label -100, weight 0, segment -1). loss_weighting ("token", "example"),
-    continuation_labels and split ("long", "always"): see the module docstring.
+    continuation_labels and split ("long", "always"): see the module docstring. vision: examples may be
+    (token_ids, loss_mask, vision_mask) triples, and every sequence also has the bool ``VISION_KEYS`` arrays.
     """
     config = PackedSequences(None, seq_len, loss_weighting=loss_weighting, pad_id=pad_id,
-                             continuation_labels=continuation_labels, split=split)
+                             continuation_labels=continuation_labels, split=split, vision=vision)
     return _PackIterator(config, iter(examples))

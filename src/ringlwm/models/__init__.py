@@ -1,4 +1,8 @@
-"""ringlwm.models: Hugging Face models that run sequence-parallel over the ring."""
+"""ringlwm.models: Hugging Face models that run sequence-parallel over the ring.
+
+    llama.py  RingLlamaForCausalLM (text)     lwm.py    RingLwmForCausalLM (vision + text, LWM's layout)
+    loss.py   blockwise cross-entropy          vqgan.py  the VQGAN image tokenizer (ringlwm.models.vqgan)
+"""
 
 from ringlwm.models.llama import (
     ATTN_IMPLEMENTATION,
@@ -8,13 +12,17 @@ from ringlwm.models.llama import (
     set_context_length,
 )
 from ringlwm.models.loss import IGNORE_INDEX, linear_cross_entropy, sequence_parallel_loss
+from ringlwm.models.lwm import LwmConfig, RingLwmForCausalLM, loss_weight_totals
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
     "ChunkedLlamaMLP",
     "IGNORE_INDEX",
+    "LwmConfig",
     "RingLlamaForCausalLM",
+    "RingLwmForCausalLM",
     "linear_cross_entropy",
+    "loss_weight_totals",
     "rope_theta",
     "sequence_parallel_loss",
     "set_context_length",

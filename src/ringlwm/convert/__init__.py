@@ -1,0 +1,1 @@
+"""ringlwm.convert: converters from the original LWM (JAX/Flax) checkpoints to ringlwm's PyTorch modules."""

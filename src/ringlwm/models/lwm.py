@@ -1,0 +1,247 @@
+"""RingLwmForCausalLM: LWM's vision-language model (text and VQGAN-code vocabularies) on the ring.
+
+    model = RingLwmForCausalLM.from_pretrained("path/to/lwm")   # a text Llama checkpoint works too: the
+                                                                # vision table and head start random
+    out = model(input_ids, position_ids, labels=labels, segment_ids=seg, sp_group=group,
+                vision_mask=batch["vision_mask"], label_vision_mask=batch["label_vision_mask"],
+                loss_weights=batch["loss_weights"])
+    out.loss, out.vision_loss, out.text_loss
+
+Every tensor argument is this rank's zigzag shard, as for ``RingLlamaForCausalLM`` (``PackedLoader(...,
+vision=True)`` yields all of them). The layout is LWM's ``FlaxVideoLLaMAForCausalLM``
+(``lwm/vision_llama.py``):
+  * two embedding tables: text (``model.embed_tokens``, ``vocab_size`` rows) and vision
+    (``vision_embed_tokens``, ``vision_vocab_size`` = 8448 rows: 8192 VQGAN codes, then <eof> 8192,
+    <eov> 8193 and unused ids). ``vision_mask`` says per input token which table its id indexes;
+  * the Llama decoder of ``RingLlamaForCausalLM``, unchanged (ring attention, RoPE, chunked MLP);
+  * two heads: text (``lm_head``) and vision (``vision_head``). ``label_vision_mask`` says per position
+    whether its *target* (the next token) is vision, and so which head is trained there: the last token
+    of the text "<vision>" marker predicts the first code with the vision head, <eov> predicts the first
+    token of "</vision>" with the text head.
+
+Loss (LWM's ``lwm/train.py``): ``vision_loss_weight * vision_loss + text_loss_weight * text_loss``, 0.5 and
+0.5 in LWM (set on the config). Each part is the weighted mean cross-entropy over its own targets across
+the whole sequence group (blockwise, ``models/loss.py``: no (tokens x vocab) logits). A part with no
+target counts 0, as in LWM: a text-only batch gives ``text_loss_weight * text_loss``. LWM averages per
+sequence first, then over the batch; ringlwm averages over all tokens of the group at once, as its text
+model does.
+
+Checkpoints: ``save_pretrained`` writes safetensors and a config.json of ``LwmConfig`` (a ``LlamaConfig``
+with the vision fields, ``model_type`` "ringlwm_lwm", registered with AutoConfig and
+AutoModelForCausalLM on import). The text parts keep Llama's parameter names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from huggingface_hub.dataclasses import strict
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from ringlwm.models.llama import RingLlamaForCausalLM
+from ringlwm.models.loss import IGNORE_INDEX, linear_cross_entropy, sequence_parallel_loss
+
+VISION_VOCAB_SIZE = 8448  # LWM's vision_vocab_size: 8192 codes + 256 special ids
+
+
+@strict
+class LwmConfig(LlamaConfig):
+    """``LlamaConfig`` plus LWM's vision vocabulary and the loss weights of the two modalities."""
+
+    model_type = "ringlwm_lwm"
+
+    vision_vocab_size: int = VISION_VOCAB_SIZE
+    """Rows of the vision embedding and the vision head (LWM: 8448 = 8192 VQGAN codes + 256 special ids)."""
+    vision_loss_weight: int | float = 0.5
+    """Weight of the mean vision cross-entropy in the loss (LWM: 0.5)."""
+    text_loss_weight: int | float = 0.5
+    """Weight of the mean text cross-entropy in the loss (LWM: 0.5)."""
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.vision_vocab_size < 1:
+            raise ValueError(f"vision_vocab_size must be positive, got {self.vision_vocab_size}")
+        weights = (self.vision_loss_weight, self.text_loss_weight)
+        if min(weights) < 0 or max(weights) == 0:
+            raise ValueError(f"vision_loss_weight and text_loss_weight must be >= 0 and not both 0, got {weights}")
+
+
+def lwm_config_from_text(config: LlamaConfig, **vision_fields) -> LwmConfig:
+    """An ``LwmConfig`` with the text model's fields (a vision-language stage starting from a text
+    checkpoint) and the given vision fields (vision_vocab_size, vision_loss_weight, text_loss_weight)."""
+    fields = config.to_dict()
+    for key in ("model_type", "architectures", "transformers_version"):
+        fields.pop(key, None)
+    fields.update(vision_fields)
+    return LwmConfig.from_dict(fields)
+
+
+@dataclass
+class LwmCausalLMOutput(CausalLMOutputWithPast):
+    """``loss``: the weighted loss (see the module docstring). ``vision_loss``/``text_loss``: its two parts,
+    the group means (``loss_reduction="sum"``: this rank's weighted sums). ``logits`` (text head) and
+    ``vision_logits`` (vision head): (batch, local_seq, vocab) each, only with ``return_logits=True``."""
+
+    vision_logits: torch.FloatTensor | None = None
+    vision_loss: torch.FloatTensor | None = None
+    text_loss: torch.FloatTensor | None = None
+
+
+def loss_weight_totals(labels: torch.Tensor, label_vision_mask: torch.Tensor | None,
+                       loss_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(vision, text) sums of the token weights over the positions with a label: what a trainer all-reduces
+    over ranks and micro-batches and passes as ``loss_totals`` with ``loss_reduction="sum"``.
+
+    labels, label_vision_mask, loss_weights: (batch, local_seq). Returns two fp32 scalars."""
+    valid = labels != IGNORE_INDEX
+    weights = torch.ones(labels.shape, device=labels.device) if loss_weights is None else loss_weights.float()
+    weights = torch.where(valid, weights, 0.0)
+    vision = torch.zeros_like(valid) if label_vision_mask is None else label_vision_mask.bool()
+    return (weights * vision).sum(), (weights * ~vision).sum()
+
+
+class RingLwmForCausalLM(RingLlamaForCausalLM):
+    """LWM's vision-language model running sequence-parallel over the ring (see the module docstring)."""
+
+    config_class = LwmConfig
+
+    def __init__(self, config: LlamaConfig):
+        if not isinstance(config, LwmConfig):
+            config = lwm_config_from_text(config)
+        super().__init__(config)
+
+    def post_init(self):
+        # LlamaForCausalLM.__init__ ends with post_init, which initialises every weight: the vision modules
+        # are created here so that they are initialised (and loaded, and reported missing) like the rest.
+        if not hasattr(self, "vision_head"):
+            self.vision_embed_tokens = nn.Embedding(self.config.vision_vocab_size, self.config.hidden_size)
+            self.vision_head = nn.Linear(self.config.hidden_size, self.config.vision_vocab_size, bias=False)
+        super().post_init()
+
+    def embed(self, input_ids: torch.Tensor, vision_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(batch, seq) ids -> (batch, seq, hidden): the text table where ``vision_mask`` is False, the
+        vision table where it is True. Both tables are looked up for every token (as LWM does), so both get
+        a gradient on every rank, vision tokens or not."""
+        text_rows, vision_rows = self.config.vocab_size, self.config.vision_vocab_size
+        vision = torch.zeros_like(input_ids, dtype=torch.bool) if vision_mask is None else vision_mask.bool()
+        bad_text = ~vision & ((input_ids < 0) | (input_ids >= text_rows))
+        bad_vision = vision & ((input_ids < 0) | (input_ids >= vision_rows))
+        if bool(bad_text.any()) or bool(bad_vision.any()):
+            raise ValueError(f"input ids out of range: text ids (vision_mask False) must lie in [0, {text_rows}), "
+                             f"vision ids (vision_mask True) in [0, {vision_rows}); {int(bad_text.sum())} text and "
+                             f"{int(bad_vision.sum())} vision ids are not")
+        text = self.model.embed_tokens(input_ids.masked_fill(vision, 0))
+        image = self.vision_embed_tokens(input_ids.masked_fill(~vision, 0))
+        return torch.where(vision[..., None], image, text)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        segment_ids: torch.LongTensor | None = None,
+        sp_group: dist.ProcessGroup | None = None,
+        *,
+        vision_mask: torch.Tensor | None = None,
+        label_vision_mask: torch.Tensor | None = None,
+        loss_weights: torch.Tensor | None = None,
+        loss_reduction: str = "mean",
+        loss_totals: tuple | None = None,
+        return_logits: bool = False,
+        inputs_embeds: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values=None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> LwmCausalLMOutput:
+        """Shapes: input_ids, position_ids, labels, segment_ids, vision_mask, label_vision_mask,
+        loss_weights: (batch, local_seq), this rank's zigzag shards. vision_mask (bool): input token i is a
+        vision id (None: all text). label_vision_mask (bool): the target labels[i] is a vision id (vision
+        head); it may be None only when vision_mask is (an all-text batch). labels: next-token targets
+        aligned with the inputs (-100: no loss; the model does not shift), each in its head's vocabulary.
+
+        loss_reduction="mean": ``loss`` is the weighted loss of the whole sequence group, the same on every
+        rank. "sum" (for a trainer normalising over a larger batch: data-parallel ranks, accumulation
+        steps): needs ``loss_totals`` = (vision, text) weight totals of that batch (``loss_weight_totals``
+        summed over it); ``loss`` is this rank's share ``wv * vision_sum / vision_total + wt * text_sum /
+        text_total``, which summed over every rank and micro-batch is the batch's loss.
+        """
+        if past_key_values is not None or use_cache or "ringlwm_cache" in kwargs:
+            raise NotImplementedError("RingLwmForCausalLM has no cached generation yet (LWM samples vision with "
+                                      "classifier-free guidance); use forward without a cache")
+        if attention_mask is not None:
+            raise ValueError("RingLwmForCausalLM takes segment_ids instead of attention_mask")
+        position_ids = self._check_inputs(input_ids, inputs_embeds, position_ids, labels, segment_ids, sp_group)
+        for name, t in (("vision_mask", vision_mask), ("label_vision_mask", label_vision_mask),
+                        ("loss_weights", loss_weights)):
+            if t is not None and tuple(t.shape) != tuple(position_ids.shape):
+                raise ValueError(f"{name} must have shape (batch, local_seq) = {tuple(position_ids.shape)}, "
+                                 f"got {tuple(t.shape)}")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids, vision_mask)
+        elif vision_mask is not None:
+            raise ValueError("vision_mask selects the embedding table of input_ids; inputs_embeds are used as given")
+        outputs = self.model(inputs_embeds=inputs_embeds, position_ids=position_ids, segment_ids=segment_ids,
+                             sp_group=sp_group, use_cache=False, **kwargs)
+        hidden = outputs.last_hidden_state
+
+        loss = vision_loss = text_loss = None
+        if labels is not None:
+            if label_vision_mask is None and vision_mask is not None:
+                raise ValueError("label_vision_mask is required with vision_mask and labels: it picks the head "
+                                 "(text or vision) for each target (PackedLoader(..., vision=True) yields it)")
+            (vision_sum, vision_weight), (text_sum, text_weight) = self._head_losses(
+                hidden, labels, label_vision_mask, loss_weights)
+            wv, wt = float(self.config.vision_loss_weight), float(self.config.text_loss_weight)
+            if loss_reduction == "mean":
+                vision_loss = sequence_parallel_loss(vision_sum, vision_weight, sp_group)
+                text_loss = sequence_parallel_loss(text_sum, text_weight, sp_group)
+                loss = wv * vision_loss + wt * text_loss
+            elif loss_reduction == "sum":
+                if loss_totals is None:
+                    raise ValueError("loss_reduction='sum' needs loss_totals=(vision_total, text_total): the weight "
+                                     "totals of the batch the loss is normalised over (see loss_weight_totals)")
+                tiny = torch.finfo(torch.float32).tiny
+                vision_total, text_total = (max(float(t), tiny) for t in loss_totals)
+                vision_loss, text_loss = vision_sum, text_sum
+                loss = wv * vision_sum / vision_total + wt * text_sum / text_total
+            else:
+                raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        logits = vision_logits = None
+        if return_logits:
+            logits, vision_logits = self.lm_head(hidden), self.vision_head(hidden)
+        return LwmCausalLMOutput(loss=loss, logits=logits, vision_logits=vision_logits, vision_loss=vision_loss,
+                                 text_loss=text_loss, hidden_states=outputs.hidden_states,
+                                 attentions=outputs.attentions)
+
+    def _head_losses(self, hidden, labels, label_vision_mask, loss_weights):
+        """((vision_sum, vision_weight), (text_sum, text_weight)): blockwise CE of each head over the tokens
+        whose target is of its modality. Each head sees only its own tokens (gathered rows), so the text
+        head's (tokens x 32K) logits are never computed for vision targets, nor the other way round."""
+        flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+        flat_labels = labels.reshape(-1)
+        valid = flat_labels != IGNORE_INDEX
+        vision = (torch.zeros_like(valid) if label_vision_mask is None else label_vision_mask.reshape(-1).bool())
+        flat_weights = None if loss_weights is None else loss_weights.reshape(-1)
+        chunk = self.config.ringlwm_options["loss_chunk_size"]
+        results = []
+        for name, head, mine in (("vision", self.vision_head, valid & vision), ("text", self.lm_head, valid & ~vision)):
+            rows = head.weight.shape[0]
+            target = flat_labels[mine]
+            if target.numel() and (int(target.min()) < 0 or int(target.max()) >= rows):
+                raise ValueError(f"{name} labels must lie in [0, {rows}) (label_vision_mask "
+                                 f"{'True' if name == 'vision' else 'False'}), got values in "
+                                 f"[{int(target.min())}, {int(target.max())}]")
+            index = mine.nonzero().squeeze(1)
+            weights = None if flat_weights is None else flat_weights.index_select(0, index)
+            results.append(linear_cross_entropy(flat_hidden.index_select(0, index), head.weight,
+                                                flat_labels.index_select(0, index), weights, chunk_size=chunk))
+        return results[0], results[1]
+
+
+AutoConfig.register(LwmConfig.model_type, LwmConfig, exist_ok=True)
+AutoModelForCausalLM.register(LwmConfig, RingLwmForCausalLM, exist_ok=True)
