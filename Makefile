@@ -27,4 +27,4 @@ lint: install
 # needle evaluation; writes runs/demo/. DEMO_ARGS passes recipe overrides (e.g. stages.0.steps=100).
 DEMO_ARGS ?=
 demo: install
-	$(PYTHON) -m ringlwm.demo --out runs/demo $(DEMO_ARGS)
+	$(PYTHON) -m ringlwm.demo --out runs/demo --recipe recipes/demo.yaml $(DEMO_ARGS)
