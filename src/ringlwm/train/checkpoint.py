@@ -173,13 +173,17 @@ def export_hf_tokenizer(tokenizer_path: str | Path, out_dir: Path) -> None:
 
 def export_hf(model, llama, path: Path, tokenizer_path: str | Path | None = None) -> None:
     """Write the trained weights as a plain Hugging Face Llama checkpoint (with its tokenizer) on rank 0."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
+
+    from ringlwm.models import RingLwmForCausalLM
 
     state = full_model_state_dict(model)
     if _rank() == 0:
-        config = LlamaConfig.from_dict(llama.to_dict())
+        config = type(llama).from_dict(llama.to_dict())
         config._attn_implementation = None
-        hf = LlamaForCausalLM(config)
+        # A text model becomes a plain LlamaForCausalLM; a vision-language one keeps its class (LwmConfig is
+        # registered with AutoConfig / AutoModelForCausalLM).
+        hf = RingLwmForCausalLM(config) if isinstance(model, RingLwmForCausalLM) else LlamaForCausalLM(config)
         hf.load_state_dict(state)
         hf.save_pretrained(path)
         if tokenizer_path is not None:

@@ -44,8 +44,18 @@ class ModelConfig:
     """Blockwise cross-entropy chunk (tokens)."""
     attention_backend: str | None = None
     """Block kernel of the ring ("triton", "cpu"); None: by device."""
+    vision: bool = False
+    """Train LWM's vision-language model (RingLwmForCausalLM: text and vision embeddings and heads). From a
+    text checkpoint the vision table and head start new."""
+    vision_vocab_size: int = 8448
+    """Vision vocabulary: 8192 VQGAN codes + 256 special ids (<eof> 8192, <eov> 8193), as LWM."""
+    vision_loss_weight: float = 0.5
+    text_loss_weight: float = 0.5
+    """loss = vision_loss_weight * vision mean + text_loss_weight * text mean (LWM: 0.5 / 0.5)."""
 
     def __post_init__(self):
+        if self.vision_loss_weight < 0 or self.text_loss_weight < 0:
+            raise ValueError("model: vision_loss_weight and text_loss_weight must be non-negative")
         for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "loss_chunk_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
@@ -70,6 +80,10 @@ class SourceConfig:
     """Sampling ratio of this source in the mixture."""
     synthetic_lengths: list[int] = field(default_factory=lambda: [16, 256])
     """"synthetic" only: [min, max] document length in tokens."""
+    vision: bool = False
+    """Records hold VQGAN frames (pre-tokenized "vision" fields, LWM's token format); needs model.vision."""
+    max_frames: int | None = None
+    """Vision sources: keep at most this many frames per video (uniformly sampled), None: all."""
 
     def __post_init__(self):
         if self.format not in _SOURCE_FORMATS:
@@ -196,6 +210,9 @@ class TrainConfig:
     def __post_init__(self):
         if not self.stages:
             raise ValueError("a recipe needs at least one stage")
+        datas = [self.data] + [s.data for s in self.stages]
+        if any(src.vision for d in datas if d is not None for src in d.sources) and not self.model.vision:
+            raise ValueError("a data source has vision: true but model.vision is false (set model.vision: true)")
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise ValueError(f"stage names must be unique, got {names}")

@@ -18,6 +18,7 @@ from ringlwm.data import (
     Mixture,
     PackedLoader,
     encode_source,
+    encode_vision_source,
     load_tokenizer,
     read_jsonl,
     read_parquet,
@@ -67,6 +68,10 @@ def _source_stream(source, cfg: DataConfig, tokenizer, vocab_size: int, seed: in
         records = read_parquet(source.path, on_error=cfg.on_error)
     else:
         records = read_text_folder(source.path, on_error=cfg.on_error)
+    if source.vision:
+        # A record's own "fields" wins over the source's spec (LWM's fields_from_example).
+        options = {} if source.max_frames is None else {"max_frames": source.max_frames}
+        return encode_vision_source(records, source.fields, tokenizer, on_error=cfg.on_error, **options)
     return encode_source(records, source.fields, tokenizer, on_error=cfg.on_error)
 
 
@@ -77,5 +82,6 @@ def build_loader(cfg: DataConfig, stage: StageConfig, *, tokenizer, vocab_size: 
     weights = {name: s.weight for name, s in zip(streams, cfg.sources)}
     mixture = Mixture(streams, weights, seed=cfg.seed, on_exhausted="restart")
     pad_id = tokenizer.pad_id if tokenizer is not None and tokenizer.pad_id is not None else 0
+    vision = any(s.vision for s in cfg.sources)
     return PackedLoader(mixture, stage.seq_len, stage.batch_size, dp_rank, dp_size, sp_rank, sp_size, seed=seed,
-                        device=device, loss_weighting=cfg.loss_weighting, pad_id=pad_id)
+                        device=device, loss_weighting=cfg.loss_weighting, pad_id=pad_id, vision=vision)

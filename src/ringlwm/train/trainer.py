@@ -23,7 +23,8 @@ import torch
 import torch.distributed as dist
 from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
 
-from ringlwm.models import RingLlamaForCausalLM, set_context_length
+from ringlwm.models import RingLlamaForCausalLM, RingLwmForCausalLM, loss_weight_totals, set_context_length
+from ringlwm.models.lwm import lwm_config_from_text
 from ringlwm.parallel import ParallelDims, materialize, mesh_coordinates, parallelize_llama
 from ringlwm.train.checkpoint import Checkpointer, export_hf, rng_state, set_rng_state
 from ringlwm.train.config import StageConfig, TrainConfig, to_dict
@@ -77,7 +78,16 @@ def stage_model_config(config: TrainConfig, stage: StageConfig, vocab_size: int 
     llama.ringlwm_options = {"loss_chunk_size": m.loss_chunk_size, "mlp_chunk_size": m.mlp_chunk_size,
                              "activation_checkpointing": m.activation_checkpointing,
                              "attention_backend": m.attention_backend}
+    if m.vision:
+        options = llama.ringlwm_options
+        llama = lwm_config_from_text(llama, vision_vocab_size=m.vision_vocab_size,
+                                     vision_loss_weight=m.vision_loss_weight, text_loss_weight=m.text_loss_weight)
+        llama.ringlwm_options = options
     return llama
+
+
+def model_class(config: TrainConfig):
+    return RingLwmForCausalLM if config.model.vision else RingLlamaForCausalLM
 
 
 def initial_state_dict(config: TrainConfig, llama: LlamaConfig) -> dict | None:
@@ -86,8 +96,40 @@ def initial_state_dict(config: TrainConfig, llama: LlamaConfig) -> dict | None:
         return None
     if config.model.init == "random":
         torch.manual_seed(config.seed)
-        return RingLlamaForCausalLM(llama).state_dict()
+        return model_class(config)(llama).state_dict()
+    if config.model.vision:
+        # A text checkpoint gives the shared weights; the vision table and head start new (seeded).
+        torch.manual_seed(config.seed)
+        model = RingLwmForCausalLM(llama)
+        text = LlamaForCausalLM.from_pretrained(config.model.init, dtype=torch.float32).state_dict()
+        missing = set(model.state_dict()) - set(text)
+        model.load_state_dict(text, strict=False)
+        if not missing <= {"vision_embed_tokens.weight", "vision_head.weight"}:
+            raise ValueError(f"{config.model.init} lacks weights {sorted(missing)}")
+        return model.state_dict()
     return LlamaForCausalLM.from_pretrained(config.model.init, dtype=torch.float32).state_dict()
+
+
+def _vision_step(model, micro: list[dict], sp_group, world: int, device) -> tuple[float, dict]:
+    """Forward/backward of a vision-language step. The vision and text weight totals of the whole global
+    batch are all-reduced first; each rank backpropagates its share of wv * vision mean + wt * text mean
+    (times the world size, as FSDP averages). Returns this rank's loss share and the global per-head means."""
+    totals = [loss_weight_totals(b["labels"], b["label_vision_mask"], b["loss_weights"]) for b in micro]
+    vision_total, text_total = _all_reduce_sum([sum(float(v) for v, _ in totals), sum(float(t) for _, t in totals)],
+                                               device)
+    local_loss, vision_sum, text_sum = 0.0, 0.0, 0.0
+    for batch in micro:
+        out = model(batch["input_ids"], batch["position_ids"], labels=batch["labels"], segment_ids=batch["segment_ids"],
+                    vision_mask=batch["vision_mask"], label_vision_mask=batch["label_vision_mask"],
+                    loss_weights=batch["loss_weights"], sp_group=sp_group, loss_reduction="sum",
+                    loss_totals=(vision_total, text_total))
+        (out.loss * world).backward()
+        local_loss += float(out.loss.detach())
+        vision_sum += float(out.vision_loss.detach())
+        text_sum += float(out.text_loss.detach())
+    vision_sum, text_sum = _all_reduce_sum([vision_sum, text_sum], device)
+    return local_loss, {"vision_loss": vision_sum / vision_total if vision_total else None,
+                        "text_loss": text_sum / text_total if text_total else None}
 
 
 def _all_reduce_sum(values: list[float], device) -> list[float]:
@@ -129,7 +171,7 @@ def train(config: TrainConfig, out_dir: str | Path, *, save_every: int | None = 
         llama = stage_model_config(config, stage, config.model.vocab_size or vocab)
 
         with torch.device("meta"):
-            model = RingLlamaForCausalLM(llama)
+            model = model_class(config)(llama)
         parallelize_llama(model, mesh, mixed_precision=mixed,
                           activation_checkpointing=config.model.activation_checkpointing)
         first_weights = initial_state_dict(config, llama) if index == 0 and resume is None else None
@@ -172,24 +214,30 @@ def train(config: TrainConfig, out_dir: str | Path, *, save_every: int | None = 
             for group in optimizer.param_groups:
                 group["lr"] = lr
             micro = [next(iterator) for _ in range(grad_accum)]
-            local_weight = sum(float(b["loss_weights"].sum()) for b in micro)
-            # Every rank holds a disjoint part of the global batch; the sum over the world is its weight.
-            (total_weight,) = _all_reduce_sum([local_weight], device)
-            scale = world / max(total_weight, 1e-12)
-            local_loss = 0.0
-            for batch in micro:
-                out = model(batch["input_ids"], batch["position_ids"], labels=batch["labels"],
-                            segment_ids=batch["segment_ids"], loss_weights=batch["loss_weights"], sp_group=sp_group,
-                            loss_reduction="sum")
-                (out.loss * scale).backward()
-                local_loss += float(out.loss.detach())
+            if config.model.vision:
+                local_loss, parts = _vision_step(model, micro, sp_group, world, device)
+                (global_loss,) = _all_reduce_sum([local_loss], device)
+                total_weight = 1.0
+            else:
+                local_weight = sum(float(b["loss_weights"].sum()) for b in micro)
+                # Every rank holds a disjoint part of the global batch; the sum over the world is its weight.
+                (total_weight,) = _all_reduce_sum([local_weight], device)
+                scale = world / max(total_weight, 1e-12)
+                local_loss = 0.0
+                for batch in micro:
+                    out = model(batch["input_ids"], batch["position_ids"], labels=batch["labels"],
+                                segment_ids=batch["segment_ids"], loss_weights=batch["loss_weights"],
+                                sp_group=sp_group, loss_reduction="sum")
+                    (out.loss * scale).backward()
+                    local_loss += float(out.loss.detach())
+                (global_loss,) = _all_reduce_sum([local_loss], device)
+                parts = {}
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 model.parameters(), config.optim.grad_clip if config.optim.grad_clip > 0 else float("inf")
             )
             grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            (global_loss,) = _all_reduce_sum([local_loss], device)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds = time.perf_counter() - t0
@@ -200,7 +248,7 @@ def train(config: TrainConfig, out_dir: str | Path, *, save_every: int | None = 
                 "tokens": tokens_per_step, "tokens_per_s": tokens_per_s,
                 "mfu": tokens_per_s * step_flops / (peak * world) if peak else None,
                 "max_memory_gb": max_memory_gb(device), "seq_len": stage.seq_len, "sp": dims.sp,
-                "rope_theta": stage.rope_theta,
+                "rope_theta": stage.rope_theta, **parts,
             })
             done = step + 1 == stage.steps
             if done or (save_every and (step + 1) % save_every == 0):
