@@ -2,13 +2,15 @@
 
     dims = ParallelDims(dp_replicate=1, dp_shard=-1, sp=2, world_size=4)   # -1: whatever is left
     mesh = dims.build_mesh("cpu")
-    sp_group = mesh["sp"].get_group()
+    sp_group = mesh["sp"].get_group()          # the ring
+    fsdp_mesh = dims.fsdp_mesh                 # what FSDP2 shards over
 
 Axes, outermost first: ("dp_replicate", "dp_shard", "sp"). Ranks of one sp group are adjacent, so a
 ring stays inside a node when it can. Parameters are sharded over dp_shard and sp jointly (as LWM
-shards over (fsdp, sp)): the flattened axis "dp_shard_sp" is the FSDP mesh, replicated over
-dp_replicate (HSDP). Every rank of one sp group reads the same sequences; the data-parallel index is
-(dp_replicate, dp_shard).
+shards over (fsdp, sp)): the FSDP mesh is (dp_replicate, dp_shard x sp), HSDP when dp_replicate > 1.
+It is kept beside the root mesh (``dims.fsdp_mesh``) rather than sliced out of it, which torch is
+deprecating for flattened dims. Every rank of one sp group reads the same sequences; the data-parallel
+index is dp_replicate_index * dp_shard + dp_shard_index.
 """
 
 from __future__ import annotations
@@ -57,22 +59,20 @@ class ParallelDims:
         return self.dp_replicate * self.dp_shard
 
     def build_mesh(self, device_type: str) -> DeviceMesh:
+        """The root mesh (dp_replicate, dp_shard, sp); also builds ``self.fsdp_mesh``."""
         mesh = init_device_mesh(device_type, (self.dp_replicate, self.dp_shard, self.sp), mesh_dim_names=AXES)
-        mesh[("dp_shard", "sp")]._flatten("dp_shard_sp")
-        mesh[("dp_replicate", "dp_shard")]._flatten("dp")
+        if self.dp_replicate == 1:
+            self.fsdp_mesh = mesh[("dp_shard", "sp")]._flatten("dp_shard_sp")
+        else:
+            # Same row-major rank layout as the root mesh, so shard groups are its (dp_shard, sp) blocks.
+            self.fsdp_mesh = init_device_mesh(device_type, (self.dp_replicate, self.dp_shard * self.sp),
+                                              mesh_dim_names=("dp_replicate", "dp_shard_sp"))
         return mesh
 
-
-def mesh_coordinates(mesh: DeviceMesh) -> dict[str, int]:
-    """This rank's (dp, sp) indices: which data shard it reads and which zigzag part it holds."""
-    return {"dp_rank": mesh["dp"].get_local_rank(), "sp_rank": mesh["sp"].get_local_rank()}
-
-
-def fsdp_mesh(mesh: DeviceMesh) -> DeviceMesh:
-    """The mesh FSDP shards over: (dp_replicate, dp_shard_sp); HSDP when dp_replicate > 1."""
-    if mesh["dp_replicate"].size() > 1:
-        return mesh[("dp_replicate", "dp_shard_sp")]
-    return mesh["dp_shard_sp"]
+    def coordinates(self, mesh: DeviceMesh) -> dict[str, int]:
+        """This rank's (dp, sp) indices: which data shard it reads and which zigzag part it holds."""
+        dp_rank = mesh["dp_replicate"].get_local_rank() * self.dp_shard + mesh["dp_shard"].get_local_rank()
+        return {"dp_rank": dp_rank, "sp_rank": mesh["sp"].get_local_rank()}
 
 
 def world_size() -> int:

@@ -1,6 +1,6 @@
 """Turn a model built on the meta device into a sharded, trainable one: an ordered list of steps.
 
-    parallelize_llama(model, mesh, mixed_precision=True)
+    parallelize_llama(model, dims.fsdp_mesh, mixed_precision=True, activation_checkpointing=False)
 
 Order matters:
 1. activation checkpointing first, so that FSDP wraps the checkpointed layers (the all-gathered
@@ -18,18 +18,15 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from ringlwm.parallel.mesh import fsdp_mesh
-
 
 def apply_activation_checkpointing(model, enabled: bool) -> None:
     model.apply_options(activation_checkpointing=enabled)
 
 
-def apply_fsdp(model, mesh: DeviceMesh, mixed_precision: bool) -> None:
-    """FSDP2 over the (dp_replicate, dp_shard x sp) mesh. bf16 compute with fp32 gradient reduction on GPU;
-    plain fp32 on CPU (gloo). Gradients are averaged over the whole FSDP mesh (the trainer scales its loss
+def apply_fsdp(model, shard_mesh: DeviceMesh, mixed_precision: bool) -> None:
+    """FSDP2 over the (dp_replicate, dp_shard x sp) mesh (``ParallelDims.fsdp_mesh``). bf16 compute with fp32
+    gradient reduction on GPU; plain fp32 on CPU (gloo). Gradients are averaged over the whole FSDP mesh (the trainer scales its loss
     to make that a sum over sequence shards and the exact token mean over the global batch)."""
-    shard_mesh = fsdp_mesh(mesh)
     kwargs = {"mesh": shard_mesh}
     if mixed_precision:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -52,6 +49,6 @@ def materialize(model, device: torch.device, full_state_dict: dict | None, *, br
     model.model.rotary_emb = type(rotary)(config=model.config).to(device)
 
 
-def parallelize_llama(model, mesh: DeviceMesh, *, mixed_precision: bool, activation_checkpointing: bool) -> None:
+def parallelize_llama(model, fsdp_mesh: DeviceMesh, *, mixed_precision: bool, activation_checkpointing: bool) -> None:
     apply_activation_checkpointing(model, activation_checkpointing)
-    apply_fsdp(model, mesh, mixed_precision)
+    apply_fsdp(model, fsdp_mesh, mixed_precision)

@@ -25,7 +25,7 @@ from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
 
 from ringlwm.models import RingLlamaForCausalLM, RingLwmForCausalLM, loss_weight_totals, set_context_length
 from ringlwm.models.lwm import lwm_config_from_text
-from ringlwm.parallel import ParallelDims, materialize, mesh_coordinates, parallelize_llama
+from ringlwm.parallel import ParallelDims, materialize, parallelize_llama
 from ringlwm.train.checkpoint import Checkpointer, export_hf, rng_state, set_rng_state
 from ringlwm.train.config import StageConfig, TrainConfig, to_dict
 from ringlwm.train.data import build_loader, load_data_tokenizer
@@ -163,7 +163,7 @@ def train(config: TrainConfig, out_dir: str | Path, *, save_every: int | None = 
             continue  # this stage is already done
         dims = ParallelDims(config.parallel.dp_replicate, config.parallel.dp_shard, stage.sp, world)
         mesh = dims.build_mesh(device.type)
-        coords = mesh_coordinates(mesh)
+        coords = dims.coordinates(mesh)
         sp_group = mesh["sp"].get_group()
         data_cfg = config.stage_data(stage)
         tokenizer = load_data_tokenizer(data_cfg)
@@ -172,7 +172,7 @@ def train(config: TrainConfig, out_dir: str | Path, *, save_every: int | None = 
 
         with torch.device("meta"):
             model = model_class(config)(llama)
-        parallelize_llama(model, mesh, mixed_precision=mixed,
+        parallelize_llama(model, dims.fsdp_mesh, mixed_precision=mixed,
                           activation_checkpointing=config.model.activation_checkpointing)
         first_weights = initial_state_dict(config, llama) if index == 0 and resume is None else None
         materialize(model, device, first_weights, broadcast=index == 0 and resume is None)
