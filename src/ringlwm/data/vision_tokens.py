@@ -51,7 +51,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from ringlwm.data.fields import EncodedSource, FieldSpec, parse_field_spec
+from ringlwm.data.fields import EncodedSource, FieldSpec, parse_field_spec, record_field
 from ringlwm.data.sources import DataError
 from ringlwm.data.stream import Stream
 from ringlwm.data.tokenizer import Tokenizer
@@ -159,11 +159,7 @@ def encode_vision_example(
     for seg in spec.segments:
         parts: list[list] = []
         for name in seg.fields:
-            value = record.get(name)
-            if value is None:
-                have = ", ".join(map(repr, record)) or "none"
-                raise DataError(f"record has no field {name!r} needed by field spec {spec.text!r} (its fields: "
-                                f"{have})", "missing_field")
+            value = record_field(record, name, spec)
             if is_vision_field(name):
                 parts.append(["vision", sample_frames(frames_array(value, name), max_frames)])
             elif not isinstance(value, str):
