@@ -110,10 +110,26 @@ def initial_state_dict(config: TrainConfig, llama: LlamaConfig) -> dict | None:
     return LlamaForCausalLM.from_pretrained(config.model.init, dtype=torch.float32).state_dict()
 
 
+def _text_step(model, micro: list[dict], sp_group, world: int, device) -> tuple[float, dict]:
+    """Forward/backward of one optimizer step's micro-batches. Returns the global weighted token mean (the
+    loss of the whole global batch) and no extra metrics."""
+    # Every rank holds a disjoint part of the global batch; the sum over the world is its weight.
+    (total_weight,) = _all_reduce_sum([sum(float(b["loss_weights"].sum()) for b in micro)], device)
+    scale = world / max(total_weight, 1e-12)
+    local_loss = 0.0
+    for batch in micro:
+        out = model(batch["input_ids"], batch["position_ids"], labels=batch["labels"], segment_ids=batch["segment_ids"],
+                    loss_weights=batch["loss_weights"], sp_group=sp_group, loss_reduction="sum")
+        (out.loss * scale).backward()
+        local_loss += float(out.loss.detach())
+    (global_loss,) = _all_reduce_sum([local_loss], device)
+    return global_loss / max(total_weight, 1e-12), {}
+
+
 def _vision_step(model, micro: list[dict], sp_group, world: int, device) -> tuple[float, dict]:
     """Forward/backward of a vision-language step. The vision and text weight totals of the whole global
     batch are all-reduced first; each rank backpropagates its share of wv * vision mean + wt * text mean
-    (times the world size, as FSDP averages). Returns this rank's loss share and the global per-head means."""
+    (times the world size, as FSDP averages). Returns the global loss and the per-head global means."""
     totals = [loss_weight_totals(b["labels"], b["label_vision_mask"], b["loss_weights"]) for b in micro]
     vision_total, text_total = _all_reduce_sum([sum(float(v) for v, _ in totals), sum(float(t) for _, t in totals)],
                                                device)
@@ -127,8 +143,8 @@ def _vision_step(model, micro: list[dict], sp_group, world: int, device) -> tupl
         local_loss += float(out.loss.detach())
         vision_sum += float(out.vision_loss.detach())
         text_sum += float(out.text_loss.detach())
-    vision_sum, text_sum = _all_reduce_sum([vision_sum, text_sum], device)
-    return local_loss, {"vision_loss": vision_sum / vision_total if vision_total else None,
+    global_loss, vision_sum, text_sum = _all_reduce_sum([local_loss, vision_sum, text_sum], device)
+    return global_loss, {"vision_loss": vision_sum / vision_total if vision_total else None,
                         "text_loss": text_sum / text_total if text_total else None}
 
 
@@ -214,24 +230,8 @@ def train(config: TrainConfig, out_dir: str | Path, *, save_every: int | None = 
             for group in optimizer.param_groups:
                 group["lr"] = lr
             micro = [next(iterator) for _ in range(grad_accum)]
-            if config.model.vision:
-                local_loss, parts = _vision_step(model, micro, sp_group, world, device)
-                (global_loss,) = _all_reduce_sum([local_loss], device)
-                total_weight = 1.0
-            else:
-                local_weight = sum(float(b["loss_weights"].sum()) for b in micro)
-                # Every rank holds a disjoint part of the global batch; the sum over the world is its weight.
-                (total_weight,) = _all_reduce_sum([local_weight], device)
-                scale = world / max(total_weight, 1e-12)
-                local_loss = 0.0
-                for batch in micro:
-                    out = model(batch["input_ids"], batch["position_ids"], labels=batch["labels"],
-                                segment_ids=batch["segment_ids"], loss_weights=batch["loss_weights"],
-                                sp_group=sp_group, loss_reduction="sum")
-                    (out.loss * scale).backward()
-                    local_loss += float(out.loss.detach())
-                (global_loss,) = _all_reduce_sum([local_loss], device)
-                parts = {}
+            step_fn = _vision_step if config.model.vision else _text_step
+            loss, parts = step_fn(model, micro, sp_group, world, device)
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 model.parameters(), config.optim.grad_clip if config.optim.grad_clip > 0 else float("inf")
             )
@@ -244,7 +244,7 @@ def train(config: TrainConfig, out_dir: str | Path, *, save_every: int | None = 
             tokens_per_s = tokens_per_step / seconds
             logger.log({
                 "step": stage_offsets[index] + step + 1, "stage": stage.name, "stage_step": step + 1,
-                "loss": global_loss / max(total_weight, 1e-12), "lr": lr, "grad_norm": grad_norm,
+                "loss": loss, "lr": lr, "grad_norm": grad_norm,
                 "tokens": tokens_per_step, "tokens_per_s": tokens_per_s,
                 "mfu": tokens_per_s * step_flops / (peak * world) if peak else None,
                 "max_memory_gb": max_memory_gb(device), "seq_len": stage.seq_len, "sp": dims.sp,
