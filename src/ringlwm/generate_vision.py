@@ -2,7 +2,7 @@
 text-to-video with classifier-free guidance, sequence-parallel with the KV cache sharded across the ranks.
 
     torchrun --nproc_per_node=2 -m ringlwm.generate_vision chat --model M --tokenizer T --vqgan V \\
-        --video clip.npy --question "What happens?"          # frames: .npy / .json of (frames, 256) codes
+        --codes clip.npy --question "What happens?"          # or --media clip.gif (encoded with the VQGAN)
     torchrun --nproc_per_node=2 -m ringlwm.generate_vision image --model M --tokenizer T --vqgan V \\
         --prompt "Fireworks over the city" --out fireworks.png
     torchrun --nproc_per_node=2 -m ringlwm.generate_vision video ... --num-frames 8 --out fireworks.gif
