@@ -338,35 +338,9 @@ def _load_frames(path: str) -> np.ndarray:
         return np.asarray(json.load(f))
 
 
-def _square_frame(image, size: int) -> np.ndarray:
-    """LWM's ``vision_chat._process_frame``: resize the short side to ``size``, centre-crop to size x size."""
-    width, height = image.size
-    if width < height:
-        new_w, new_h = size, int(size * height / width)
-    else:
-        new_w, new_h = int(size * width / height), size
-    image = image.convert("RGB").resize((new_w, new_h))
-    left, top = (new_w - size) / 2, (new_h - size) / 2
-    return np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.float32) / 127.5 - 1
-
-
-def _encode_media(vqgan, path: str, max_frames: int | None) -> np.ndarray:
-    """An image / GIF file -> codes (frames, 256) with the VQGAN; at most ``max_frames`` uniformly spaced
-    frames (LWM's max_n_frames)."""
-    from PIL import Image, ImageSequence
-
-    size = vqgan.config.resolution
-    with Image.open(path) as image:
-        frames = [_square_frame(f, size) for f in ImageSequence.Iterator(image)]
-    if max_frames is not None and len(frames) > max_frames:
-        frames = [frames[i] for i in np.linspace(0, len(frames) - 1, max_frames).astype(int)]
-    pixels = torch.tensor(np.stack(frames)).permute(0, 3, 1, 2)
-    with torch.no_grad():
-        return vqgan.encode(pixels.to(next(vqgan.parameters()).device)).reshape(len(frames), -1).cpu().numpy()
-
-
 def main(argv=None) -> None:
     from ringlwm.data import load_tokenizer
+    from ringlwm.data.vision import encode_frames, read_vision
     from ringlwm.models.lwm import RingLwmForCausalLM
     from ringlwm.models.vqgan import VQGAN
 
@@ -405,7 +379,11 @@ def main(argv=None) -> None:
             parser.error("chat needs --question and one of --codes / --media")
         if args.media and vqgan is None:
             parser.error("--media needs --vqgan")
-        frames = _load_frames(args.codes) if args.codes else _encode_media(vqgan, args.media, args.max_frames)
+        if args.codes:
+            frames = _load_frames(args.codes)
+        else:  # LWM's frame preprocessing and uniform frame sampling, as in pre-tokenization
+            pixels = read_vision(args.media, args.max_frames, size=vqgan.config.resolution)
+            frames = encode_frames(vqgan, pixels).reshape(len(pixels), -1).numpy()
         answer = vision_chat(model, tokenizer, frames, args.question, max_new_tokens=args.max_new_tokens,
                              sp_group=group, temperature=args.temperature or 0.0, seed=args.seed,
                              max_frames=args.max_frames)
