@@ -36,7 +36,6 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -53,108 +52,14 @@ from ringlwm.data.vision_tokens import (
     encode_vision_example,
     vision_chat_record,
 )
-from ringlwm.generate import _group_src, _pick
-from ringlwm.ring import shard_sequence, sp_world
-from ringlwm.ring.decode import ShardedKVCache
+from ringlwm.generate import _pick, cached_decode
+from ringlwm.ring import sp_world
 
 IMAGE_DEFAULTS = {"cfg_scale": 5.0, "top_k": 8192}  # LWM's scripts/run_sample_image.sh
 VIDEO_DEFAULTS = {"cfg_scale": 1.0, "top_k": 1000}  # LWM's scripts/run_sample_video.sh
 
 
 # --------------------------------------------------------------------------- cached decoding
-
-
-def _embed(model, ids: torch.Tensor, vision: torch.Tensor) -> torch.Tensor:
-    return model.embed(ids, vision)
-
-
-def head_logits(model, hidden: torch.Tensor, vision: bool) -> torch.Tensor:
-    """(batch, hidden) -> logits of the vision head (vision=True) or the text head."""
-    return (model.vision_head if vision else model.lm_head)(hidden)
-
-
-@torch.no_grad()
-def prefill(model, prompts: Sequence[Sequence[int]], vision_masks: Sequence[Sequence[bool]], *,
-            sp_group: dist.ProcessGroup | None = None) -> tuple[ShardedKVCache, torch.Tensor, torch.Tensor]:
-    """Run the prompts over the ring, filling a ``ShardedKVCache``. prompts: token ids per row (each in the
-    vocabulary its vision-mask entry names). Returns (cache, hidden of each prompt's last token (batch,
-    hidden), the position of the next token per row); the same on every rank."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
-    if any(len(p) != len(m) for p, m in zip(prompts, vision_masks)) or len(prompts) != len(vision_masks):
-        raise ValueError("each prompt needs a vision mask of its length")
-    _, world = sp_world(sp_group)
-    device = next(model.parameters()).device
-    lengths = [len(p) for p in prompts]
-    chunks = 2 * world
-    padded = -(-max(lengths) // chunks) * chunks
-    batch = len(prompts)
-    ids = torch.zeros(batch, padded, dtype=torch.long)
-    vis = torch.zeros(batch, padded, dtype=torch.bool)
-    pos = torch.zeros(batch, padded, dtype=torch.long)
-    seg = torch.full((batch, padded), -1, dtype=torch.long)
-    for b, (prompt, mask) in enumerate(zip(prompts, vision_masks)):
-        n = len(prompt)
-        ids[b, padded - n:] = torch.tensor(list(prompt), dtype=torch.long)
-        vis[b, padded - n:] = torch.tensor(list(mask), dtype=torch.bool)
-        pos[b, padded - n:] = torch.arange(n)
-        seg[b, padded - n:] = 0
-    ids, vis, pos, seg = (shard_sequence(t, dim=1, group=sp_group).to(device) for t in (ids, vis, pos, seg))
-    cache = ShardedKVCache(model.config.num_hidden_layers, sp_group)
-    cache.prefilling = True
-    cache.set_prefill_segments(seg)
-    hidden = model.model(inputs_embeds=_embed(model, ids, vis), position_ids=pos, segment_ids=seg,
-                         sp_group=sp_group, ringlwm_cache=cache, use_cache=False).last_hidden_state
-    cache.prefilling = False
-    last = hidden[:, -1].contiguous()  # end of chunk 2W-1: rank 0's last local token
-    if world > 1:
-        dist.broadcast(last, src=_group_src(sp_group), group=sp_group)
-    return cache, last, torch.tensor(lengths, device=device)
-
-
-@torch.no_grad()
-def decode_step(model, cache: ShardedKVCache, tokens: torch.Tensor, vision: torch.Tensor | bool,
-                positions: torch.Tensor) -> torch.Tensor:
-    """Feed one token per row (batch,) at ``positions`` (batch,); ``vision`` (bool or (batch,) bools) says
-    which table embeds it. Returns the new last hidden states (batch, hidden)."""
-    batch = tokens.shape[0]
-    flag = torch.as_tensor(vision, dtype=torch.bool, device=tokens.device).expand(batch)
-    cache.begin_token(batch, tokens.device)
-    hidden = model.model(inputs_embeds=_embed(model, tokens[:, None], flag[:, None]),
-                         position_ids=positions[:, None], sp_group=cache.group, ringlwm_cache=cache,
-                         use_cache=False).last_hidden_state
-    cache.end_token()
-    return hidden[:, -1]
-
-
-@torch.no_grad()
-def cached_decode(model, prompts: Sequence[Sequence[int]], vision_masks: Sequence[Sequence[bool]], *,
-                  max_new_tokens: int, is_vision: Callable[[int], bool],
-                  pick: Callable[[int, torch.Tensor], torch.Tensor],
-                  stop: Callable[[int, torch.Tensor], bool] | None = None,
-                  sp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """Generate up to ``max_new_tokens`` tokens after each prompt. Step i: ``is_vision(i)`` says whether new
-    token i is vision (its head and, fed back, its embedding table); ``pick(i, logits)`` turns the head's
-    logits (batch, vocab) into tokens (batch,) (called on every rank; rank 0's choice is broadcast);
-    ``stop(i, tokens)`` ends after token i. Returns (batch, steps) tokens, the same on every rank."""
-    rank, world = sp_world(sp_group)
-    limit = model.config.max_position_embeddings
-    if max(len(p) for p in prompts) + max_new_tokens > limit:
-        raise ValueError(f"prompt + max_new_tokens ({max_new_tokens}) exceeds the model's max_position_embeddings "
-                         f"({limit})")
-    cache, hidden, positions = prefill(model, prompts, vision_masks, sp_group=sp_group)
-    out = []
-    for i in range(max_new_tokens):
-        vision = bool(is_vision(i))
-        token = pick(i, head_logits(model, hidden, vision)).long().contiguous()
-        if world > 1:
-            dist.broadcast(token, src=_group_src(sp_group), group=sp_group)
-        out.append(token)
-        if i == max_new_tokens - 1 or (stop is not None and stop(i, token)):
-            break
-        hidden = decode_step(model, cache, token, vision, positions)
-        positions = positions + 1
-    return torch.stack(out, dim=1)
 
 
 # --------------------------------------------------------------------------- vision chat
