@@ -32,6 +32,16 @@ MODEL = {"init": "random", "vocab_size": 512, "hidden_size": 128, "intermediate_
          "num_heads": 4, "num_kv_heads": 4}
 
 
+def _llama_config():
+    """The benchmarked model as a plain Hugging Face config (the same shape the recipe gives ringlwm)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=MODEL["vocab_size"], hidden_size=MODEL["hidden_size"],
+                       intermediate_size=MODEL["intermediate_size"], num_hidden_layers=MODEL["num_layers"],
+                       num_attention_heads=MODEL["num_heads"], num_key_value_heads=MODEL["num_kv_heads"],
+                       max_position_embeddings=SEQ, tie_word_embeddings=False)
+
+
 def _recipe(sp: int, steps: int) -> dict:
     return {
         "model": MODEL,
@@ -58,7 +68,7 @@ def _ringlwm_tokens_per_s(sp: int, steps: int, warmup: int) -> tuple[float, floa
 
 def _hf_tokens_per_s(steps: int, warmup: int) -> float:
     """Plain LlamaForCausalLM (SDPA) on the same packed batches, one process, 2 threads."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from ringlwm.train.config import load_config
     from ringlwm.train.data import build_loader
@@ -70,12 +80,8 @@ def _hf_tokens_per_s(steps: int, warmup: int) -> float:
     loader = build_loader(config.data, config.stages[0], tokenizer=None, vocab_size=MODEL["vocab_size"], dp_rank=0,
                           dp_size=1, sp_rank=0, sp_size=1, seed=0, device=None)
     loader.batch_size = BATCH
-    llama = LlamaConfig(vocab_size=MODEL["vocab_size"], hidden_size=MODEL["hidden_size"],
-                        intermediate_size=MODEL["intermediate_size"], num_hidden_layers=MODEL["num_layers"],
-                        num_attention_heads=MODEL["num_heads"], num_key_value_heads=MODEL["num_kv_heads"],
-                        max_position_embeddings=SEQ, tie_word_embeddings=False)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(llama).to(torch.float32)
+    model = LlamaForCausalLM(_llama_config()).to(torch.float32)
     model.config._attn_implementation = "sdpa"
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95))
     threads = torch.get_num_threads()
@@ -118,15 +124,11 @@ def main(quick: bool = False) -> list[dict]:
     base = stamp(torch.device("cpu"))
     base["device"] = f"cpu ({os.cpu_count()} cores)"
     peak = matmul_peak_flops()
+    from transformers import LlamaForCausalLM
+
     from ringlwm.train.metrics import flops_per_token
 
-    params = sum(p.numel() for p in __import__("transformers").LlamaForCausalLM(
-        __import__("transformers").LlamaConfig(vocab_size=MODEL["vocab_size"], hidden_size=MODEL["hidden_size"],
-                                               intermediate_size=MODEL["intermediate_size"],
-                                               num_hidden_layers=MODEL["num_layers"],
-                                               num_attention_heads=MODEL["num_heads"],
-                                               num_key_value_heads=MODEL["num_kv_heads"],
-                                               tie_word_embeddings=False)).parameters())
+    params = sum(p.numel() for p in LlamaForCausalLM(_llama_config()).parameters())
     per_token = flops_per_token(params, MODEL["num_layers"], MODEL["hidden_size"], SEQ)
     reference = _hf_tokens_per_s(steps, warmup)
     rows = [dict(base, impl="hf-sdpa (1 process, 2 threads)", sp=1, tokens_per_s=round(reference),

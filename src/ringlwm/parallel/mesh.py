@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 AXES = ("dp_replicate", "dp_shard", "sp")
@@ -74,6 +73,3 @@ class ParallelDims:
         dp_rank = mesh["dp_replicate"].get_local_rank() * self.dp_shard + mesh["dp_shard"].get_local_rank()
         return {"dp_rank": dp_rank, "sp_rank": mesh["sp"].get_local_rank()}
 
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
