@@ -52,7 +52,29 @@ def default_backend(device: torch.device) -> str:
     return "cpu" if device.type == "cpu" else "triton"
 
 
+def _meta_attention_forward(q, k, v, *, causal, scale, q_segment_ids=None, kv_segment_ids=None, q_offset=0,
+                            kv_offset=0):
+    """Meta tensors hold no data, so no kernel runs: outputs with the shapes and dtypes of a real call."""
+    stat_dtype = torch.promote_types(q.dtype, torch.float32)  # as the CPU kernel: float64 stays float64
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(q.shape[:3], dtype=stat_dtype,
+                                                                             device=q.device)
+
+
+def _meta_attention_backward(dout, q, k, v, out, lse, *, causal, scale, q_segment_ids=None, kv_segment_ids=None,
+                             q_offset=0, kv_offset=0):
+    grad_dtype = torch.promote_types(q.dtype, torch.float32)
+    return tuple(torch.empty(t.shape, dtype=grad_dtype, device=t.device) for t in (q, k, v))
+
+
+_META_BACKEND = Backend(_meta_attention_forward, _meta_attention_backward)
+
+
 def _resolve_backend(name: str | None, q: torch.Tensor) -> tuple[str, Backend]:
+    if q.device.type == "meta":
+        # Shape propagation (e.g. a model built on the meta device): whatever the backend, no kernel can run.
+        if name is not None and name not in _BACKENDS:
+            raise ValueError(f"unknown attention backend {name!r}; known: {sorted(_BACKENDS)}")
+        return "meta", _META_BACKEND
     name = name or default_backend(q.device)
     if name not in _BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; known: {sorted(_BACKENDS)}")
@@ -228,6 +250,8 @@ def blockwise_attention(
 
     Returns out (batch, heads, seq_q, head_dim) in q's dtype, and with ``return_lse`` also the
     log-sum-exp (batch, heads, seq_q) float32. Rows with no visible key give out = 0, lse = -inf.
+    On meta tensors no kernel runs: out and lse (and the gradients) are meta tensors of those shapes and
+    dtypes (lse float64 for float64 inputs, as on the CPU backend), for shape propagation.
     """
     q_segment_ids = segment_ids
     if segment_ids is not None and kv_segment_ids is None:

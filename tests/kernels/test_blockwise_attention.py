@@ -345,3 +345,28 @@ def test_block_backward_checks_shapes():
         block_attention_backward(q, q, k, v, out, lse[:, :, :-1])
     with pytest.raises(ValueError, match="dout"):
         block_attention_backward(q[:, :, :-1], q, k, v, out, lse)
+
+
+@pytest.mark.parametrize("backend", [None, "cpu", "triton"])
+@pytest.mark.parametrize("dtype,lse_dtype", [(torch.bfloat16, torch.float32), (torch.float64, torch.float64)])
+def test_meta_tensors_give_shapes_and_dtypes(backend, dtype, lse_dtype):
+    """Meta tensors hold no data: no kernel runs, outputs and gradients are meta tensors shaped as a real call's
+    (before: the default backend raised Triton's "0 active drivers")."""
+    q = torch.empty(2, 4, 10, 32, dtype=dtype, device="meta", requires_grad=True)
+    k, v = (torch.empty(2, 2, 10, 32, dtype=dtype, device="meta", requires_grad=True) for _ in range(2))
+    seg = torch.empty(2, 10, dtype=torch.long, device="meta")
+    out, lse = blockwise_attention(q, k, v, causal=True, segment_ids=seg, return_lse=True, backend=backend)
+    assert (out.device.type, out.shape, out.dtype) == ("meta", q.shape, dtype)
+    assert (lse.device.type, lse.shape, lse.dtype) == ("meta", (2, 4, 10), lse_dtype)
+    out.sum().backward()
+    for t in (q, k, v):
+        assert (t.grad.device.type, t.grad.shape, t.grad.dtype) == ("meta", t.shape, dtype)
+    blk_out, blk_lse = block_attention_forward(q, k, v, backend=backend)
+    dq, dk, dv = block_attention_backward(blk_out, q, k, v, blk_out, blk_lse, backend=backend)
+    assert blk_lse.shape == (2, 4, 10) and dq.shape == q.shape and dk.shape == dv.shape == k.shape
+    assert dq.dtype == dk.dtype == torch.promote_types(dtype, torch.float32)
+    # The checks still run: a wrong shape or an unknown backend is reported as on a real device.
+    with pytest.raises(ValueError, match="multiple of kv_heads"):
+        blockwise_attention(q[:, :3], k, v)
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        blockwise_attention(q, k, v, backend="nope")

@@ -15,15 +15,25 @@ Every other pair is fully masked and skipped, so each rank does the same work at
 
 The ring holds no attention math: blocks go to ``ringlwm.kernels`` (Triton on GPU, the fused CPU kernel
 on CPU, or a backend named by ``backend``), partial results are combined by ``merge_attention``.
+
+Inputs are checked before any communication: first locally (shapes, dtypes, devices, backend), then for
+agreement across the ranks of the group, once per distinct call signature (one all_gather of a small
+fixed-size buffer; agreed signatures are cached per group, so repeated calls add no collective). A rank
+whose inputs fail either check raises, and so does every other rank, with the same message.
 """
 
 from __future__ import annotations
+
+import json
+import weakref
+from collections import OrderedDict
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from ringlwm.kernels import block_attention_backward, block_attention_forward, blockwise_attention, merge_attention
+from ringlwm.kernels.blockwise import _check_inputs, _resolve_backend
 from ringlwm.ring.comm import RingComm
 from ringlwm.ring.layout import sp_world
 
@@ -146,7 +156,10 @@ class _RingAttentionFunction(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
-def _check_local_inputs(q, k, v, segment_ids, world_size):
+def _check_local_inputs(q, k, v, segment_ids, world_size, scale, backend) -> float:
+    """Everything this rank can check alone, before any communication. Returns the resolved scale.
+
+    Raises ValueError or TypeError (the kernels' own checks: dtypes, devices, batch / heads / head_dim)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
@@ -160,11 +173,171 @@ def _check_local_inputs(q, k, v, segment_ids, world_size):
             f"local sequence length {q.shape[2]} is odd: a zigzag shard holds two equal chunks "
             "(shard the full sequence with shard_sequence, whose length must divide by 2 * world_size)"
         )
-    if segment_ids is not None and (segment_ids.dim() != 2 or tuple(segment_ids.shape) != (q.shape[0], q.shape[2])):
+    if segment_ids is not None and (
+        not isinstance(segment_ids, torch.Tensor)
+        or segment_ids.dim() != 2
+        or tuple(segment_ids.shape) != (q.shape[0], q.shape[2])
+    ):
+        got = tuple(segment_ids.shape) if isinstance(segment_ids, torch.Tensor) else type(segment_ids).__name__
+        raise ValueError(f"segment_ids must have shape (batch, local_seq) = {(q.shape[0], q.shape[2])}, got {got}")
+    if segment_ids is not None:
+        if segment_ids.dtype.is_floating_point or segment_ids.dtype.is_complex or segment_ids.dtype == torch.bool:
+            raise TypeError(f"segment_ids must be an integer tensor, got {segment_ids.dtype}")
+        if segment_ids.device != q.device:
+            raise ValueError(f"segment_ids is on {segment_ids.device} but q is on {q.device}")
+    # The block kernels' checks (float dtype shared by q/k/v, integer segment ids, one device, batch, head_dim,
+    # heads a multiple of kv_heads) and the backend's (known, fits the device and dtype): failing any of them
+    # inside the ring would leave this rank's first exchange posted.
+    _check_inputs(q, k, v, segment_ids, segment_ids, 0, 0)
+    _resolve_backend(backend, q)
+    if scale is None:
+        return q.shape[-1] ** -0.5
+    try:
+        return float(scale)
+    except (TypeError, ValueError):
+        raise TypeError(f"scale must be a number or None, got {type(scale).__name__}") from None
+
+
+def _signature(q, k, v, segment_ids, causal, scale, backend, world_size) -> dict:
+    """What must be the same on every rank of the ring: the blocks that travel (shapes, dtype, segment ids),
+    the schedule (causal, world size), the math (scale, backend) and whether a backward ring will follow."""
+    batch, heads, local_seq, head_dim = q.shape
+    return {
+        "world_size": world_size,
+        "batch": batch,
+        "heads": heads,
+        "kv_heads": k.shape[1],
+        "local_seq": local_seq,
+        "head_dim": head_dim,
+        "dtype": str(q.dtype),
+        "device": q.device.type,
+        "causal": bool(causal),
+        "scale": scale,
+        "segment_ids": None if segment_ids is None else str(segment_ids.dtype),
+        "backend": backend,
+        "needs_grad": torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)),
+    }
+
+
+# Signatures every rank of a group has agreed on: group -> OrderedDict used as an LRU set. Ranks make the same
+# calls in the same order, so they add and evict the same entries and skip the check on the same calls.
+_AGREED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_AGREED_PER_GROUP = 256
+_PAYLOAD_BYTES = 1024  # per rank: a JSON signature (~300 bytes) and, if the local check failed, its message
+
+
+def _agreement_device(group) -> torch.device:
+    """CPU where the group's backend can move CPU tensors (gloo, mpi, ucc, or a cpu:... mapping); else the
+    current accelerator, as NCCL needs."""
+    backend = str(dist.get_backend(group)).lower()
+    if any(name in backend for name in ("gloo", "mpi", "ucc", "cpu:")):
+        return torch.device("cpu")
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and accelerator.current_accelerator() is not None:
+        return torch.device(accelerator.current_accelerator().type, accelerator.current_device_index())
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _encode(signature: dict | None, error: Exception | None, device: torch.device) -> torch.Tensor:
+    error_field = None if error is None else [type(error).__name__, str(error)]
+    data = json.dumps({"signature": signature, "error": error_field}).encode()
+    if len(data) > _PAYLOAD_BYTES and error_field is not None:
+        # Only the error message can be long; cut it to what fits.
+        overflow = len(data) - _PAYLOAD_BYTES + 16
+        error_field[1] = error_field[1][: max(0, len(error_field[1]) - overflow)] + " [...]"
+        data = json.dumps({"signature": signature, "error": error_field}).encode()
+    if len(data) > _PAYLOAD_BYTES:
+        raise ValueError(f"ring_attention signature too long to check across ranks: {signature}")
+    buf = torch.zeros(_PAYLOAD_BYTES, dtype=torch.uint8)
+    buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return buf.to(device)
+
+
+def _decode(buf: torch.Tensor) -> dict:
+    return json.loads(bytes(buf.cpu().tolist()).rstrip(b"\0"))
+
+
+def _rank_list(ranks: list[int]) -> str:
+    return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks}"
+
+
+def _rejection(errors: dict[int, list[str]], world_size: int) -> Exception:
+    """One exception, the same on every rank, for local check failures on some ranks."""
+    kinds = {kind for kind, _ in errors.values()}
+    cls = TypeError if kinds == {"TypeError"} else ValueError
+    messages = {message for _, message in errors.values()}
+    if len(errors) == world_size and len(messages) == 1:
+        return cls(messages.pop())  # every rank failed the same way: the plain local message
+    by_message: dict[str, list[int]] = {}
+    for rank, (_, message) in sorted(errors.items()):
+        by_message.setdefault(message, []).append(rank)
+    details = "; ".join(f"{_rank_list(ranks)}: {message}" for message, ranks in by_message.items())
+    return cls(
+        f"ring_attention inputs rejected on {len(errors)} of the {world_size} ranks of the group ({details}); "
+        "every rank raises this error, since the ring cannot run without all of its ranks"
+    )
+
+
+def _check_agreement(group, signature: dict | None, error: Exception | None, world_size: int) -> None:
+    """One all_gather of every rank's signature (or local error); raises the same exception on every rank
+    if any rank's local check failed or the signatures differ."""
+    device = _agreement_device(group)
+    mine = _encode(signature, error, device)
+    gathered = [torch.empty_like(mine) for _ in range(world_size)]
+    dist.all_gather(gathered, mine, group=group)
+    payloads = [_decode(buf) for buf in gathered]
+    errors = {rank: p["error"] for rank, p in enumerate(payloads) if p["error"] is not None}
+    if errors:
+        raise _rejection(errors, world_size)
+    signatures = [p["signature"] for p in payloads]
+    fields = list(dict.fromkeys(name for sig in signatures for name in sig))
+    differing = []
+    for name in fields:
+        values = [sig.get(name) for sig in signatures]
+        if len({json.dumps(value) for value in values}) > 1:
+            differing.append(f"{name} {values}")
+    if differing:
         raise ValueError(
-            f"segment_ids must have shape (batch, local_seq) = {(q.shape[0], q.shape[2])}, "
-            f"got {tuple(segment_ids.shape)}"
+            f"ring_attention inputs differ across the {world_size} ranks of the group: {'; '.join(differing)} "
+            "(values by rank). Every rank must call ring_attention with its zigzag shard of the same batch "
+            "(shard_sequence), the same dtype, head counts, segment_ids given or not, causal, scale and backend"
         )
+
+
+def _validate(q, k, v, segment_ids, causal, scale, group, backend, world_size) -> float:
+    """Local checks, then (unless this call's signature is already agreed in ``group``) the cross-rank check.
+    Returns the resolved scale. When it raises, no ring exchange has been posted on any rank."""
+    error = None
+    try:
+        scale = _check_local_inputs(q, k, v, segment_ids, world_size, scale, backend)
+    except (TypeError, ValueError) as exc:
+        if world_size == 1:
+            raise
+        error = exc
+    if error is not None:
+        # The other ranks may be in the agreement check with valid inputs: join it, so that they raise too.
+        try:
+            _check_agreement(group, None, error, world_size)
+        except (TypeError, ValueError) as combined:
+            if type(combined) is type(error) and str(combined) == str(error):
+                raise error from None  # the same message on every rank; keep this rank's traceback
+            raise combined from error
+        raise error  # not reached: the check raises on every rank when any rank reports an error
+    if world_size == 1:
+        return scale
+    signature = _signature(q, k, v, segment_ids, causal, scale, backend, world_size)
+    key = tuple(signature.values())
+    resolved_group = group if group is not None else dist.group.WORLD
+    agreed = _AGREED.get(resolved_group)
+    if agreed is not None and key in agreed:
+        agreed.move_to_end(key)
+        return scale
+    _check_agreement(group, signature, None, world_size)
+    agreed = _AGREED.setdefault(resolved_group, OrderedDict())
+    agreed[key] = None
+    if len(agreed) > _AGREED_PER_GROUP:
+        agreed.popitem(last=False)
+    return scale
 
 
 def ring_attention(
@@ -186,14 +359,17 @@ def ring_attention(
     backend: the block kernel ("triton", "cpu", ...; default by device).
     Returns (batch, heads, local_seq, head_dim) in q's dtype. With one rank (or no process group) this
     is ``blockwise_attention``.
+
+    Every rank of ``group`` must make the same calls with the same shapes and options: a call with a new
+    combination (shapes, dtype, causal, scale, segment ids given or not, backend, grad needed or not) first
+    checks that all ranks agree (one small all_gather), and raises the same error on every rank otherwise;
+    later calls with that combination add no collective.
     """
     _, world_size = sp_world(group)
-    _check_local_inputs(q, k, v, segment_ids, world_size)
+    resolved_scale = _validate(q, k, v, segment_ids, causal, scale, group, backend, world_size)
     if world_size == 1:
         return blockwise_attention(q, k, v, causal=causal, scale=scale, segment_ids=segment_ids, backend=backend)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    return _RingAttentionFunction.apply(q, k, v, segment_ids, bool(causal), float(scale), group, backend)
+    return _RingAttentionFunction.apply(q, k, v, segment_ids, bool(causal), resolved_scale, group, backend)
 
 
 class RingAttention(nn.Module):
