@@ -11,7 +11,6 @@ takes temperature / top-k / top-p. Rank 0 picks each token and broadcasts it, so
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -205,7 +204,7 @@ def _cut_at_stop(tokens: list[int], tokenizer, stop_strings) -> list[int]:
 
 def main(argv=None) -> None:
     from ringlwm.data import load_tokenizer
-    from ringlwm.models import RingLlamaForCausalLM
+    from ringlwm.runtime import close_distributed, init_distributed, load_model
 
     parser = argparse.ArgumentParser(prog="python -m ringlwm.generate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -228,21 +227,20 @@ def main(argv=None) -> None:
         parser.error("give --prompt or --prompt-file")
 
     group = None
-    if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else "cpu"
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
-    model = RingLlamaForCausalLM.from_pretrained(args.model).to(device).eval()
-    encoded = [([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(p) for p in prompts]
-    stops = (tokenizer.eos_id,) if tokenizer.eos_id is not None else ()
-    new = generate(model, encoded, max_new_tokens=args.max_new_tokens, sp_group=group,
-                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, stop_token_ids=stops,
-                   stop_strings=tuple(args.stop), tokenizer=tokenizer, seed=args.seed)
-    if sp_world(group)[0] == 0:
-        for prompt, tokens in zip(prompts, new):
-            sys.stdout.write(f"--- prompt ({len(prompt)} chars)\n{tokenizer.decode(tokens)}\n")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    device = init_distributed()
+    try:
+        model = load_model(args.model, device=device, vision=False, purpose="ringlwm.generate")
+        tokenizer = load_tokenizer(args.tokenizer or args.model)
+        encoded = [([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(p) for p in prompts]
+        stops = (tokenizer.eos_id,) if tokenizer.eos_id is not None else ()
+        new = generate(model, encoded, max_new_tokens=args.max_new_tokens, sp_group=group,
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, stop_token_ids=stops,
+                       stop_strings=tuple(args.stop), tokenizer=tokenizer, seed=args.seed)
+        if sp_world(group)[0] == 0:
+            for prompt, tokens in zip(prompts, new):
+                sys.stdout.write(f"--- prompt ({len(prompt)} chars)\n{tokenizer.decode(tokens)}\n")
+    finally:
+        close_distributed()
 
 
 if __name__ == "__main__":

@@ -246,8 +246,8 @@ def _load_frames(path: str) -> np.ndarray:
 def main(argv=None) -> None:
     from ringlwm.data import load_tokenizer
     from ringlwm.data.vision import encode_frames, read_vision
-    from ringlwm.models.lwm import RingLwmForCausalLM
     from ringlwm.models.vqgan import VQGAN
+    from ringlwm.runtime import close_distributed, init_distributed, load_model
 
     parser = argparse.ArgumentParser(prog="python -m ringlwm.generate_vision", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -271,42 +271,41 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else "cpu"
-    group = None
-    rank = sp_world(group)[0]
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
-    model = RingLwmForCausalLM.from_pretrained(args.model).to(device).eval()
-    vqgan = VQGAN.from_pretrained(args.vqgan, device=device) if args.vqgan else None
-    if args.mode == "chat":
-        if args.question is None or (args.codes is None) == (args.media is None):
-            parser.error("chat needs --question and one of --codes / --media")
-        if args.media and vqgan is None:
-            parser.error("--media needs --vqgan")
-        if args.codes:
-            frames = _load_frames(args.codes)
-        else:  # LWM's frame preprocessing and uniform frame sampling, as in pre-tokenization
-            pixels = read_vision(args.media, args.max_frames, size=vqgan.config.resolution)
-            frames = encode_frames(vqgan, pixels).reshape(len(pixels), -1).numpy()
-        answer = vision_chat(model, tokenizer, frames, args.question, max_new_tokens=args.max_new_tokens,
-                             sp_group=group, temperature=args.temperature or 0.0, seed=args.seed,
-                             max_frames=args.max_frames)
-        if rank == 0:
-            sys.stdout.write(answer + "\n")
-    else:
-        if args.prompt is None or args.out is None or vqgan is None:
-            parser.error(f"{args.mode} needs --prompt, --out and --vqgan")
-        frames = 1 if args.mode == "image" else args.num_frames
-        temperature = 1.0 if args.temperature is None else args.temperature
-        codes = generate_vision(model, tokenizer, args.prompt, num_frames=frames, cfg_scale=args.cfg_scale,
-                                top_k=args.top_k, temperature=temperature, seed=args.seed, sp_group=group)
-        if rank == 0:
-            (save_image(vqgan, codes, args.out) if args.mode == "image"
-             else save_video(vqgan, codes, args.out, fps=args.fps))
-            sys.stdout.write(f"wrote {args.out}\n")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    device = init_distributed()
+    try:
+        group = None
+        rank = sp_world(group)[0]
+        model = load_model(args.model, device=device, vision=True, purpose="ringlwm.generate_vision")
+        tokenizer = load_tokenizer(args.tokenizer or args.model)
+        vqgan = VQGAN.from_pretrained(args.vqgan, device=device) if args.vqgan else None
+        if args.mode == "chat":
+            if args.question is None or (args.codes is None) == (args.media is None):
+                parser.error("chat needs --question and one of --codes / --media")
+            if args.media and vqgan is None:
+                parser.error("--media needs --vqgan")
+            if args.codes:
+                frames = _load_frames(args.codes)
+            else:  # LWM's frame preprocessing and uniform frame sampling, as in pre-tokenization
+                pixels = read_vision(args.media, args.max_frames, size=vqgan.config.resolution)
+                frames = encode_frames(vqgan, pixels).reshape(len(pixels), -1).numpy()
+            answer = vision_chat(model, tokenizer, frames, args.question, max_new_tokens=args.max_new_tokens,
+                                 sp_group=group, temperature=args.temperature or 0.0, seed=args.seed,
+                                 max_frames=args.max_frames)
+            if rank == 0:
+                sys.stdout.write(answer + "\n")
+        else:
+            if args.prompt is None or args.out is None or vqgan is None:
+                parser.error(f"{args.mode} needs --prompt, --out and --vqgan")
+            frames = 1 if args.mode == "image" else args.num_frames
+            temperature = 1.0 if args.temperature is None else args.temperature
+            codes = generate_vision(model, tokenizer, args.prompt, num_frames=frames, cfg_scale=args.cfg_scale,
+                                    top_k=args.top_k, temperature=temperature, seed=args.seed, sp_group=group)
+            if rank == 0:
+                (save_image(vqgan, codes, args.out) if args.mode == "image"
+                 else save_video(vqgan, codes, args.out, fps=args.fps))
+                sys.stdout.write(f"wrote {args.out}\n")
+    finally:
+        close_distributed()
 
 
 if __name__ == "__main__":

@@ -176,6 +176,8 @@ def differing_keys(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:
 
 
 def _lookup(tree: Mapping, dotted: str):
+    if dotted in tree:  # a flat {dotted.key: value} mapping
+        return tree[dotted]
     node = tree
     for part in dotted.split("."):
         if not isinstance(node, Mapping) or part not in node:

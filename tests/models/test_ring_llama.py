@@ -156,7 +156,18 @@ def test_single_process_is_an_ordinary_model(checkpoint_dir):
     out = ring(ids, labels=labels, return_logits=True)
     assert (out.logits - ref_logits).abs().max() < 1e-5
     assert abs(out.loss.item() - ref_loss.item()) < 1e-5
-    assert ring(ids, labels=labels).logits is None, "logits only when asked for"
+    assert ring(ids, labels=labels).logits is None, "with labels, logits only when asked for"
+    assert (ring(ids).logits - ref_logits).abs().max() < 1e-5, "without labels, logits as in transformers"
+
+
+def test_hf_generate_with_and_without_cache_equals_llama(checkpoint_dir):
+    """generate(use_cache=False) died on a None logits; both ways must give LlamaForCausalLM's tokens."""
+    hf, ring = _hf(checkpoint_dir), RingLlamaForCausalLM.from_pretrained(checkpoint_dir)
+    ids = _batch(9, seed=5, batch=1)[0]
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    expected = hf.generate(ids, **kwargs)
+    assert torch.equal(ring.generate(ids, use_cache=True, **kwargs), expected)
+    assert torch.equal(ring.generate(ids, use_cache=False, **kwargs), expected)
 
 
 def test_saved_checkpoint_loads_in_hf(checkpoint_dir, tmp_path):

@@ -151,11 +151,41 @@ def test_two_stages_change_theta_length_and_sp(tmp_path):
         ("model.init=/no/such/dir", "no checkpoint directory"),
         ("stages.0.lr=fast", "lr must be float"),
         ("stages.3.lr=1", "no list index"),
+        ("stages.0.min_lr_ratio=1.5", r"min_lr_ratio must lie in \[0, 1\]"),
+        ("optim.weight_decay=-0.1", "weight_decay must be non-negative"),
+        ("optim.grad_clip=-1", "grad_clip must be non-negative"),
+        ("optim.betas=[0.9]", "betas must be two numbers"),
+        ("optim.betas=[0.9, 1.5]", "betas must be two numbers"),
+        ("stages.0.batch_size=true", "batch_size must be int, got True"),
+        ("stages.0.rope_theta=-1", "rope_theta must be positive"),
     ],
 )
 def test_bad_configs_name_the_problem(tmp_path, override, match):
     with pytest.raises(ValueError, match=match):
         load_config(_write(tmp_path, RECIPE), [override])
+
+
+def test_init_checkpoint_of_another_family_is_refused_at_load(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2)).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ValueError, match=r"model.init: .* holds model_type 'gpt2'"):
+        load_config(_write(tmp_path, RECIPE), [f"model.init={tmp_path / 'gpt2'}"])
+
+
+def test_progress_is_a_line_every_few_seconds_when_not_on_a_terminal(tmp_path, monkeypatch, capsys):
+    """A redraw per step filled the demo's log; on a file or pipe the logger writes timed plain lines."""
+    from types import SimpleNamespace
+
+    from ringlwm.train import metrics
+
+    logger = metrics.MetricsLogger(tmp_path, enabled=True, config={}, wandb_cfg=SimpleNamespace(wandb=False),
+                                   progress=True, total_steps=200)  # pytest's captured stderr is no terminal
+    for step in range(1, 201):
+        logger.log({"step": step, "stage": "s", "loss": 1.0, "lr": 1e-3, "tokens_per_s": 10.0})
+    logger.close()
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train: step")]
+    assert len(lines) == 2 and lines[-1].startswith("train: step 200/200"), lines  # the first and the last
 
 
 def test_missing_recipe_and_text_without_tokenizer(tmp_path):
@@ -173,3 +203,116 @@ def test_parallel_dims_check_the_world():
         ParallelDims(2, 1, 1, 4)
     with pytest.raises(ValueError, match="only one of"):
         ParallelDims(-1, -1, 1, 4)
+
+
+# ------------------------------------------------------------------------------------------------
+# Nothing silent: RoPE from the init checkpoint, reruns checked against the run's recipe, damaged checkpoints
+# ------------------------------------------------------------------------------------------------
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+
+
+def _llama3_style_checkpoint(path: Path) -> Path:
+    """A tiny checkpoint whose config.json is written the way Llama-3 releases write it: top-level rope_theta
+    500000 and a "llama3" rope_scaling block, max_position_embeddings 512."""
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+                      rope_parameters={**LLAMA3_ROPE, "rope_theta": 500000.0})
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    raw = json.loads((path / "config.json").read_text())
+    raw.pop("rope_parameters")
+    raw.update(rope_theta=500000.0, rope_scaling=dict(LLAMA3_ROPE))
+    (path / "config.json").write_text(json.dumps(raw))
+    return path
+
+
+def test_stages_keep_the_init_checkpoints_rope_unless_they_set_theta(tmp_path):
+    init = _llama3_style_checkpoint(tmp_path / "llama3")
+    recipe = json.loads(json.dumps(RECIPE))
+    recipe["model"] = {"init": str(init)}
+    recipe["stages"] = [
+        {"name": "keep", "seq_len": 128, "steps": 2, "lr": 1e-3, "batch_size": 2, "sp": 1},  # no rope_theta
+        {"name": "theta", "seq_len": 128, "rope_theta": 1.0e6, "steps": 2, "lr": 1e-3, "batch_size": 2, "sp": 1},
+    ]
+    proc = subprocess.run(_command(_write(tmp_path, recipe), tmp_path / "run", 1), env=_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = _metrics(tmp_path / "run")
+    expected_keep = {**LLAMA3_ROPE, "rope_theta": 500000.0, "max_position_embeddings": 512}
+    assert rows[0]["rope"] == expected_keep, rows[0]["rope"]
+    assert rows[2]["rope"] == {**expected_keep, "rope_theta": 1.0e6}, rows[2]["rope"]
+    assert "'rope_type': 'llama3'" in proc.stdout and "'rope_theta': 500000.0" in proc.stdout
+    hf = json.loads((tmp_path / "run" / "hf" / "config.json").read_text())
+    assert hf["rope_parameters"] == {**LLAMA3_ROPE, "rope_theta": 1.0e6}
+    assert hf["max_position_embeddings"] == 512  # never below the checkpoint's, though the stages ran 128
+
+
+def _weights_digest(hf_dir: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256((hf_dir / "model.safetensors").read_bytes()).hexdigest()
+
+
+def test_rerun_continues_with_more_steps_and_refuses_another_recipe(tmp_path):
+    from ringlwm.train.trainer import lr_at
+
+    recipe = json.loads(json.dumps(RECIPE))
+    recipe["stages"][0].update(sp=1, steps=4, warmup_steps=1)
+    path, out = _write(tmp_path, recipe), tmp_path / "run"
+    first = _train(path, out, 1)
+    before = _weights_digest(out / "hf")
+
+    again = subprocess.run(_command(path, out, 1), env=_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "is complete" in again.stdout, again.stdout + again.stderr[-3000:]
+
+    more = _train(path, out, 1, "--steps", "8")  # 4 more steps, on the schedule of an 8-step stage
+    assert [r["step"] for r in more] == list(range(1, 9))
+    assert more[:4] == first
+    config = load_config(path, ["stages.0.steps=8"])
+    assert [r["lr"] for r in more[4:]] == [lr_at(config.stages[0], s) for s in range(4, 8)]
+    assert _weights_digest(out / "hf") != before  # hf/ is the model after 8 steps
+
+    for args, named in ((["model.hidden_size=64"], "model.hidden_size: 32 -> 64"),
+                        (["data.seed=4", "--steps", "8"], "data.seed"),
+                        (["--steps", "2"], "at least 8")):
+        proc = subprocess.run(_command(path, out, 1, *args), env=_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode != 0 and named in proc.stderr, (args, proc.stderr[-3000:])
+    assert _metrics(out) == more  # refused reruns touch nothing
+
+    restarted = _train(path, out, 1, "model.hidden_size=64", "--restart")
+    assert [r["step"] for r in restarted] == [1, 2, 3, 4]
+    assert json.loads((out / "hf" / "config.json").read_text())["hidden_size"] == 64
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_older_one(tmp_path):
+    recipe = json.loads(json.dumps(RECIPE))
+    recipe["stages"][0].update(steps=8, warmup_steps=1)
+    path, out = _write(tmp_path, recipe), tmp_path / "run"
+    reference = _train(path, out, 2, "--save-every", "4")
+    newest = out / "checkpoints" / "stage00-step0000008"
+    shard = newest / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated
+
+    proc = subprocess.run(_command(path, out, 2, "--save-every", "4"), env=_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "skipping checkpoint" in proc.stdout and "__1_0.distcp has 100 bytes" in proc.stdout, proc.stdout
+    assert "stage00-step0000004" in proc.stdout
+    resumed = _metrics(out)
+    assert [r["step"] for r in resumed] == list(range(1, 9))
+    for a, b in zip(resumed, reference):
+        for key in ("loss", "lr", "grad_norm"):
+            assert a[key] == b[key], (key, a, b)
+
+    # Every checkpoint damaged: a clear error on every rank, and metrics.jsonl left as it was.
+    for ckpt in (out / "checkpoints").iterdir():
+        (ckpt / "extra-rank0.pt").unlink()
+    before = (out / "metrics.jsonl").read_text()
+    proc = subprocess.run(_command(path, out, 2, "--steps", "12"), env=_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0 and "failed verification" in proc.stderr, proc.stderr[-4000:]
+    assert (out / "metrics.jsonl").read_text() == before

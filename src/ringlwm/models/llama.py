@@ -189,7 +189,7 @@ class RingLlamaForCausalLM(LlamaForCausalLM):
         *,
         loss_weights: torch.Tensor | None = None,
         loss_reduction: str = "mean",
-        return_logits: bool = False,
+        return_logits: bool | None = None,
         inputs_embeds: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         past_key_values=None,
@@ -203,8 +203,10 @@ class RingLlamaForCausalLM(LlamaForCausalLM):
         loss_weights (optional) weight each token's loss. ``loss`` is the weighted mean over the valid
         tokens of the whole sequence group, the same on every rank. With ``loss_reduction="sum"`` it is
         this rank's weighted sum instead (for a trainer that divides by the weight of a larger batch:
-        data-parallel ranks, accumulation steps). ``logits`` are (batch, local_seq, vocab) only with
-        ``return_logits=True``.
+        data-parallel ranks, accumulation steps). ``logits`` (batch, local_seq, vocab) come with
+        ``return_logits=True``, and by default when no labels are given (as in transformers: generation and
+        evaluation read them; ``logits_to_keep`` keeps the last k positions); with labels the default is
+        no logits, as the blockwise loss never needs them.
 
         With ``past_key_values``/``use_cache`` (generation on one process) it behaves as LlamaForCausalLM.
         """
@@ -232,6 +234,11 @@ class RingLlamaForCausalLM(LlamaForCausalLM):
                 loss = sequence_parallel_loss(loss_sum, weight_sum, sp_group)
             else:
                 raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
-        logits = self.lm_head(hidden) if return_logits else None
+        if return_logits is None:
+            return_logits = labels is None
+        logits = None
+        if return_logits:
+            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.lm_head(hidden[:, keep])
         return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
                                       attentions=outputs.attentions)

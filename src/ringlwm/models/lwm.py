@@ -84,7 +84,8 @@ def lwm_config_from_text(config: LlamaConfig, **vision_fields) -> LwmConfig:
 class LwmCausalLMOutput(CausalLMOutputWithPast):
     """``loss``: the weighted loss (see the module docstring). ``vision_loss``/``text_loss``: its two parts,
     the group means (``loss_reduction="sum"``: this rank's weighted sums). ``logits`` (text head) and
-    ``vision_logits`` (vision head): (batch, local_seq, vocab) each, only with ``return_logits=True``."""
+    ``vision_logits`` (vision head): (batch, local_seq, vocab) each, with ``return_logits=True`` or when no
+    labels are given."""
 
     vision_logits: torch.FloatTensor | None = None
     vision_loss: torch.FloatTensor | None = None
@@ -151,7 +152,7 @@ class RingLwmForCausalLM(RingLlamaForCausalLM):
         loss_weights: torch.Tensor | None = None,
         loss_reduction: str = "mean",
         loss_totals: tuple | None = None,
-        return_logits: bool = False,
+        return_logits: bool | None = None,
         inputs_embeds: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         past_key_values=None,
@@ -212,6 +213,8 @@ class RingLwmForCausalLM(RingLlamaForCausalLM):
             else:
                 raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         logits = vision_logits = None
+        if return_logits is None:  # as in transformers: logits when there are no labels
+            return_logits = labels is None
         if return_logits:
             logits, vision_logits = self.lm_head(hidden), self.vision_head(hidden)
         return LwmCausalLMOutput(loss=loss, logits=logits, vision_logits=vision_logits, vision_loss=vision_loss,

@@ -1,10 +1,13 @@
 """Train with a recipe:
 
-    torchrun --nproc_per_node=N -m ringlwm.train RECIPE [--out DIR] [--steps N] [--save-every K] [key=value ...]
+    torchrun --nproc_per_node=N -m ringlwm.train RECIPE [--out DIR] [--steps N] [--save-every K] [--restart] [key=value ...]
 
 RECIPE is a YAML or TOML file (see recipes/). Running again with the same --out resumes from the newest
-complete checkpoint. --steps sets every stage's number of steps (a quick run); key=value overrides any
-field (``optim.weight_decay=0``, ``stages.0.lr=3e-4``).
+verified checkpoint; the run directory keeps its resolved recipe (recipe.json) and a rerun with another
+model, data or stage list is refused, naming the differing keys (more steps continue training: see
+ringlwm.train.run_record). --restart discards the run's checkpoints and metrics and starts again.
+--steps sets every stage's number of steps (a quick run); key=value overrides any field
+(``optim.weight_decay=0``, ``stages.0.lr=3e-4``).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=None, help="run directory (default: runs/<recipe name>)")
     parser.add_argument("--steps", type=int, default=None, help="steps of every stage")
     parser.add_argument("--save-every", type=int, default=None, help="checkpoint every K steps")
+    parser.add_argument("--restart", action="store_true",
+                        help="discard the run directory's checkpoints, metrics and hf/ and train from the start")
     args = parser.parse_intermixed_args(argv)  # key=value may come before or after the options
     config = load_config(args.recipe, args.overrides)
     if args.steps is not None:
@@ -35,7 +40,7 @@ def main(argv=None) -> None:
             stage.__post_init__()
     out = args.out or str(Path("runs") / Path(args.recipe).stem)
     try:
-        train(config, out, save_every=args.save_every)
+        train(config, out, save_every=args.save_every, restart=args.restart)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -7,6 +7,11 @@ Atomicity: everything is written into ``.tmp-<name>``; after a barrier rank 0 wr
 renames the folder into place (a rename within one file system is atomic). A crash at any point leaves
 either a complete checkpoint or a ``.tmp-`` folder that is never read and is cleared by the next save.
 
+Verification: ``meta.json`` is written last and holds a manifest, every file of every rank with its size.
+Before a checkpoint is used, every rank checks the manifest against the disk (a stat per file) and the
+ranks agree on the result (one all-reduce); a resume takes the newest checkpoint that passes, with a
+warning naming what was wrong with each newer one (a deleted or truncated file, a missing rank).
+
 Resharding: DCP stores global tensors, so a checkpoint loads into a different FSDP/sp layout: that is how
 a stage with another sequence-parallel degree starts from the previous stage's final weights. The
 loader positions are per rank, so resuming *within* a stage needs the same world size and degrees.
@@ -69,15 +74,16 @@ def set_rng_state(state: dict) -> None:
 
 
 class Checkpointer:
-    def __init__(self, out_dir: str | Path, keep_last: int = 2):
+    @staticmethod
+    def name(stage: int, step: int) -> str:
+        return f"stage{stage:02d}-step{step:07d}"
+
+    def __init__(self, out_dir: str | Path, keep_last: int = 2, device: torch.device | str = "cpu"):
         if keep_last < 1:
             raise ValueError(f"checkpoint.keep_last must be at least 1, got {keep_last}")
         self.root = Path(out_dir) / "checkpoints"
         self.keep_last = keep_last
-
-    @staticmethod
-    def name(stage: int, step: int) -> str:
-        return f"stage{stage:02d}-step{step:07d}"
+        self.device = torch.device(device)
 
     def complete(self) -> list[CheckpointInfo]:
         """Complete checkpoints, oldest first."""
@@ -88,20 +94,68 @@ class Checkpointer:
             match = _NAME.match(path.name)
             meta_file = path / "meta.json"
             if match and meta_file.is_file():
-                meta = json.loads(meta_file.read_text())
+                try:
+                    meta = json.loads(meta_file.read_text())
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    if _rank() == 0:
+                        print(f"warning: skipping checkpoint {path}: its meta.json is damaged", flush=True)
+                    continue
                 found.append(CheckpointInfo(path, int(match[1]), int(match[2]), meta["final"], meta["world_size"],
                                             meta["parallel"]))
         return sorted(found, key=lambda c: (c.stage, c.step))
 
-    def latest(self) -> CheckpointInfo | None:
-        done = self.complete()
-        return done[-1] if done else None
-
-    def stage_final(self, stage: int) -> CheckpointInfo | None:
-        for info in reversed(self.complete()):
-            if info.stage == stage and info.final:
-                return info
+    @staticmethod
+    def problem(info: CheckpointInfo) -> str | None:
+        """What is wrong with a checkpoint on this rank's view of the disk, or None when its manifest holds."""
+        meta = json.loads((info.path / "meta.json").read_text())
+        files = meta.get("files")
+        if files is None:
+            return None  # written before manifests existed: nothing to check against
+        for name, size in files.items():
+            file = info.path / name
+            if not file.is_file():
+                return f"{name} is missing"
+            if file.stat().st_size != size:
+                return f"{name} has {file.stat().st_size} bytes, the manifest says {size}"
         return None
+
+    def usable(self, candidates: list[CheckpointInfo]) -> list[CheckpointInfo]:
+        """The candidates (as rank 0 lists them) that pass verification on every rank, newest first. Each
+        rejected newer one is reported on rank 0 with its reason; every rank returns the same list."""
+        names = [c.path.name for c in candidates]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            box = [names]
+            dist.broadcast_object_list(box, src=0)
+            names = box[0]
+        by_name = {c.path.name: c for c in self.complete()}
+        problems = []
+        for name in names:
+            info = by_name.get(name)
+            problems.append("it is gone or lost its meta.json" if info is None else self.problem(info))
+        bad = torch.tensor([p is not None for p in problems], dtype=torch.int32, device=self.device)
+        if dist.is_initialized() and dist.get_world_size() > 1 and len(names):
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        good = []
+        for name, problem, rejected in zip(names, problems, bad.tolist()):
+            if rejected:
+                if _rank() == 0 or problem is not None:
+                    why = problem or "another rank found it incomplete"
+                    print(f"warning: skipping checkpoint {self.root / name}: {why}", flush=True)
+            else:
+                good.append(by_name[name])
+        return sorted(good, key=lambda c: (c.stage, c.step), reverse=True)
+
+    def latest(self) -> CheckpointInfo | None:
+        """The newest checkpoint that passes verification on every rank (see ``usable``)."""
+        for info in self.usable(sorted(self.complete(), key=lambda c: (c.stage, c.step), reverse=True)):
+            return info
+        return None
+
+    def stage_final(self, stage: int, steps: int) -> CheckpointInfo | None:
+        """The verified checkpoint at the end of ``stage`` (``steps`` optimizer steps), or None."""
+        ends = [c for c in self.complete() if c.stage == stage and c.step == steps]
+        good = self.usable(ends)
+        return good[0] if good else None
 
     def save(self, *, stage: int, step: int, final: bool, model, optimizer, extra: dict, parallel: dict) -> Path:
         name = self.name(stage, step)
@@ -116,8 +170,15 @@ class Checkpointer:
         torch.save(extra, tmp / f"extra-rank{_rank()}.pt")
         _barrier()
         if _rank() == 0:
-            meta = {"stage": stage, "step": step, "final": final,
-                    "world_size": dist.get_world_size() if dist.is_initialized() else 1, "parallel": parallel}
+            world = dist.get_world_size() if dist.is_initialized() else 1
+            missing = [r for r in range(world) if not (tmp / f"extra-rank{r}.pt").is_file()]
+            if missing:
+                raise RuntimeError(f"checkpoint {tmp}: ranks {missing} wrote no extra-rank file")
+            # The manifest covers every rank's files (the folder is on a file system all ranks share, as
+            # torch.distributed.checkpoint requires); meta.json is the last file written.
+            files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+            meta = {"stage": stage, "step": step, "final": final, "world_size": world, "parallel": parallel,
+                    "files": files}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
             if dest.exists():  # a re-run that saves the same step again
                 shutil.rmtree(dest)
@@ -149,6 +210,12 @@ class Checkpointer:
         if not extra_file.is_file():
             raise FileNotFoundError(f"{extra_file} is missing: the checkpoint was written by fewer ranks")
         return torch.load(extra_file, weights_only=False)
+
+    def clear(self) -> None:
+        """Remove every checkpoint (``--restart``); rank 0 deletes, all ranks wait."""
+        if _rank() == 0 and self.root.is_dir():
+            shutil.rmtree(self.root)
+        _barrier()
 
 
 def full_model_state_dict(model) -> dict:

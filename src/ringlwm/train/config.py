@@ -66,6 +66,10 @@ class ModelConfig:
             )
         if self.init != "random" and not Path(self.init).is_dir():
             raise ValueError(f"model.init: no checkpoint directory at {self.init!r} (or use 'random')")
+        if self.init != "random":
+            from ringlwm.runtime import read_model_config
+
+            read_model_config(self.init, vision=False, purpose="model.init")  # a Llama checkpoint, said early
 
 
 @dataclass
@@ -121,8 +125,12 @@ class DataConfig:
 class StageConfig:
     name: str = "stage"
     seq_len: int = 1024
-    """Tokens per sequence; also the model's max_position_embeddings for this stage."""
-    rope_theta: float = 10000.0
+    """Tokens per sequence; the model's max_position_embeddings becomes at least this (never less than the
+    init checkpoint's)."""
+    rope_theta: float | None = None
+    """RoPE base of this stage. None keeps the RoPE of the stage before (the first stage: the init
+    checkpoint's RoPE, type and scaling fields included, or 10000 for a random init); a value changes the
+    base only, never the RoPE type or its scaling fields."""
     steps: int = 100
     lr: float = 1e-4
     warmup_steps: int = 0
@@ -142,8 +150,10 @@ class StageConfig:
         for name in ("seq_len", "steps", "batch_size", "grad_accum", "sp"):
             if getattr(self, name) < 1:
                 raise ValueError(f"stage {self.name!r}: {name} must be positive, got {getattr(self, name)}")
-        if self.lr <= 0 or self.rope_theta <= 0:
+        if self.lr <= 0 or (self.rope_theta is not None and self.rope_theta <= 0):
             raise ValueError(f"stage {self.name!r}: lr and rope_theta must be positive")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"stage {self.name!r}: min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
         if not 0 <= self.warmup_steps <= self.steps:
             raise ValueError(f"stage {self.name!r}: warmup_steps must lie in [0, steps={self.steps}]")
         check_divisible(self.seq_len, self.sp, what=f"stage {self.name!r}: seq_len")
@@ -167,6 +177,16 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     """Global gradient-norm clipping threshold; 0 disables."""
+
+    def __post_init__(self):
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"optim.betas must be two numbers in [0, 1), e.g. [0.9, 0.95]; got {self.betas}")
+        if self.weight_decay < 0:
+            raise ValueError(f"optim.weight_decay must be non-negative, got {self.weight_decay}")
+        if self.eps <= 0:
+            raise ValueError(f"optim.eps must be positive, got {self.eps}")
+        if self.grad_clip < 0:
+            raise ValueError(f"optim.grad_clip must be non-negative (0 disables clipping), got {self.grad_clip}")
 
 
 @dataclass
@@ -264,7 +284,8 @@ def _convert(hint, item, where):
             return float(item)  # YAML reads "1e-4" without a dot as a string
         except ValueError:
             pass
-    if hint in (int, float, str, bool) and not isinstance(item, hint):
+    # bool is a subclass of int in Python: `batch_size: true` must not become a batch of 1.
+    if hint in (int, float, str, bool) and (not isinstance(item, hint) or (hint is not bool and isinstance(item, bool))):
         raise ValueError(f"{where} must be {hint.__name__}, got {item!r}")
     return item
 

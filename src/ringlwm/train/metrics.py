@@ -1,5 +1,9 @@
 """Per-step metrics: OUT/metrics.jsonl, wandb (offline unless told otherwise), a progress bar on rank 0.
 
+The progress bar redraws in place on a terminal; when stderr is a file or a pipe (a log of ``make demo``,
+a SLURM job), a redraw per step would fill the log, so a plain progress line is written every
+``PLAIN_PROGRESS_SECONDS`` instead (and at the last step).
+
 Throughput and MFU. tokens_per_s counts every token of the global batch (packing fills sequences, so
 padding is small). Model FLOPs per token follow the PaLM appendix: 6 * parameters for the matmuls,
 plus 6 * layers * hidden * seq_len for causal attention (12 * L * H * S, halved by the causal mask).
@@ -10,12 +14,16 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import time
 import uuid
 from pathlib import Path
 
 import torch
 
 # Dense bf16 peak FLOP/s (vendor data sheets, without sparsity).
+PLAIN_PROGRESS_SECONDS = 10.0
+
 _PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12}
 
 
@@ -55,14 +63,21 @@ class MetricsLogger:
         self.path = Path(out_dir) / "metrics.jsonl"
         self._wandb = None
         self._bar = None
+        self._plain = False
+        self._total = total_steps
+        self._done = 0
+        self._last_line = float("-inf")
+        self._start = time.monotonic()
         if not enabled:
             return
         if wandb_cfg.wandb:
             self._wandb = self._init_wandb(Path(out_dir), config, wandb_cfg)
-        if progress:
+        if progress and sys.stderr.isatty():
             from tqdm import tqdm
 
             self._bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True)
+        elif progress:
+            self._plain = True
 
     @staticmethod
     def _init_wandb(out_dir: Path, config: dict, cfg):
@@ -84,8 +99,10 @@ class MetricsLogger:
         kept = [line for line in self.path.read_text().splitlines()
                 if line.strip() and json.loads(line)["step"] <= global_step]
         self.path.write_text("".join(line + "\n" for line in kept))
+        self._done = global_step
         if self._bar is not None:
-            self._bar.update(global_step)
+            self._bar.n = global_step
+            self._bar.refresh()
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -94,10 +111,18 @@ class MetricsLogger:
             f.write(json.dumps(record) + "\n")
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
+        self._done = record["step"]
         if self._bar is not None:
-            self._bar.update(1)
+            self._bar.n = self._done
             self._bar.set_postfix(stage=record["stage"], loss=f"{record['loss']:.4f}",
                                   tok_s=f"{record['tokens_per_s']:.0f}")
+        elif self._plain:
+            now = time.monotonic()
+            if now - self._last_line >= PLAIN_PROGRESS_SECONDS or self._done == self._total:
+                self._last_line = now
+                print(f"train: step {self._done}/{self._total} stage {record['stage']} loss {record['loss']:.4f} "
+                      f"lr {record['lr']:.3g} {record['tokens_per_s']:.0f} tok/s "
+                      f"({now - self._start:.0f} s)", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self._bar is not None:

@@ -15,38 +15,23 @@ gradient of the exact weighted token mean of the global batch, whatever the dp/s
 from __future__ import annotations
 
 import math
-import os
+import shutil
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig
 
 from ringlwm.models import RingLlamaForCausalLM, RingLwmForCausalLM, loss_weight_totals, set_context_length
 from ringlwm.models.lwm import lwm_config_from_text
 from ringlwm.parallel import ParallelDims, materialize, parallelize_llama
+from ringlwm.runtime import init_distributed, load_model, read_model_config
 from ringlwm.train.checkpoint import Checkpointer, export_hf, rng_state, set_rng_state
 from ringlwm.train.config import StageConfig, TrainConfig, to_dict
 from ringlwm.train.data import build_loader, load_data_tokenizer
 from ringlwm.train.metrics import MetricsLogger, device_peak_flops, flops_per_token, max_memory_gb
-
-
-def init_distributed() -> torch.device:
-    """torchrun sets RANK/WORLD_SIZE; a plain `python -m ringlwm.train` becomes a group of one."""
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-        backend = "nccl"
-    else:
-        device = torch.device("cpu")
-        backend = "gloo"
-    if not dist.is_initialized():
-        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
-    return device
+from ringlwm.train.run_record import check_rerun, read_record, write_record
 
 
 def lr_at(stage: StageConfig, step: int) -> float:
@@ -59,7 +44,11 @@ def lr_at(stage: StageConfig, step: int) -> float:
     return floor + (stage.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def stage_model_config(config: TrainConfig, stage: StageConfig, vocab_size: int | None) -> LlamaConfig:
+def stage_model_config(config: TrainConfig, index: int, vocab_size: int | None) -> LlamaConfig:
+    """The model config of stage ``index``. RoPE: the init checkpoint's parameters (type, theta, scaling
+    fields; a random init: default RoPE, theta 10000), with theta set by the last stage up to ``index`` that
+    sets ``rope_theta``. max_position_embeddings: the longest of the checkpoint's and every stage's so far,
+    so that it never drops below what the model was trained for."""
     m = config.model
     if m.init == "random":
         if vocab_size is None:
@@ -69,12 +58,15 @@ def stage_model_config(config: TrainConfig, stage: StageConfig, vocab_size: int 
                             num_key_value_heads=m.num_kv_heads, initializer_range=m.init_std,
                             tie_word_embeddings=False, attention_dropout=0.0)
     else:
-        llama = AutoConfig.from_pretrained(m.init)
-        if not isinstance(llama, LlamaConfig):
-            raise ValueError(f"model.init {m.init!r} is a {type(llama).__name__}, not a Llama checkpoint")
+        read_model_config(m.init, vision=False, purpose="model.init")
+        llama = LlamaConfig.from_pretrained(m.init)
         if vocab_size is not None and vocab_size > llama.vocab_size:
             raise ValueError(f"the tokenizer has {vocab_size} tokens but the checkpoint's vocabulary is {llama.vocab_size}")
-    set_context_length(llama, stage.seq_len, rope_theta=stage.rope_theta)
+    theta = next((s.rope_theta for s in reversed(config.stages[:index + 1]) if s.rope_theta is not None), None)
+    longest = max(s.seq_len for s in config.stages[:index + 1])
+    if m.init != "random":
+        longest = max(longest, llama.max_position_embeddings)
+    set_context_length(llama, longest, rope_theta=theta)
     llama.ringlwm_options = {"loss_chunk_size": m.loss_chunk_size, "mlp_chunk_size": m.mlp_chunk_size,
                              "activation_checkpointing": m.activation_checkpointing,
                              "attention_backend": m.attention_backend}
@@ -97,17 +89,17 @@ def initial_state_dict(config: TrainConfig, llama: LlamaConfig) -> dict | None:
     if config.model.init == "random":
         torch.manual_seed(config.seed)
         return model_class(config)(llama).state_dict()
+    text = load_model(config.model.init, dtype=torch.float32, vision=False, purpose="model.init").state_dict()
     if config.model.vision:
         # A text checkpoint gives the shared weights; the vision table and head start new (seeded).
         torch.manual_seed(config.seed)
         model = RingLwmForCausalLM(llama)
-        text = LlamaForCausalLM.from_pretrained(config.model.init, dtype=torch.float32).state_dict()
         missing = set(model.state_dict()) - set(text)
         model.load_state_dict(text, strict=False)
         if not missing <= {"vision_embed_tokens.weight", "vision_head.weight"}:
             raise ValueError(f"{config.model.init} lacks weights {sorted(missing)}")
         return model.state_dict()
-    return LlamaForCausalLM.from_pretrained(config.model.init, dtype=torch.float32).state_dict()
+    return text
 
 
 def _text_step(model, micro: list[dict], sp_group, world: int, device) -> tuple[float, dict]:
@@ -154,7 +146,79 @@ def _all_reduce_sum(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
-def train(config: TrainConfig, out_dir: str | Path, *, save_every: int | None = None) -> None:
+def rope_summary(llama: LlamaConfig) -> dict:
+    """The RoPE a stage trains with: its rope_parameters and max_position_embeddings."""
+    params = dict(getattr(llama, "rope_parameters", None) or {})
+    return {**params, "max_position_embeddings": llama.max_position_embeddings}
+
+
+def _is_done(config: TrainConfig, resume, index: int) -> bool:
+    """Whether stage ``index`` is finished according to the checkpoint the run resumes from."""
+    return resume is not None and (resume.stage > index
+                                   or (resume.stage == index and resume.step >= config.stages[index].steps))
+
+
+def _prepare_run(config: TrainConfig, out_dir: Path, checkpointer: Checkpointer, *, restart: bool):
+    """Compare the rerun's recipe with the run's record (``run_record``), choose the checkpoint to resume
+    from (the newest verified one) and write the record. Returns that checkpoint or None. Raises the same
+    error on every rank when the recipe differs in a way a resume cannot honour."""
+    rank = dist.get_rank()
+    recipe = to_dict(config)
+    if restart:
+        checkpointer.clear()
+        if rank == 0:
+            for name in ("metrics.jsonl", "recipe.json"):
+                (out_dir / name).unlink(missing_ok=True)
+            shutil.rmtree(out_dir / "hf", ignore_errors=True)
+    saved = read_record(out_dir)
+    resume = checkpointer.latest()
+    if resume is None and checkpointer.complete():
+        raise RuntimeError(f"every checkpoint in {checkpointer.root} failed verification (see the warnings above); "
+                           "nothing to resume from. Pass --restart to train from the start, or use a new --out")
+    if saved is not None:
+        changed = check_rerun(saved, recipe, out_dir=out_dir, resume_stage=resume.stage if resume else None,
+                              resume_step=resume.step if resume else None,
+                              stage_names=[s.name for s in config.stages])
+        if changed and rank == 0:
+            print(f"recipe changes since the run's last start (allowed): {', '.join(changed)}", flush=True)
+    elif resume is not None:
+        raise ValueError(f"{out_dir} holds checkpoints but no recipe.json, so a resume cannot be checked against "
+                         "the recipe that wrote them; pass --restart to train from the start, or use a new --out")
+    dist.barrier()
+    if rank == 0:
+        write_record(out_dir, recipe)
+    return resume
+
+
+def _build_stage(config: TrainConfig, index: int, world: int, device: torch.device, mixed: bool, fresh: bool):
+    """Mesh, model (sharded, filled), optimizer and loader of stage ``index``. ``fresh``: the first stage of
+    a new run (weights from the init checkpoint or a seeded init, broadcast from rank 0)."""
+    stage = config.stages[index]
+    dims = ParallelDims(config.parallel.dp_replicate, config.parallel.dp_shard, stage.sp, world)
+    mesh = dims.build_mesh(device.type)
+    coords = dims.coordinates(mesh)
+    data_cfg = config.stage_data(stage)
+    tokenizer = load_data_tokenizer(data_cfg)
+    vocab = tokenizer.vocab_size if tokenizer is not None else config.model.vocab_size
+    llama = stage_model_config(config, index, config.model.vocab_size or vocab)
+    with torch.device("meta"):
+        model = model_class(config)(llama)
+    parallelize_llama(model, dims.fsdp_mesh, mixed_precision=mixed,
+                      activation_checkpointing=config.model.activation_checkpointing)
+    materialize(model, device, initial_state_dict(config, llama) if fresh else None, broadcast=fresh)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=stage.lr, betas=tuple(config.optim.betas), eps=config.optim.eps,
+    )
+    loader = build_loader(data_cfg, stage, tokenizer=tokenizer, vocab_size=llama.vocab_size,
+                          dp_rank=coords["dp_rank"], dp_size=dims.dp,
+                          sp_rank=coords["sp_rank"], sp_size=dims.sp, seed=config.seed + index, device=device)
+    return dims, mesh["sp"].get_group(), llama, model, optimizer, loader, data_cfg
+
+
+def train(config: TrainConfig, out_dir: str | Path, *, save_every: int | None = None, restart: bool = False) -> None:
     out_dir = Path(out_dir)
     device = init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -164,44 +228,30 @@ def train(config: TrainConfig, out_dir: str | Path, *, save_every: int | None = 
     save_every = config.checkpoint.save_every if save_every is None else save_every
     mixed = config.model.mixed_precision
     mixed = device.type == "cuda" if mixed is None else mixed
-    checkpointer = Checkpointer(out_dir, keep_last=config.checkpoint.keep_last)
-    resume = checkpointer.latest()
+    checkpointer = Checkpointer(out_dir, keep_last=config.checkpoint.keep_last, device=device)
+    resume = _prepare_run(config, out_dir, checkpointer, restart=restart)
     stage_offsets = [sum(s.steps for s in config.stages[:i]) for i in range(len(config.stages))]
+    if all(_is_done(config, resume, i) for i in range(len(config.stages))):
+        if rank == 0:
+            print(f"{out_dir} is complete: its newest checkpoint {resume.path.name} ends the last stage. Nothing to "
+                  "train; raise the last stage's steps to continue it, or pass --restart to train again", flush=True)
+        return
     logger = MetricsLogger(out_dir, enabled=rank == 0, config=to_dict(config), wandb_cfg=config.logging,
                            progress=config.logging.progress, total_steps=sum(s.steps for s in config.stages))
-    if resume is not None:
-        logger.truncate_after(stage_offsets[resume.stage] + resume.step)
-        if rank == 0:
-            print(f"resuming from {resume.path} (stage {resume.stage}, step {resume.step})", flush=True)
+    if resume is None:
+        logger.truncate_after(0)  # lines of an earlier attempt that never reached a checkpoint
+    elif rank == 0:
+        print(f"resuming from {resume.path} (stage {resume.stage}, step {resume.step})", flush=True)
 
     for index, stage in enumerate(config.stages):
-        if resume is not None and (resume.stage > index or (resume.stage == index and resume.final)):
-            continue  # this stage is already done
-        dims = ParallelDims(config.parallel.dp_replicate, config.parallel.dp_shard, stage.sp, world)
-        mesh = dims.build_mesh(device.type)
-        coords = dims.coordinates(mesh)
-        sp_group = mesh["sp"].get_group()
-        data_cfg = config.stage_data(stage)
-        tokenizer = load_data_tokenizer(data_cfg)
-        vocab = tokenizer.vocab_size if tokenizer is not None else config.model.vocab_size
-        llama = stage_model_config(config, stage, config.model.vocab_size or vocab)
-
-        with torch.device("meta"):
-            model = model_class(config)(llama)
-        parallelize_llama(model, dims.fsdp_mesh, mixed_precision=mixed,
-                          activation_checkpointing=config.model.activation_checkpointing)
-        first_weights = initial_state_dict(config, llama) if index == 0 and resume is None else None
-        materialize(model, device, first_weights, broadcast=index == 0 and resume is None)
-        decay = [p for p in model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in model.parameters() if p.dim() < 2]
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": config.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=stage.lr, betas=tuple(config.optim.betas), eps=config.optim.eps,
-        )
-        loader = build_loader(data_cfg, stage, tokenizer=tokenizer, vocab_size=llama.vocab_size,
-                              dp_rank=coords["dp_rank"], dp_size=dims.dp,
-                              sp_rank=coords["sp_rank"], sp_size=dims.sp, seed=config.seed + index, device=device)
-
+        if _is_done(config, resume, index):
+            continue
+        fresh = index == 0 and resume is None
+        dims, sp_group, llama, model, optimizer, loader, data_cfg = _build_stage(config, index, world, device, mixed,
+                                                                                 fresh)
+        rope = rope_summary(llama)
+        if rank == 0:
+            print(f"stage {stage.name!r}: seq_len {stage.seq_len}, sp {dims.sp}, RoPE {rope}", flush=True)
         start = 0
         if resume is not None and resume.stage == index:
             if resume.world_size != world or resume.parallel != {"sp": dims.sp, "dp": dims.dp}:
@@ -212,53 +262,63 @@ def train(config: TrainConfig, out_dir: str | Path, *, save_every: int | None = 
             set_rng_state(extra["rng"])
             start = resume.step
         elif index > 0:
-            previous = checkpointer.stage_final(index - 1)
-            if previous is None:
-                raise FileNotFoundError(f"stage {stage.name!r} needs the final checkpoint of stage {index - 1}")
-            checkpointer.load(previous, model)
-
-        grad_accum = stage.resolve_grad_accum(dims.dp)
-        num_params = sum(p.numel() for p in model.parameters())
-        step_flops = flops_per_token(num_params, llama.num_hidden_layers, llama.hidden_size, stage.seq_len)
-        peak = device_peak_flops(device)
-        tokens_per_step = stage.seq_len * stage.batch_size * dims.dp * grad_accum
-        iterator = iter(loader)
-        model.train()
-        for step in range(start, stage.steps):
-            t0 = time.perf_counter()
-            lr = lr_at(stage, step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            micro = [next(iterator) for _ in range(grad_accum)]
-            step_fn = _vision_step if config.model.vision else _text_step
-            loss, parts = step_fn(model, micro, sp_group, world, device)
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                model.parameters(), config.optim.grad_clip if config.optim.grad_clip > 0 else float("inf")
-            )
-            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            seconds = time.perf_counter() - t0
-            tokens_per_s = tokens_per_step / seconds
-            logger.log({
-                "step": stage_offsets[index] + step + 1, "stage": stage.name, "stage_step": step + 1,
-                "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                "tokens": tokens_per_step, "tokens_per_s": tokens_per_s,
-                "mfu": tokens_per_s * step_flops / (peak * world) if peak else None,
-                "max_memory_gb": max_memory_gb(device), "seq_len": stage.seq_len, "sp": dims.sp,
-                "rope_theta": stage.rope_theta, **parts,
-            })
-            done = step + 1 == stage.steps
-            if done or (save_every and (step + 1) % save_every == 0):
-                checkpointer.save(stage=index, step=step + 1, final=done, model=model, optimizer=optimizer,
-                                  extra={"loader": loader.state_dict(), "rng": rng_state()},
-                                  parallel={"sp": dims.sp, "dp": dims.dp})
-
+            previous = config.stages[index - 1]
+            source = checkpointer.stage_final(index - 1, previous.steps)
+            if source is None:
+                raise FileNotFoundError(f"stage {stage.name!r} needs a verified checkpoint of stage {previous.name!r} at "
+                                        f"its step {previous.steps} in {checkpointer.root}")
+            checkpointer.load(source, model)
+        # Only now that the weights loaded: drop the metric lines of steps the checkpoint does not cover.
+        logger.truncate_after(stage_offsets[index] + start)
+        _train_stage(config, index, start, dims, sp_group, llama, model, optimizer, loader, device, world, logger,
+                     checkpointer, save_every, stage_offsets[index], rope)
         if index == len(config.stages) - 1 and config.checkpoint.export_hf:
             export_hf(model, llama, out_dir / "hf", tokenizer_path=data_cfg.tokenizer)
         del model, optimizer
         resume = None
     logger.close()
     dist.barrier()
+
+
+def _train_stage(config, index, start, dims, sp_group, llama, model, optimizer, loader, device, world, logger,
+                 checkpointer, save_every, offset, rope) -> None:
+    """Steps ``start`` .. ``stage.steps`` of stage ``index``, with metrics and checkpoints."""
+    stage = config.stages[index]
+    grad_accum = stage.resolve_grad_accum(dims.dp)
+    num_params = sum(p.numel() for p in model.parameters())
+    step_flops = flops_per_token(num_params, llama.num_hidden_layers, llama.hidden_size, stage.seq_len)
+    peak = device_peak_flops(device)
+    tokens_per_step = stage.seq_len * stage.batch_size * dims.dp * grad_accum
+    step_fn = _vision_step if config.model.vision else _text_step
+    iterator = iter(loader)
+    model.train()
+    for step in range(start, stage.steps):
+        t0 = time.perf_counter()
+        lr = lr_at(stage, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        micro = [next(iterator) for _ in range(grad_accum)]
+        loss, parts = step_fn(model, micro, sp_group, world, device)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            model.parameters(), config.optim.grad_clip if config.optim.grad_clip > 0 else float("inf")
+        )
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - t0
+        tokens_per_s = tokens_per_step / seconds
+        logger.log({
+            "step": offset + step + 1, "stage": stage.name, "stage_step": step + 1,
+            "loss": loss, "lr": lr, "grad_norm": grad_norm,
+            "tokens": tokens_per_step, "tokens_per_s": tokens_per_s,
+            "mfu": tokens_per_s * step_flops / (peak * world) if peak else None,
+            "max_memory_gb": max_memory_gb(device), "seq_len": stage.seq_len, "sp": dims.sp,
+            "rope_theta": rope.get("rope_theta"), "rope": rope, **parts,
+        })
+        done = step + 1 == stage.steps
+        if done or (save_every and (step + 1) % save_every == 0):
+            checkpointer.save(stage=index, step=step + 1, final=done, model=model, optimizer=optimizer,
+                              extra={"loader": loader.state_dict(), "rng": rng_state()},
+                              parallel={"sp": dims.sp, "dp": dims.dp})

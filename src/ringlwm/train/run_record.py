@@ -1,0 +1,88 @@
+"""The run directory remembers the recipe that trained it, so that a rerun never silently does something else.
+
+``OUT/recipe.json`` holds the resolved recipe (file + key=value overrides + --steps) of the run's first
+start. A rerun with the same ``--out`` compares its own resolved recipe with it:
+- the same recipe: resume from the newest verified checkpoint (or say that the run is complete);
+- only schedule and bookkeeping keys changed (``stages.N.steps``, ``stages.N.warmup_steps``, ``checkpoint.*``,
+  ``logging.*``): allowed where the checkpoints allow it. More steps for the stage that holds the newest
+  checkpoint continue training it; the learning-rate schedule of that stage is recomputed for its new
+  number of steps (warmup, then cosine down to ``min_lr_ratio`` at the new last step) from the resumed
+  step on. Steps below what a checkpoint already holds, or new steps for a stage that a later stage has
+  already started from, are errors;
+- anything else (model shape, data, tokenizer, stage list, learning rate, parallel layout, seed): an error
+  naming the differing keys, unless ``--restart`` discards the run's checkpoints and metrics first.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from pathlib import Path
+
+from ringlwm.runtime import describe_differences
+
+RECORD = "recipe.json"
+ADJUSTABLE = ("stages.*.steps", "stages.*.warmup_steps", "checkpoint.*", "logging.*")
+
+
+def flatten(tree, prefix: str = "") -> dict:
+    """Nested dicts and lists of dicts -> {dotted.key: value}; lists of scalars stay whole values."""
+    flat = {}
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, list) and any(isinstance(x, (dict, list)) for x in tree):
+        items = enumerate(tree)
+    else:
+        return {prefix[:-1]: tree}
+    for key, value in items:
+        if isinstance(value, (dict, list)) and value and (isinstance(value, dict)
+                                                          or any(isinstance(x, (dict, list)) for x in value)):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def read_record(out_dir: Path) -> dict | None:
+    path = Path(out_dir) / RECORD
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_record(out_dir: Path, recipe: dict) -> None:
+    path = Path(out_dir) / RECORD
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(recipe, indent=1))
+    tmp.replace(path)
+
+
+def check_rerun(saved: dict, current: dict, *, out_dir: Path, resume_stage: int | None,
+                resume_step: int | None, stage_names: list[str]) -> list[str]:
+    """Compare a rerun's recipe with the run's record. Returns the changed keys (all allowed) or raises
+    ValueError naming what differs and what would work. ``resume_stage``/``resume_step``: the checkpoint
+    the rerun resumes from (None: none yet, so any schedule change is allowed)."""
+    old, new = flatten(saved), flatten(current)
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k, "<absent>") != new.get(k, "<absent>")]
+    fixed = [k for k in changed if not any(fnmatch.fnmatchcase(k, pattern) for pattern in ADJUSTABLE)]
+    if fixed:
+        raise ValueError(
+            f"{out_dir} was trained with another recipe: {describe_differences(old, new, fixed)}. Rerun with the "
+            f"same recipe and overrides to resume, choose a new --out, or pass --restart to discard {out_dir}'s "
+            "checkpoints and metrics and train from the start")
+    if resume_stage is None:
+        return changed
+    for key in changed:
+        parts = key.split(".")
+        if parts[0] != "stages" or parts[2] not in ("steps", "warmup_steps"):
+            continue
+        index = int(parts[1])
+        name = stage_names[index]
+        if index < resume_stage:
+            raise ValueError(
+                f"{key} changed ({describe_differences(old, new, [key])}), but stage {name!r} is finished and "
+                f"stage {stage_names[resume_stage]!r} already started from its end; more steps can only go to "
+                f"stage {stage_names[resume_stage]!r} or later. Pass --restart to train again from the start")
+        if index == resume_stage and parts[2] == "steps" and new[key] < resume_step:
+            raise ValueError(
+                f"{key} is {new[key]}, but the newest checkpoint already holds {resume_step} steps of stage "
+                f"{name!r}; give at least {resume_step}, or pass --restart to train again from the start")
+    return changed
