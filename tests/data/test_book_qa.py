@@ -530,3 +530,142 @@ def test_cli_with_endpoint_counts_a_failed_chunk_and_retries_it_next_run(server,
     assert second.chunks_failed == {} and second.pairs_kept == chunks
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["pairs_kept"] == chunks and summary["chunks_pending"] == 0
+
+
+# --- provenance: a resumed run never mixes in pairs of another question writer or other settings ----------------
+
+
+def test_cli_resumes_only_the_same_writer_and_overwrite_starts_fresh(server, tok, tmp_path, monkeypatch):
+    monkeypatch.setenv("BOOK_QA_TEST_KEY", "sekrit")
+    folder = tmp_path / "books"
+    folder.mkdir()
+    (folder / "one.txt").write_text(book_text(40, 30), encoding="utf-8")
+    (folder / "two.txt").write_text(book_text(41, 30), encoding="utf-8")
+    out = tmp_path / "out"
+    books_args = ["--books", str(folder), "--tokenizer", tok.path, "--out", str(out), "--chunk-tokens", "64",
+                  "--no-progress"]
+    writer = ["--backend", "openai", "--base-url", url_of(server), "--model", "tiny", "--api-key-env",
+              "BOOK_QA_TEST_KEY", "--retries", "0", "--timeout", "5"]
+    first = main([*books_args, *writer, "--lengths", "512"])
+    chunks = sum(len(chunk_text(b.text, tok, 64)) for b in load_books(folder))
+    assert first.chunks_generated == chunks == sum(server.attempts.values())
+    record = (out / "provenance.json").read_text()
+    assert "sekrit" not in record
+    assert json.loads(record)["generation"]["writer"] == {
+        "backend": "openai", "url": url_of(server) + "/chat/completions", "model": "tiny", "max_tokens": 512,
+        "temperature": 0.0, "top_p": None, "system_prompt": None}
+    qa = (out / "qa.jsonl").read_bytes()
+    server.attempts.clear()
+
+    host, port = server.server_address[:2]
+    for change, key in [(["--model", "other"], "generation.writer.model"),
+                        (["--base-url", f"http://localhost:{port}/v1"], "generation.writer.url"),
+                        (["--temperature", "0.7"], "generation.writer.temperature"),
+                        (["--max-new-tokens", "64"], "generation.writer.max_tokens"),
+                        (["--seed", "1"], "generation.seed"),
+                        (["--pairs-per-chunk", "2"], "generation.pairs_per_chunk")]:
+        with pytest.raises(SystemExit) as refused:
+            main([*books_args, *writer, "--lengths", "512", *change])
+        message = str(refused.value.code)
+        assert f"different settings ({key}:" in message and "--overwrite" in message, message
+    assert not server.attempts and (out / "qa.jsonl").read_bytes() == qa  # nothing asked, nothing written
+
+    # The same writer and settings resume with nothing to ask; assembling only needs no writer at all.
+    assert main([*books_args, *writer, "--lengths", "512"]).chunks_resumed == chunks
+    assembled = main([*books_args, "--lengths", "1k"])
+    assert assembled.chunks_resumed == chunks and assembled.examples[1024] > 0
+    assert not server.attempts and (out / "provenance.json").read_text() == record
+    with pytest.raises(SystemExit) as refused:  # --overwrite with nothing to write the pairs again
+        main([*books_args, "--lengths", "1k", "--overwrite"])
+    assert refused.value.code == 2 and (out / "qa.jsonl").read_bytes() == qa
+
+    # --overwrite: every chunk asked again, of the other model; old outputs gone.
+    fresh = main([*books_args, *writer, "--lengths", "512", "--model", "other", "--overwrite"])
+    assert fresh.chunks_resumed == 0 and fresh.chunks_generated == chunks == sum(server.attempts.values())
+    assert {b["model"] for b in server.bodies[-chunks:]} == {"other"}
+    assert sum(qa_keys(out / "qa.jsonl").values()) == chunks
+    assert not (out / "examples_1024.jsonl").exists() and (out / "examples_512.jsonl").exists()
+    assert json.loads((out / "provenance.json").read_text())["generation"]["writer"]["model"] == "other"
+
+
+def test_pairs_without_provenance_or_of_another_writer_are_refused(tok, tmp_path):
+    options = dict(chunk_tokens=64, lengths=[800], max_pair_tokens=40, progress=False)
+    first = run_book_qa(books(), tok, tmp_path, FakeGenerator(), **options)
+    record = json.loads((tmp_path / "provenance.json").read_text())
+    assert record["generation"]["writer"] == {"class": f"{FakeGenerator.__module__}.FakeGenerator"}
+    assert record["generation"]["pairs_per_chunk"] == 3 and record["chunking"]["chunk_tokens"] == 64
+
+    class OtherWriter(FakeGenerator):
+        def provenance(self):
+            return {"backend": "stub", "name": "other"}
+
+    other = OtherWriter()
+    with pytest.raises(ValueError, match=r"different settings \(generation\.writer\.backend"):
+        run_book_qa(books(), tok, tmp_path, other, **options)
+    assert other.calls == 0
+
+    # qa.jsonl from before provenance.json existed: unknown writer, refused for generating, fine to assemble
+    (tmp_path / "provenance.json").unlink()
+    gen = FakeGenerator()
+    with pytest.raises(ValueError, match="do not record what produced them; pass --overwrite"):
+        run_book_qa(books(), tok, tmp_path, gen, **options)
+    assert gen.calls == 0 and not (tmp_path / "provenance.json").exists()
+    assert run_book_qa(books(), tok, tmp_path, None, **options).examples == first.examples
+    with pytest.raises(ValueError, match="--overwrite would delete"):
+        run_book_qa(books(), tok, tmp_path, None, overwrite=True, **options)
+    redone = run_book_qa(books(), tok, tmp_path, other, overwrite=True, **options)
+    assert redone.chunks_resumed == 0 and len(other.prompts) == first.chunks
+    assert json.loads((tmp_path / "provenance.json").read_text())["generation"]["writer"]["name"] == "other"
+
+
+def test_another_tokenizer_is_refused_even_when_the_chunks_read_the_same(tok, tmp_path):
+    from byte_tokenizer import ByteTokenizer
+
+    short = [Book("short", book_text(12, 2, sentences=(2, 3)))]
+    options = dict(chunk_tokens=1000, lengths=[2000], max_pair_tokens=40, progress=False)
+    assert len(short[0].text.encode()) < 1000  # one chunk, of the same text, with either tokenizer
+    assert [c.text for c in chunk_text(short[0].text, tok, 1000)] == [c.text for c in
+                                                                       chunk_text(short[0].text, ByteTokenizer(), 1000)]
+    run_book_qa(short, tok, tmp_path, FakeGenerator(), **options)
+    gen = FakeGenerator()
+    with pytest.raises(ValueError, match=r"different settings \(chunking\.tokenizer\."):
+        run_book_qa(short, ByteTokenizer(), tmp_path, gen, **options)
+    with pytest.raises(ValueError, match=r"chunking\.tokenizer\."):  # assembling only compares the chunking too
+        run_book_qa(short, ByteTokenizer(), tmp_path, None, **options)
+    assert gen.calls == 0
+    assert run_book_qa(short, tok, tmp_path, None, **options).chunks_resumed == 1
+
+
+def test_hf_writer_provenance_tells_models_and_settings_apart(tok, tmp_path):
+    from ringlwm.data.book_qa import HFGenerator
+    from ringlwm.runtime import model_fingerprint
+
+    path = tmp_path / "model"
+    tiny_hf_model(path, [w.lower() for w in WORDS] + [".", "!", "?"])
+    book = [Book("b", book_text(21, 4))]
+    options = dict(chunk_tokens=64, lengths=[300], progress=False)
+    out = tmp_path / "out"
+    first = run_book_qa(book, tok, out, HFGenerator(path, batch_size=4, max_new_tokens=4), **options)
+    assert first.chunks_generated == first.chunks >= 2
+    writer = json.loads((out / "provenance.json").read_text())["generation"]["writer"]
+    assert writer["model"] == model_fingerprint(path) and writer["max_new_tokens"] == 4
+    assert writer["backend"] == "hf" and writer["dtype"] == "float32"
+    # top_p does not change greedy outputs: resumed
+    same = run_book_qa(book, tok, out, HFGenerator(path, batch_size=2, max_new_tokens=4, top_p=0.5), **options)
+    assert same.chunks_resumed == first.chunks and same.chunks_generated == 0
+    with pytest.raises(ValueError, match=r"generation\.writer\.max_new_tokens"):
+        run_book_qa(book, tok, out, HFGenerator(path, max_new_tokens=5), **options)
+    templated = HFGenerator(path, max_new_tokens=4)
+    templated.tokenizer.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{% endfor %}"
+    templated.chat_template = True
+    with pytest.raises(ValueError, match=r"generation\.writer\.prompt_format"):
+        run_book_qa(book, tok, out, templated, **options)
+    # the folder retrained in place: the weights tell it apart
+    import torch
+
+    model = templated.model
+    with torch.no_grad():
+        model.lm_head.weight.add_(0.01)
+    model.save_pretrained(path)
+    with pytest.raises(ValueError, match=r"generation\.writer\.model\.weights"):
+        run_book_qa(book, tok, out, HFGenerator(path, max_new_tokens=4), **options)

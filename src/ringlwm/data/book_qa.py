@@ -43,6 +43,23 @@ text changed (other books, tokenizer or --chunk-tokens) stops the run: use a fre
 files and ``summary.json`` are rewritten from ``qa.jsonl`` at the end of every run, so a rerun with
 other --lengths assembles new files without generating anything.
 
+Provenance. ``OUT/provenance.json`` records what produced ``qa.jsonl``: "chunking" (the tokenizer's
+fingerprint and --chunk-tokens, see ``book_qa_chunks.chunking_provenance``) and "generation" (the
+question writer's ``provenance()``: a local model's path and hashes of its config, weights and tokenizer,
+dtype and prompt format, or an endpoint's URL (without credentials) and model name, never the API key;
+with --max-new-tokens, --temperature, --top-p; and the hash of ``QA_PROMPT``, --pairs-per-chunk and
+--seed). A generating run (with --model) on an OUT whose qa.jsonl holds pairs resumes only when all of it
+is the same; else it stops before asking anything, naming the keys that differ. A qa.jsonl without
+provenance.json (written before it existed) is refused the same way. Books are not part of it: adding
+books to a run is fine, and a stored chunk whose text changed is refused by its hash (above). Batch size,
+concurrency, device, --max-pair-tokens, --lengths and --max-examples-per-book (assembly) may change.
+``--overwrite`` deletes OUT's qa.jsonl, provenance.json, summary.json and examples files (nothing else)
+and starts fresh; it needs --model. Assembling only (no --model) generates nothing, so the question
+writer and its settings are not compared: it assembles from whatever qa.jsonl holds, and leaves
+provenance.json as it is (it describes qa.jsonl). It still refuses a provenance.json whose "chunking"
+differs (other tokenizer or --chunk-tokens); a qa.jsonl without provenance.json is assembled, its
+chunks checked by their text hashes only.
+
 Determinism: chunking depends on the text, tokenizer and chunk size alone; chunks are asked in book
 order; each chunk's seed (for sampling) and each window's choice of question come from
 ``random.Random(f"{seed}/{book}/...")``, independent of what ran before, so an interrupted and resumed
@@ -66,14 +83,15 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ringlwm.data.book_qa_backends import BackendError, GenerationError, HFGenerator, OpenAIGenerator
-from ringlwm.data.book_qa_chunks import Book, Chunk, chunk_text, load_books
+from ringlwm.data.book_qa_chunks import Book, Chunk, chunk_text, chunking_provenance, load_books
 from ringlwm.data.fields import encode_example
 from ringlwm.data.tokenizer import Tokenizer
+from ringlwm.runtime import check_provenance, text_fingerprint
 
 __all__ = [
     "QA_PROMPT", "CHAT_PREFIX", "CHAT_SUFFIX", "FIELD_SPEC", "Book", "Chunk", "load_books", "chunk_text",
     "qa_prompt", "parse_qa", "QAStore", "assemble_examples", "BookQASummary", "run_book_qa", "parse_lengths",
-    "GenerationError", "BackendError", "HFGenerator", "OpenAIGenerator", "main",
+    "GenerationError", "BackendError", "HFGenerator", "OpenAIGenerator", "writer_provenance", "main",
 ]
 
 QA_PROMPT = """\
@@ -97,6 +115,7 @@ CHAT_PREFIX = "You are a helpful assistant. USER: "
 CHAT_SUFFIX = " {question} ASSISTANT: "
 FIELD_SPEC = "[prompt],answer"
 QA_FILE = "qa.jsonl"
+PROVENANCE_FILE = "provenance.json"
 _SLACK = 32  # tokens: boundary merges between chunks and the estimate of the format's own tokens
 
 
@@ -224,7 +243,7 @@ class QAStore:
                 raise ValueError(
                     f"{self.path} holds chunk {c.index} of book {c.book!r} with other text than it has now: the "
                     "books, the tokenizer or --chunk-tokens changed since it was written; use a fresh --out "
-                    "(or the earlier settings)")
+                    "(or the earlier settings, or --overwrite to start again)")
 
     def append(self, record: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
@@ -346,15 +365,46 @@ class BookQASummary:
         return "\n".join(lines)
 
 
+def writer_provenance(generator) -> dict:
+    """The question writer's ``provenance()``, or its class name when it has none (see book_qa_backends)."""
+    method = getattr(generator, "provenance", None)
+    if callable(method):
+        return method()
+    return {"class": f"{type(generator).__module__}.{type(generator).__qualname__}"}
+
+
+def _remove_outputs(out: Path) -> None:
+    """What book_qa writes in OUT, and nothing else (OUT may hold other files)."""
+    for path in [out / QA_FILE, out / PROVENANCE_FILE, out / "summary.json", *out.glob("examples_*.jsonl"),
+                 *out.glob("examples_*.jsonl.tmp")]:
+        if path.is_file():
+            path.unlink()
+
+
+def _read_provenance(out: Path) -> dict | None:
+    path = out / PROVENANCE_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); restore it, or pass --overwrite to start fresh") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path} is not a provenance record; restore it, or pass --overwrite to start fresh")
+    return record
+
+
 def run_book_qa(books: Sequence[Book] | Iterable[str | os.PathLike], tokenizer: Tokenizer, out_dir: str | os.PathLike,
                 generator=None, *, chunk_tokens: int = 1000, lengths: Sequence[int] = (32768, 131072),
                 pairs_per_chunk: int = 3, max_pair_tokens: int = 256, max_examples_per_book: int | None = None,
-                seed: int = 0, progress: bool = True) -> BookQASummary:
+                seed: int = 0, progress: bool = True, overwrite: bool = False) -> BookQASummary:
     """Chunk, generate QA (resuming ``out_dir/qa.jsonl``), and write ``out_dir/examples_{L}.jsonl`` per length.
 
     books: Book objects, or paths for ``load_books``. generator: see ``book_qa_backends`` (None: assemble
     from the stored QA only). max_pair_tokens: pairs whose question and answer have more tokens together
-    are dropped ("too_long"). Returns the summary, also written to ``out_dir/summary.json``.
+    are dropped ("too_long"). overwrite: delete the outputs in ``out_dir`` first (needs a generator).
+    Resuming checks ``out_dir/provenance.json`` (see the module docstring). Returns the summary, also
+    written to ``out_dir/summary.json``.
     """
     books = [books] if isinstance(books, (str, os.PathLike, Book)) else list(books)
     if not all(isinstance(b, Book) for b in books):
@@ -363,15 +413,36 @@ def run_book_qa(books: Sequence[Book] | Iterable[str | os.PathLike], tokenizer: 
     if not lengths or lengths[0] < 1:
         raise ValueError(f"lengths must be positive token counts, got {lengths}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if overwrite and generator is None:
+        raise ValueError(f"--overwrite would delete the QA pairs in {out} with nothing to write new ones: "
+                         "give a question writer (--model), or leave out --overwrite to assemble from them")
     summary = BookQASummary(books=len(books))
 
     chunks = {b.id: chunk_text(b.text, tokenizer, chunk_tokens, book=b.id)
               for b in tqdm(books, desc="chunking", unit="book", disable=not progress)}
     every = [c for cs in chunks.values() for c in cs]
     summary.chunks = len(every)
+    current = {"chunking": chunking_provenance(tokenizer, chunk_tokens)}
+    if generator is not None:
+        current["generation"] = {"writer": writer_provenance(generator), "prompt": text_fingerprint(QA_PROMPT),
+                                 "pairs_per_chunk": pairs_per_chunk, "seed": seed}
+    current = json.loads(json.dumps(current))  # as it reads back (tuples become lists)
+    if overwrite:
+        _remove_outputs(out)
+    out.mkdir(parents=True, exist_ok=True)
     store = QAStore(out / QA_FILE)
     store.check(every)
+    previous = _read_provenance(out)
+    if generator is not None:
+        # Pairs stored: they must come from the same writer, settings and chunking. None stored: a fresh start.
+        check_provenance((previous or {}) if store.records else None, current, what="book QA pairs",
+                         path=store.path, overwrite=False)
+        tmp = out / (PROVENANCE_FILE + ".tmp")
+        tmp.write_text(json.dumps(current, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(tmp, out / PROVENANCE_FILE)
+    elif store.records and previous is not None:
+        check_provenance({"chunking": previous.get("chunking")}, {"chunking": current["chunking"]},
+                         what="book QA pairs", path=store.path, overwrite=False)
     todo = [c for c in every if c.key not in store]
     summary.chunks_resumed = len(every) - len(todo)
 
@@ -485,6 +556,8 @@ def main(argv=None) -> BookQASummary:
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--overwrite", action="store_true", help="delete OUT's QA pairs, examples and summary and "
+                   "start fresh (default: resume, when the question writer and settings match)")
     p.add_argument("--no-progress", action="store_true")
     hf = p.add_argument_group("hf backend")
     hf.add_argument("--batch-size", type=int, default=8)
@@ -505,6 +578,8 @@ def main(argv=None) -> BookQASummary:
     backend = args.backend or ("openai" if args.base_url else "hf")
     if backend == "openai" and args.model and not args.base_url:
         p.error("--backend openai needs --base-url")
+    if args.overwrite and args.model is None:
+        p.error("--overwrite deletes the QA pairs in --out: give --model to write new ones")
 
     try:
         tokenizer = load_tokenizer(args.tokenizer)
@@ -525,7 +600,7 @@ def main(argv=None) -> BookQASummary:
         summary = run_book_qa(books, tokenizer, args.out, generator, chunk_tokens=args.chunk_tokens,
                               lengths=lengths, pairs_per_chunk=args.pairs_per_chunk,
                               max_pair_tokens=args.max_pair_tokens, max_examples_per_book=args.max_examples_per_book,
-                              seed=args.seed, progress=not args.no_progress)
+                              seed=args.seed, progress=not args.no_progress, overwrite=args.overwrite)
     except (OSError, ValueError, BackendError) as e:  # DataError is a ValueError
         sys.exit(f"book_qa: {e}")
     print(summary.format())

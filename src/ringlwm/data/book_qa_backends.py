@@ -9,6 +9,13 @@ returned list is one prompt that failed (counted, and tried again on the next ru
 by ``generate`` stops the run (a missing model, a wrong URL or key: nothing would succeed). Any object
 with ``batch_size`` and this ``generate`` works as a generator, e.g. a stub in tests.
 
+``gen.provenance()`` is what decides its outputs, recorded in ``OUT/provenance.json`` so that a resumed
+run never mixes in pairs of another writer: for a local model its path and the hashes of its config,
+weights and tokenizer files, the loaded dtype, the prompt format and the decoding settings; for an
+endpoint the URL (without credentials or query), the model name and the request settings; never the API
+key. Batch size, concurrency, device, timeouts and retries are not part of it. A generator without
+``provenance()`` is recorded by its class name only.
+
 The endpoint client uses only the standard library (``urllib.request`` and a thread pool). A request
 that times out (``timeout`` is per socket operation: connect, and each read), is refused, or answers
 HTTP 408/409/429/5xx or unreadable JSON is retried up to ``max_retries`` times after
@@ -29,6 +36,9 @@ import urllib.request
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from ringlwm.runtime import model_fingerprint, path_fingerprint, text_fingerprint
 
 # The question writer sees the QA prompt as the user turn of LWM's chat format unless its tokenizer has a
 # chat template of its own.
@@ -67,6 +77,7 @@ class HFGenerator:
             raise FileNotFoundError(f"no model folder at {path}: --model takes a local save_pretrained folder")
         if batch_size < 1 or max_new_tokens < 1:
             raise ValueError(f"batch_size ({batch_size}) and max_new_tokens ({max_new_tokens}) must be positive")
+        self.model_dir = path
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
         self.temperature, self.top_p = temperature, top_p
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -89,6 +100,17 @@ class HFGenerator:
             return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                       add_generation_prompt=True)
         return LWM_CHAT.format(prompt=prompt)
+
+    def provenance(self) -> dict:
+        """What decides the outputs (see the module docstring); JSON-able."""
+        from ringlwm.data.book_qa_chunks import TOKENIZER_FILES
+
+        return {"backend": "hf", "model": model_fingerprint(self.model_dir),
+                "tokenizer": path_fingerprint(self.model_dir, TOKENIZER_FILES),
+                "dtype": str(self.model.dtype).removeprefix("torch."),
+                "prompt_format": text_fingerprint(self.format("{prompt}")),
+                "max_new_tokens": self.max_new_tokens, "temperature": self.temperature,
+                "top_p": self.top_p if self.temperature > 0 else None}  # greedy decoding does not use it
 
     def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[str]:
         import torch
@@ -139,6 +161,12 @@ class OpenAIGenerator:
         self.batch_size = batch_size or 4 * concurrency
         self.num_requests = self.num_retries = 0
         self._lock = threading.Lock()
+
+    def provenance(self) -> dict:
+        """What decides the outputs (see the module docstring); never the API key."""
+        return {"backend": "openai", "url": _public_url(self.url), "model": self.model,
+                "max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
+                "system_prompt": text_fingerprint(self.system_prompt) if self.system_prompt else None}
 
     def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[str | GenerationError]:
         with ThreadPoolExecutor(max_workers=min(self.concurrency, max(1, len(prompts)))) as pool:
@@ -211,3 +239,13 @@ def _retry_after(e: urllib.error.HTTPError) -> float | None:
         return min(60.0, float(e.headers.get("Retry-After", "")))
     except (TypeError, ValueError):
         return None
+
+
+def _public_url(url: str) -> str:
+    """``url`` without user:password and without query or fragment (which can carry keys)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host + (f":{parts.port}" if parts.port is not None else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))

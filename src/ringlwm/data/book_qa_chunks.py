@@ -26,11 +26,15 @@ span without its surrounding whitespace, the passage shown to the question write
 
 The sentence rule is deliberately simple ("Mr. Smith" ends a sentence after "Mr."); it only decides
 where chunks may end, so a rare wrong cut costs nothing but a slightly odd chunk border.
+
+``chunking_provenance(tokenizer, N)`` is what decides the chunks besides the text: N, and the tokenizer
+(the hash of the file or files it was loaded from, its special ids, and its ids for a fixed probe text).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from collections.abc import Callable, Iterable
@@ -39,6 +43,7 @@ from pathlib import Path
 
 from ringlwm.data.sources import read_jsonl, read_text_folder
 from ringlwm.data.tokenizer import Tokenizer
+from ringlwm.runtime import path_fingerprint, text_fingerprint
 
 _PARAGRAPH_END = re.compile(r"\n[ \t]*\n\s*")
 _SENTENCE_END = re.compile(r"[.!?\u2026]+[\"'\u201d\u2019)\]]*\s+")
@@ -186,3 +191,28 @@ def chunk_text(text: str, tokenizer: Tokenizer, max_tokens: int = 1000, *, book:
             chunks.append(Chunk(book, len(chunks), offsets[i], offsets[j], n, span.strip()))
         i = j
     return chunks
+
+
+# A tokenizer folder's own files (a model folder also holds weights, which do not decide tokens).
+TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges*")
+_PROBE = ("Chapter XII.\n\n\"Mr. O'Hara's 3 ships,\" she said — Übermut, naïve café; 東京 and 🙂!\n"
+          "Q: Who sailed on 4 July 1776? A: The captain (aged 42).")
+
+
+def tokenizer_fingerprint(tokenizer: Tokenizer) -> dict:
+    """What identifies a tokenizer: the hash of the file(s) it was loaded from (``tokenizer.path``: a file,
+    or the tokenizer files of a folder; None when it has no path), its special ids, and a hash of its ids
+    for a fixed probe text (so that tokenizers built in code are told apart too)."""
+    path = getattr(tokenizer, "path", None)
+    files = None
+    if path:
+        path = Path(path)
+        files = path_fingerprint(path, TOKENIZER_FILES) if path.is_dir() else path_fingerprint(path)
+    return {"files": files, "vocab_size": getattr(tokenizer, "vocab_size", None),
+            "bos_id": getattr(tokenizer, "bos_id", None), "eos_id": getattr(tokenizer, "eos_id", None),
+            "probe": text_fingerprint(json.dumps([int(i) for i in tokenizer.encode(_PROBE)]))}
+
+
+def chunking_provenance(tokenizer: Tokenizer, max_tokens: int) -> dict:
+    """What decides ``chunk_text``'s chunks besides the text itself."""
+    return {"tokenizer": tokenizer_fingerprint(tokenizer), "chunk_tokens": int(max_tokens)}

@@ -11,19 +11,40 @@ moved back to the end of the previous sentence). The prompt is LWM's:
 repeat your findings. Keep your response short and direct. ASSISTANT: ". Greedy answer; a needle counts
 as found when its number appears in the answer. Multi-needle: N needles at distinct random depths, R of
 them asked for, scored per needle. Results are saved after every batch and a rerun skips what is done.
+
+Resuming. The output records what produced it under "provenance": the model (path and hashes of its
+config and weights), the tokenizer (its files' hash, and its ids for the haystack and the prompt
+template), the haystack's text hash, the needle settings (--num-needles, --num-asked, --seed) and the
+decoding (--max-new-tokens, greedy, stop ids). A rerun into the same --out resumes only when all of these
+are the same (it may add --lengths, --depths or --trials: each cell is stored under its own key); any
+difference, or an output that records no provenance, stops the run with an error naming the differing
+keys, on every rank and before any generation. --overwrite starts fresh (the old file is replaced at the
+first save).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from ringlwm.runtime import (
+    check_provenance,
+    close_distributed,
+    init_distributed,
+    load_model,
+    model_fingerprint,
+    path_fingerprint,
+    text_fingerprint,
+)
 
 PREFIX = "You are a helpful assistant. USER: "
 SUFFIX = (" {question} Don't give information outside the document or repeat your findings. "
@@ -172,23 +193,90 @@ def _rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+def _ids_fingerprint(*id_lists) -> str:
+    digest = hashlib.sha256()
+    for ids in id_lists:
+        digest.update(len(ids).to_bytes(8, "little"))
+        digest.update(array("q", ids).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _agree(error: Exception | None) -> None:
+    """Raise on every rank when any rank raised: a rank that refused a resume must not leave the others
+    waiting for it in the first collective of generation. Outside torch.distributed: raise ``error``."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        if error is not None:
+            raise error
+        return
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    flags = torch.zeros(dist.get_world_size(), dtype=torch.int32, device=device)
+    flags[dist.get_rank()] = error is not None
+    dist.all_reduce(flags)
+    if error is not None:
+        raise error
+    if flags.any():
+        failed = [r for r, f in enumerate(flags.tolist()) if f]
+        raise ValueError(f"rank(s) {failed} refused to resume the needle results (see their error); "
+                         "this rank stops too")
+
+
 def run_needle_eval(model, tokenizer, *, haystack: str, lengths: list[int], depths: list[float], trials: int,
                     num_needles: int = 1, num_asked: int = 1, max_new_tokens: int = 16, batch_size: int = 8,
-                    out_path: str | Path | None = None, seed: int = 0, sp_group=None) -> list[dict]:
-    """Evaluate every (length, depth, trial); returns the result records (resumed from ``out_path``)."""
+                    out_path: str | Path | None = None, seed: int = 0, sp_group=None,
+                    provenance: dict | None = None, overwrite: bool = False) -> list[dict]:
+    """Evaluate every (length, depth, trial); returns the result records (resumed from ``out_path``).
+
+    provenance: what identifies the model and tokenizer (e.g. {"model": model_fingerprint(path),
+    "tokenizer": path_fingerprint(tokenizer_path)}); the needle, decoding and haystack settings and the
+    tokenizer's ids are added here. The results at ``out_path`` are resumed only when they record the same
+    provenance; else ValueError names the differing keys (on every rank of torch.distributed, whose ranks
+    must all call this). overwrite: ignore the results at ``out_path`` and replace them.
+    """
     from ringlwm.generate import generate
 
     if not 1 <= num_asked <= num_needles <= len(CITIES):
         raise ValueError(f"need 1 <= num_asked ({num_asked}) <= num_needles ({num_needles}) <= {len(CITIES)}")
     out_path = Path(out_path) if out_path else None
-    done: dict[str, dict] = {}
-    if out_path is not None and out_path.is_file():
-        done = {r["key"]: r for r in json.loads(out_path.read_text())["results"]}
     builder = PromptBuilder(tokenizer, haystack, answer_budget=max_new_tokens)
+    stops = (tokenizer.eos_id,) if tokenizer.eos_id is not None else ()
+    own = {
+        "needle": {"num_needles": num_needles, "num_asked": num_asked, "seed": seed},
+        "decoding": {"max_new_tokens": max_new_tokens, "greedy": True, "stop_token_ids": list(stops)},
+        "haystack": text_fingerprint(haystack),
+        "tokenization": {"vocab_size": getattr(tokenizer, "vocab_size", None), "bos_id": tokenizer.bos_id,
+                         "eos_id": tokenizer.eos_id,
+                         "ids": _ids_fingerprint(builder.prefix, builder.hay, tokenizer.encode(SUFFIX),
+                                                 tokenizer.encode(NEEDLE))},
+    }
+    clash = sorted(set(own) & set(provenance or {}))
+    if clash:
+        raise ValueError(f"provenance keys {clash} are set by run_needle_eval itself; name yours otherwise")
+    # As it reads back from JSON (tuples become lists), so that a resume compares like with like.
+    current = json.loads(json.dumps({**(provenance or {}), **own}))
+
+    # Every rank reads and checks the file before any rank generates (rank 0 writes only after a batch).
+    done: dict[str, dict] = {}
+    error = None
+    if out_path is not None and out_path.is_file() and not overwrite:
+        try:
+            try:
+                saved = json.loads(out_path.read_text())
+            except ValueError as err:
+                raise ValueError(f"{out_path} is not JSON ({err}); choose another --out, or pass --overwrite to "
+                                 "replace it") from None
+            if not isinstance(saved, dict) or not isinstance(saved.get("results"), list):
+                raise ValueError(f"{out_path} is not a needle results file (no \"results\" list); "
+                                 "choose another --out, or pass --overwrite to replace it")
+            check_provenance(saved.get("provenance") or {}, current, what="needle results", path=out_path,
+                             overwrite=False)
+            done = {r["key"]: r for r in saved["results"]}
+        except ValueError as err:
+            error = err
+    _agree(error)
+
     todo = [make_trial(n, d, t, num_needles=num_needles, num_asked=num_asked, seed=seed)
             for n in lengths for d in depths for t in range(trials)]
     todo = [t for t in todo if t.key not in done]
-    stops = (tokenizer.eos_id,) if tokenizer.eos_id is not None else ()
     settings = dict(lengths=lengths, depths=depths, trials=trials, num_needles=num_needles, num_asked=num_asked,
                     max_new_tokens=max_new_tokens, seed=seed)
     for start in range(0, len(todo), batch_size):
@@ -203,7 +291,8 @@ def run_needle_eval(model, tokenizer, *, haystack: str, lengths: list[int], dept
         if out_path is not None and _rank0():
             out_path.parent.mkdir(parents=True, exist_ok=True)
             tmp = out_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"settings": settings, "results": list(done.values())}, indent=1))
+            tmp.write_text(json.dumps({"provenance": current, "settings": settings, "results": list(done.values())},
+                                      indent=1))
             os.replace(tmp, out_path)
     return list(done.values())
 
@@ -245,9 +334,17 @@ def _floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
 
 
+def _tokenizer_files(path: str | Path) -> str:
+    """Hash of a tokenizer file, or of the tokenizer files of a folder (not the model weights beside them)."""
+    path = Path(path)
+    if path.is_dir():
+        return path_fingerprint(path, ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*",
+                                       "merges*"))
+    return path_fingerprint(path)
+
+
 def main(argv=None) -> None:
     from ringlwm.data import load_tokenizer
-    from ringlwm.models import RingLlamaForCausalLM
 
     parser = argparse.ArgumentParser(prog="python -m ringlwm.eval.needle", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -262,30 +359,34 @@ def main(argv=None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="needle.json")
+    parser.add_argument("--out", default="needle.json", help="results JSON; a rerun resumes it when the model "
+                        "and settings match (else it stops: use another --out, or --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the results at --out instead of resuming")
     parser.add_argument("--heatmap", default=None, help="PNG path (default: next to --out)")
     args = parser.parse_args(argv)
 
-    if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else "cpu"
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
-    model = RingLlamaForCausalLM.from_pretrained(args.model).to(device).eval()
-    haystack = load_haystack(args.haystack) if args.haystack else generated_haystack(seed=args.seed)
-    results = run_needle_eval(model, tokenizer, haystack=haystack, lengths=[int(x) for x in _floats(args.lengths)],
-                              depths=_floats(args.depths), trials=args.trials, num_needles=args.num_needles,
-                              num_asked=args.num_asked, max_new_tokens=args.max_new_tokens,
-                              batch_size=args.batch_size, out_path=args.out, seed=args.seed)
-    if _rank0():
-        heatmap = args.heatmap or str(Path(args.out).with_name(Path(args.out).stem + "_heatmap.png"))
-        plot_heatmap(results, heatmap)
-        table = accuracy_table(results)
-        for length in sorted({k[0] for k in table}):
-            row = [v for k, v in table.items() if k[0] == length]
-            print(f"context {length:>7}: accuracy {sum(row) / len(row):.2f}")
-        print(f"results: {args.out}, heatmap: {heatmap}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    device = init_distributed()
+    try:
+        tokenizer_path = args.tokenizer or args.model
+        tokenizer = load_tokenizer(tokenizer_path)
+        model = load_model(args.model, device=device, vision=False, purpose="ringlwm.eval.needle")
+        provenance = {"model": model_fingerprint(args.model), "tokenizer": _tokenizer_files(tokenizer_path)}
+        haystack = load_haystack(args.haystack) if args.haystack else generated_haystack(seed=args.seed)
+        results = run_needle_eval(model, tokenizer, haystack=haystack,
+                                  lengths=[int(x) for x in _floats(args.lengths)], depths=_floats(args.depths),
+                                  trials=args.trials, num_needles=args.num_needles, num_asked=args.num_asked,
+                                  max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, out_path=args.out,
+                                  seed=args.seed, provenance=provenance, overwrite=args.overwrite)
+        if _rank0():
+            heatmap = args.heatmap or str(Path(args.out).with_name(Path(args.out).stem + "_heatmap.png"))
+            plot_heatmap(results, heatmap)
+            table = accuracy_table(results)
+            for length in sorted({k[0] for k in table}):
+                row = [v for k, v in table.items() if k[0] == length]
+                print(f"context {length:>7}: accuracy {sum(row) / len(row):.2f}")
+            print(f"results: {args.out}, heatmap: {heatmap}")
+    finally:
+        close_distributed()
 
 
 if __name__ == "__main__":
