@@ -1,14 +1,14 @@
 """Long-context chat data from books (LWM's recipe): QA pairs about ~1K-token chunks, asked after long contexts.
 
-    python -m ringlwm.data.book_qa --books books/ more.jsonl --tokenizer tok.model --out data/book_qa \\
+    python -m ringlwm.qa.book_qa --books books/ more.jsonl --tokenizer tok.model --out data/book_qa \\
         --backend openai --base-url http://127.0.0.1:8000/v1 --model llama-3-8b-instruct \\
         [--chunk-tokens 1000] [--lengths 32k,128k,1m] [--pairs-per-chunk 3] [--seed 0]
-    python -m ringlwm.data.book_qa ... --backend hf --model models/llama-2-7b-chat --batch-size 8
-    python -m ringlwm.data.book_qa --books ... --tokenizer ... --out ... --lengths 256k   # no --model: assemble only
+    python -m ringlwm.qa.book_qa ... --backend hf --model models/llama-2-7b-chat --batch-size 8
+    python -m ringlwm.qa.book_qa --books ... --tokenizer ... --out ... --lengths 256k   # no --model: assemble only
 
 1. Books (.txt files, folders of them, JSONL with a text field) are cut into chunks of at most
-   ``--chunk-tokens`` tokens of the training tokenizer at paragraph or sentence ends (``book_qa_chunks``).
-2. A question writer (a local Hugging Face model or an OpenAI-compatible endpoint, ``book_qa_backends``)
+   ``--chunk-tokens`` tokens of the training tokenizer at paragraph or sentence ends (``chunks.py``).
+2. A question writer (a local Hugging Face model or an OpenAI-compatible endpoint, ``backends.py``)
    gets ``QA_PROMPT`` for each chunk and answers with "Q: ..." / "A: ..." lines; ``parse_qa`` keeps the
    well-formed pairs and counts the rest by reason. Each finished chunk is appended to ``OUT/qa.jsonl``.
 3. Examples are assembled for each target length: consecutive chunks of one book as the context, then a
@@ -44,7 +44,7 @@ files and ``summary.json`` are rewritten from ``qa.jsonl`` at the end of every r
 other --lengths assembles new files without generating anything.
 
 Provenance. ``OUT/provenance.json`` records what produced ``qa.jsonl``: "chunking" (the tokenizer's
-fingerprint and --chunk-tokens, see ``book_qa_chunks.chunking_provenance``) and "generation" (the
+fingerprint and --chunk-tokens, see ``chunks.chunking_provenance``) and "generation" (the
 question writer's ``provenance()``: a local model's path and hashes of its config, weights and tokenizer,
 dtype and prompt format, or an endpoint's URL (without credentials) and model name, never the API key;
 with --max-new-tokens, --temperature, --top-p; and the hash of ``QA_PROMPT``, --pairs-per-chunk and
@@ -82,10 +82,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ringlwm.data.book_qa_backends import BackendError, GenerationError, HFGenerator, OpenAIGenerator
-from ringlwm.data.book_qa_chunks import Book, Chunk, chunk_text, chunking_provenance, load_books
 from ringlwm.data.fields import encode_example
 from ringlwm.data.tokenizer import Tokenizer
+from ringlwm.qa.backends import BackendError, GenerationError, HFGenerator, OpenAIGenerator
+from ringlwm.qa.chunks import Book, Chunk, chunk_text, chunking_provenance, load_books
 from ringlwm.runtime import check_provenance, text_fingerprint
 
 __all__ = [
@@ -366,7 +366,7 @@ class BookQASummary:
 
 
 def writer_provenance(generator) -> dict:
-    """The question writer's ``provenance()``, or its class name when it has none (see book_qa_backends)."""
+    """The question writer's ``provenance()``, or its class name when it has none (see backends.py)."""
     method = getattr(generator, "provenance", None)
     if callable(method):
         return method()
@@ -400,7 +400,7 @@ def run_book_qa(books: Sequence[Book] | Iterable[str | os.PathLike], tokenizer: 
                 seed: int = 0, progress: bool = True, overwrite: bool = False) -> BookQASummary:
     """Chunk, generate QA (resuming ``out_dir/qa.jsonl``), and write ``out_dir/examples_{L}.jsonl`` per length.
 
-    books: Book objects, or paths for ``load_books``. generator: see ``book_qa_backends`` (None: assemble
+    books: Book objects, or paths for ``load_books``. generator: see ``backends.py`` (None: assemble
     from the stored QA only). max_pair_tokens: pairs whose question and answer have more tokens together
     are dropped ("too_long"). overwrite: delete the outputs in ``out_dir`` first (needs a generator).
     Resuming checks ``out_dir/provenance.json`` (see the module docstring). Returns the summary, also
@@ -535,7 +535,7 @@ def parse_lengths(text: str) -> list[int]:
 def main(argv=None) -> BookQASummary:
     from ringlwm.data.tokenizer import load_tokenizer
 
-    p = argparse.ArgumentParser(prog="python -m ringlwm.data.book_qa", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m ringlwm.qa.book_qa", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--books", nargs="+", required=True, metavar="PATH", help=".txt files, folders of them, JSONL")
     p.add_argument("--tokenizer", required=True, help="the training tokenizer (.model file or folder): counts tokens")

@@ -38,6 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from ringlwm.qa.chunks import TOKENIZER_FILES
 from ringlwm.runtime import model_fingerprint, path_fingerprint, text_fingerprint
 
 # The question writer sees the QA prompt as the user turn of LWM's chat format unless its tokenizer has a
@@ -103,8 +104,6 @@ class HFGenerator:
 
     def provenance(self) -> dict:
         """What decides the outputs (see the module docstring); JSON-able."""
-        from ringlwm.data.book_qa_chunks import TOKENIZER_FILES
-
         return {"backend": "hf", "model": model_fingerprint(self.model_dir),
                 "tokenizer": path_fingerprint(self.model_dir, TOKENIZER_FILES),
                 "dtype": str(self.model.dtype).removeprefix("torch."),

@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from ringlwm.data import encode_example, load_tokenizer, train_sentencepiece
-from ringlwm.data.book_qa import (
+from ringlwm.qa.book_qa import (
     CHAT_PREFIX,
     BackendError,
     Book,
@@ -57,7 +57,7 @@ def count(tok, text: str) -> int:
 
 def pieces_sum(tok, text: str) -> int:
     """Tokens of ``text`` counted sentence by sentence, as the chunker estimates them."""
-    from ringlwm.data.book_qa_chunks import _PARAGRAPH_END, _SENTENCE_END, _split_after
+    from ringlwm.qa.chunks import _PARAGRAPH_END, _SENTENCE_END, _split_after
 
     return sum(count(tok, s) for p in _split_after(text, _PARAGRAPH_END) for s in _split_after(p, _SENTENCE_END))
 
@@ -241,7 +241,7 @@ def test_assembly_lengths_and_loss_masks(tok, tmp_path):
 def test_assembly_trims_windows_when_the_estimate_is_low(tok):
     from dataclasses import replace
 
-    from ringlwm.data.book_qa import assemble_examples
+    from ringlwm.qa.book_qa import assemble_examples
 
     book = books()[0]
     # Chunk counts that understate the truth by 30%: windows come out too long and must lose chunks.
@@ -260,7 +260,7 @@ def test_assembly_trims_windows_when_the_estimate_is_low(tok):
 
 
 def test_max_examples_per_book_draws_windows(tok):
-    from ringlwm.data.book_qa import assemble_examples
+    from ringlwm.qa.book_qa import assemble_examples
 
     book = books()[0]
     chunks = chunk_text(book.text, tok, 64)
@@ -366,7 +366,7 @@ def tiny_hf_model(path, words):
 
 
 def test_hf_backend_batches_left_padded_and_counts_garbage(tok, tmp_path):
-    from ringlwm.data.book_qa import HFGenerator
+    from ringlwm.qa.book_qa import HFGenerator
 
     # Lowercase book words and "." only: the model can never write "Q:" or "A:", so every output is dropped.
     tiny_hf_model(tmp_path / "model", [w.lower() for w in WORDS] + [".", "!", "?"])
@@ -637,7 +637,7 @@ def test_another_tokenizer_is_refused_even_when_the_chunks_read_the_same(tok, tm
 
 
 def test_hf_writer_provenance_tells_models_and_settings_apart(tok, tmp_path):
-    from ringlwm.data.book_qa import HFGenerator
+    from ringlwm.qa.book_qa import HFGenerator
     from ringlwm.runtime import model_fingerprint
 
     path = tmp_path / "model"
