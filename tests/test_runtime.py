@@ -45,7 +45,7 @@ def test_loader_names_what_it_found(checkpoints):
 
 
 @pytest.mark.parametrize("command", [["ringlwm.generate", "--prompt", "hi"],
-                                     ["ringlwm.generate_vision", "chat", "--question", "what?", "--codes", "x.npy"]])
+                                     ["ringlwm.vision.generate", "chat", "--question", "what?", "--codes", "x.npy"]])
 def test_commands_refuse_a_foreign_checkpoint_within_seconds(checkpoints, command):
     """Before: ringlwm.generate built a default 4096-wide Llama from a GPT-2 folder and was killed for memory."""
     env = dict(os.environ, OMP_NUM_THREADS="1")

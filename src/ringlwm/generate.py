@@ -25,8 +25,8 @@ def _group_src(group) -> int:
     return 0 if group is None else dist.get_global_rank(group, 0)
 
 
-def _pick(logits: torch.Tensor, *, temperature: float, top_k: int | None, top_p: float | None,
-          generator: torch.Generator | None) -> torch.Tensor:
+def pick_token(logits: torch.Tensor, *, temperature: float, top_k: int | None, top_p: float | None,
+               generator: torch.Generator | None) -> torch.Tensor:
     """(batch, vocab) -> (batch,) next tokens; greedy when temperature == 0."""
     if temperature == 0:
         return logits.argmax(dim=-1)
@@ -173,7 +173,7 @@ def generate(
     finished = [False] * len(prompts)
 
     def pick(_, logits):
-        return _pick(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        return pick_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
 
     def stop(_, token) -> bool:
         for b, out in enumerate(outputs):

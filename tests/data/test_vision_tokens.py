@@ -20,6 +20,7 @@ from ringlwm.data.vision_tokens import (
     encode_vision_example,
     encode_vision_source,
     frame_tokens,
+    sample_frame_indices,
     sample_frames,
     vision_chat_record,
 )
@@ -120,6 +121,15 @@ def test_spec_lists_choose_per_record_and_stay_fixed():
     with pytest.raises(DataError, match="field spec") as e:
         encode_vision_example({"vision": frames(1)}, None, TOK)
     assert e.value.reason == "missing_field"
+
+
+def test_sample_frame_indices():
+    assert sample_frame_indices(10, 4) == [0, 3, 6, 9]
+    assert sample_frame_indices(3, 8) == [0, 1, 2]
+    assert sample_frame_indices(100, 8) == np.linspace(0, 99, 8, dtype=int).tolist()  # LWM's vision_chat
+    assert sample_frame_indices(1, 1) == [0]
+    with pytest.raises(ValueError, match="at least 1"):
+        sample_frame_indices(10, 0)
 
 
 def test_max_frames_samples_uniformly():

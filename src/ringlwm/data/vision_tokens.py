@@ -96,14 +96,22 @@ def frames_array(value, name: str = "vision") -> np.ndarray:
     return arr.astype(np.int64, copy=False)
 
 
-def sample_frames(frames: np.ndarray, max_frames: int | None) -> np.ndarray:
-    """At most ``max_frames`` frames, uniformly spaced, first and last kept (LWM's ``max_n_frames``:
-    ``np.linspace(0, n - 1, max_frames)`` truncated to ints)."""
-    if max_frames is None or len(frames) <= max_frames:
-        return frames
+def sample_frame_indices(num_frames: int, max_frames: int) -> list[int]:
+    """Uniform sampling as LWM (``max_n_frames``, ``vision_chat.py``): every frame when ``num_frames <=
+    max_frames``, else ``max_frames`` indices from ``linspace(0, num_frames - 1)`` rounded down (the first
+    and last frames always included). The one frame sampler: of decoded videos and of stored codes."""
     if max_frames < 1:
-        raise ValueError(f"max_frames must be positive, got {max_frames}")
-    return frames[np.linspace(0, len(frames) - 1, max_frames).astype(int)]
+        raise ValueError(f"max_frames must be at least 1, got {max_frames}")
+    if num_frames <= max_frames:
+        return list(range(num_frames))
+    return np.linspace(0, num_frames - 1, max_frames).astype(int).tolist()
+
+
+def sample_frames(frames: np.ndarray, max_frames: int | None) -> np.ndarray:
+    """frames (num_frames, ...) -> at most ``max_frames`` of them (``sample_frame_indices``); None keeps all."""
+    if max_frames is None:
+        return frames
+    return frames[sample_frame_indices(len(frames), max_frames)]
 
 
 def frame_tokens(frames) -> np.ndarray:

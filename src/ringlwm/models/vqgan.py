@@ -335,7 +335,7 @@ class VQGAN(nn.Module):
         x, lead = self._frames(pixels, 3, "pixels")
         if tuple(x.shape[1:]) != (c, r, r):
             raise ValueError(f"pixels: expected frames of shape ({c}, {r}, {r}) (channels first), got "
-                             f"{tuple(x.shape[1:])}; resize and crop with ringlwm.data.vision.preprocess_frame")
+                             f"{tuple(x.shape[1:])}; resize and crop with ringlwm.vision.preprocess.preprocess_frame")
         _, codes = self.quantize(self.encode_latents(x.to(self.quant_conv.weight.dtype)))
         return codes.view(*lead, *codes.shape[1:])
 

@@ -10,15 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from ringlwm.data.vision import (
+from ringlwm.models.vqgan import VQGAN, VQGANConfig
+from ringlwm.vision.preprocess import (
     main,
     preprocess_frame,
     read_image,
     read_video,
     read_vision,
-    sample_frame_indices,
 )
-from ringlwm.models.vqgan import VQGAN, VQGANConfig
 
 av = pytest.importorskip("av")
 
@@ -92,15 +91,6 @@ def test_read_image_file(tmp_path):
     stripes(300, 200).save(tmp_path / "turned.png", exif=exif)
     upright = stripes(300, 200).transpose(Image.Transpose.ROTATE_270)
     torch.testing.assert_close(read_image(tmp_path / "turned.png")[0], preprocess_frame(upright))
-
-
-def test_sample_frame_indices():
-    assert sample_frame_indices(10, 4) == [0, 3, 6, 9]
-    assert sample_frame_indices(3, 8) == [0, 1, 2]
-    assert sample_frame_indices(100, 8) == np.linspace(0, 99, 8, dtype=int).tolist()  # LWM's vision_chat
-    assert sample_frame_indices(1, 1) == [0]
-    with pytest.raises(ValueError, match="at least 1"):
-        sample_frame_indices(10, 0)
 
 
 @pytest.mark.parametrize("suffix", [".mp4", ".mkv"])  # .mkv stores no frame count: packets are counted

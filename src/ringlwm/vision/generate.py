@@ -1,11 +1,11 @@
 """Vision generation with ``RingLwmForCausalLM``: vision chat (frames + question -> text) and text-to-image /
 text-to-video with classifier-free guidance, sequence-parallel with the KV cache sharded across the ranks.
 
-    torchrun --nproc_per_node=2 -m ringlwm.generate_vision chat --model M --tokenizer T --vqgan V \\
+    torchrun --nproc_per_node=2 -m ringlwm.vision.generate chat --model M --tokenizer T --vqgan V \\
         --codes clip.npy --question "What happens?"          # or --media clip.gif (encoded with the VQGAN)
-    torchrun --nproc_per_node=2 -m ringlwm.generate_vision image --model M --tokenizer T --vqgan V \\
+    torchrun --nproc_per_node=2 -m ringlwm.vision.generate image --model M --tokenizer T --vqgan V \\
         --prompt "Fireworks over the city" --out fireworks.png
-    torchrun --nproc_per_node=2 -m ringlwm.generate_vision video ... --num-frames 8 --out fireworks.gif
+    torchrun --nproc_per_node=2 -m ringlwm.vision.generate video ... --num-frames 8 --out fireworks.gif
 
 Decoding (``cached_decode``): the prompt (text and vision ids, told apart by a vision mask) is prefilled
 over the ring exactly as ``ringlwm.generate`` does (left padding with segment id -1, positions from 0 per
@@ -52,7 +52,7 @@ from ringlwm.data.vision_tokens import (
     encode_vision_example,
     vision_chat_record,
 )
-from ringlwm.generate import _pick, cached_decode
+from ringlwm.generate import cached_decode, pick_token
 from ringlwm.ring import sp_world
 
 IMAGE_DEFAULTS = {"cfg_scale": 5.0, "top_k": 8192}  # LWM's scripts/run_sample_image.sh
@@ -85,7 +85,7 @@ def vision_chat_tokens(model, tokenizer, frames_codes, question: str, *, max_new
     eos = tokenizer.eos_id
 
     def pick(_, logits):
-        return _pick(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        return pick_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
 
     def stop(_, token):
         return eos is not None and int(token[0]) == eos
@@ -160,7 +160,7 @@ def sample_vision_tokens(model, cond: tuple[list[int], list[bool]], uncond: tupl
         guided[:, NUM_CODES:] = float("-inf")
         if record_logits is not None:
             record_logits.append((logits[0].float(), logits[1].float(), guided[0]))
-        token = _pick(guided, temperature=temperature, top_k=top_k, top_p=None, generator=generator)
+        token = pick_token(guided, temperature=temperature, top_k=top_k, top_p=None, generator=generator)
         return token.expand(2)
 
     tokens = cached_decode(model, [cond[0], uncond[0]], [cond[1], uncond[1]], max_new_tokens=total,
@@ -245,11 +245,11 @@ def _load_frames(path: str) -> np.ndarray:
 
 def main(argv=None) -> None:
     from ringlwm.data import load_tokenizer
-    from ringlwm.data.vision import encode_frames, read_vision
     from ringlwm.models.vqgan import VQGAN
     from ringlwm.runtime import close_distributed, init_distributed, load_model
+    from ringlwm.vision.preprocess import encode_frames, read_vision
 
-    parser = argparse.ArgumentParser(prog="python -m ringlwm.generate_vision", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m ringlwm.vision.generate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mode", choices=("chat", "image", "video"))
     parser.add_argument("--model", required=True, help="a RingLwmForCausalLM checkpoint directory")
@@ -275,7 +275,7 @@ def main(argv=None) -> None:
     try:
         group = None
         rank = sp_world(group)[0]
-        model = load_model(args.model, device=device, vision=True, purpose="ringlwm.generate_vision")
+        model = load_model(args.model, device=device, vision=True, purpose="ringlwm.vision.generate")
         tokenizer = load_tokenizer(args.tokenizer or args.model)
         vqgan = VQGAN.from_pretrained(args.vqgan, device=device) if args.vqgan else None
         if args.mode == "chat":

@@ -11,7 +11,9 @@ from dist_utils import run_distributed
 from PIL import Image
 
 from ringlwm.data.vision_tokens import EOF_TOKEN, EOV_TOKEN, NUM_CODES, TOKENS_PER_FRAME
-from ringlwm.generate_vision import (
+from ringlwm.models.lwm import LwmConfig, RingLwmForCausalLM
+from ringlwm.models.vqgan import VQGAN, VQGANConfig
+from ringlwm.vision.generate import (
     cached_decode,
     cfg_logits,
     codes_to_frames,
@@ -22,8 +24,6 @@ from ringlwm.generate_vision import (
     vision_chat_prompt,
     vision_chat_tokens,
 )
-from ringlwm.models.lwm import LwmConfig, RingLwmForCausalLM
-from ringlwm.models.vqgan import VQGAN, VQGANConfig
 
 
 class _Tok(ByteTokenizer):
@@ -134,7 +134,7 @@ def test_frame_boundaries_and_codes_only():
     record = []
     tokens_seen = []
 
-    import ringlwm.generate_vision as gv
+    import ringlwm.vision.generate as gv
 
     original = gv.cached_decode
 
@@ -205,7 +205,7 @@ def test_cli_image_video_chat(tmp_path, monkeypatch, capsys):
     import json
 
     import ringlwm.data
-    from ringlwm.generate_vision import main
+    from ringlwm.vision.generate import main
 
     model_dir, vqgan_dir = tmp_path / "lwm", tmp_path / "vqgan"
     tiny_model(dtype=torch.float32).save_pretrained(model_dir)

@@ -1,6 +1,6 @@
 """Images and videos -> LWM frames -> VQGAN codes, and the pre-tokenization command that writes them as JSONL.
 
-    python -m ringlwm.data.vision --vqgan vqgan_torch/ --input FOLDER_OR_JSONL --out vision.jsonl \\
+    python -m ringlwm.vision.preprocess --vqgan vqgan_torch/ --input FOLDER_OR_JSONL --out vision.jsonl \\
         [--max-frames 8] [--batch-size 16] [--path-field path] [--on-error raise|skip] [--device cuda]
 
 Frames (as LWM's ``vision_chat.py``): RGB; the short side resized to 256 (bicubic, the long side truncated
@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from ringlwm.data.vision_tokens import sample_frame_indices
+
 FRAME_SIZE = 256
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"})
 VIDEO_EXTENSIONS = frozenset({".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".gif"})
@@ -61,16 +63,6 @@ def read_image(path: str | os.PathLike, size: int = FRAME_SIZE) -> torch.Tensor:
     """An image file -> frames (1, 3, size, size)."""
     with Image.open(path) as image:
         return preprocess_frame(ImageOps.exif_transpose(image), size)[None]
-
-
-def sample_frame_indices(num_frames: int, max_frames: int) -> list[int]:
-    """Uniform sampling as LWM: every frame when ``num_frames <= max_frames``, else ``max_frames`` indices
-    from ``linspace(0, num_frames - 1)`` rounded down (the first and last frames always included)."""
-    if max_frames < 1:
-        raise ValueError(f"max_frames must be at least 1, got {max_frames}")
-    if num_frames <= max_frames:
-        return list(range(num_frames))
-    return np.linspace(0, num_frames - 1, max_frames).astype(int).tolist()
 
 
 def _count_frames(path: str | os.PathLike) -> int:
@@ -235,7 +227,7 @@ def pretokenize(vqgan, source: str | os.PathLike, out: str | os.PathLike, *, max
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m ringlwm.data.vision", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m ringlwm.vision.preprocess", description=__doc__.split("\n")[0])
     parser.add_argument("--vqgan", required=True, help="VQGAN folder (VQGAN.save_pretrained / ringlwm.convert.vqgan_flax)")
     parser.add_argument("--input", required=True, help="a folder of images/videos, or a JSONL with a path field")
     parser.add_argument("--out", required=True, help="output JSONL (appended to; paths already there are skipped)")
