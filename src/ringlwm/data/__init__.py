@@ -10,6 +10,7 @@
 
 The stages, one file each:
     sources.py    JSONL / Parquet / text-folder records; bad data raises DataError or is counted
+    synthetic.py  random-motif documents that need no files and no tokenizer (smoke tests, tiny recipe)
     tokenizer.py  sentencepiece or Hugging Face tokenizers; train a sentencepiece model (also a CLI)
     fields.py     field specs ("[question],answer") -> (token_ids, loss_mask)
     mixture.py    interleave example streams at set ratios, deterministic given the seed
@@ -56,6 +57,7 @@ _EXPORTS = {
     "encode_vision_example": "vision_tokens",
     "encode_vision_source": "vision_tokens",
     "vision_chat_record": "vision_tokens",
+    "SyntheticMotifs": "synthetic",
     "ListStream": "stream",
     "ReplayStream": "stream",
     "Stream": "stream",

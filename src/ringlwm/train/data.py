@@ -3,20 +3,16 @@
 Each source becomes a resumable stream of (token_ids, loss_mask) examples; the sources are interleaved
 by ``Mixture`` at their weights (restarting a source when it runs out: epochs), packed to the stage's
 length and sharded for this rank's (dp, sp) position. The ``synthetic`` format needs no files and no
-tokenizer: documents of a random motif repeated, tokens drawn from a Zipf distribution. A model first
-learns the skewed unigram statistics (a quick, reliable drop in loss: smoke tests), then can only do
-better by attending back to the motif (the tiny recipe).
+tokenizer (``ringlwm.data.synthetic``: a random motif repeated, for smoke tests and the tiny recipe).
 """
 
 from __future__ import annotations
 
-import itertools
-import random
-import sys
-
 from ringlwm.data import (
     Mixture,
     PackedLoader,
+    Stream,
+    SyntheticMotifs,
     encode_source,
     encode_vision_source,
     load_tokenizer,
@@ -24,35 +20,7 @@ from ringlwm.data import (
     read_parquet,
     read_text_folder,
 )
-from ringlwm.data.stream import Stream, _IndexIterator
 from ringlwm.train.config import DataConfig, StageConfig
-
-
-class SyntheticMotifs(Stream):
-    """Endless examples; example i depends only on (seed, i), so a restore is O(1)."""
-
-    def __init__(self, vocab_size: int, lengths: list[int], seed: int):
-        if vocab_size < 4:
-            raise ValueError(f"synthetic data needs a vocabulary of at least 4 tokens, got {vocab_size}")
-        self.vocab_size, self.lengths, self.seed = vocab_size, lengths, seed
-        self._zipf = list(itertools.accumulate(1.0 / (k + 1) for k in range(vocab_size)))
-
-    def example(self, index: int) -> tuple[list[int], list[bool]]:
-        rng = random.Random(f"{self.seed}/{index}")
-        length = rng.randint(*self.lengths)
-        motif = rng.choices(range(self.vocab_size), cum_weights=self._zipf, k=rng.randint(2, 12))
-        tokens = (motif * (length // len(motif) + 1))[:length]
-        return tokens, [True] * length
-
-    # An endless lazy sequence, so the data package's index iterator (state {"index": i}) serves it.
-    def __len__(self) -> int:
-        return sys.maxsize
-
-    def __getitem__(self, index: int) -> tuple[list[int], list[bool]]:
-        return self.example(index)
-
-    def iter_from(self, state: dict | None):
-        return _IndexIterator(self, 0 if state is None else int(state["index"]))
 
 
 def load_data_tokenizer(cfg: DataConfig):
