@@ -142,7 +142,8 @@ def main(argv=None) -> None:
     _torchrun(args.nproc, "ringlwm.eval.needle", "--model", str(out / "hf"), "--tokenizer",
               str(data_dir / "tokenizer.model"), "--lengths", args.lengths, "--depths", "0,25,50,75,100",
               "--trials", str(args.trials), "--max-new-tokens", "24", "--seed", str(args.seed + 1),
-              "--out", str(out / "needle.json"), "--heatmap", str(out / "needle_heatmap.png"))
+              "--out", str(out / "needle.json"), "--heatmap", str(out / "needle_heatmap.png"),
+              "--overwrite")  # the model may have trained on (--keep): never reuse another model's answers
     t_eval = time.time() - t_eval
     plot_loss(out / "metrics.jsonl", out / "loss.png")
     summary(out, total=time.time() - start, train=t_train, evaluate=t_eval)

@@ -3,7 +3,7 @@
     device = init_distributed()                       # under torchrun, or a group of one in a plain process
     model = load_model("runs/demo/hf", device=device, purpose="ringlwm.generate")
     record = {"model": model_fingerprint("runs/demo/hf"), "tokenizer": path_fingerprint("tok.model"), ...}
-    done = resume_or_start(previous_record, record, what="needle results", path=out, overwrite=False)
+    resume = check_provenance(previous_record, record, what="needle results", path=out, overwrite=False)
 
 ``train``, ``generate``, ``generate_vision`` and the evaluations go through these, so that a checkpoint
 of the wrong kind is refused within seconds (naming what was found), and so that a resumable output

@@ -274,9 +274,9 @@ def run_needle_eval(model, tokenizer, *, haystack: str, lengths: list[int], dept
             error = err
     _agree(error)
 
-    todo = [make_trial(n, d, t, num_needles=num_needles, num_asked=num_asked, seed=seed)
+    grid = [make_trial(n, d, t, num_needles=num_needles, num_asked=num_asked, seed=seed)
             for n in lengths for d in depths for t in range(trials)]
-    todo = [t for t in todo if t.key not in done]
+    todo = [t for t in grid if t.key not in done]
     settings = dict(lengths=lengths, depths=depths, trials=trials, num_needles=num_needles, num_asked=num_asked,
                     max_new_tokens=max_new_tokens, seed=seed)
     for start in range(0, len(todo), batch_size):
@@ -294,7 +294,8 @@ def run_needle_eval(model, tokenizer, *, haystack: str, lengths: list[int], dept
             tmp.write_text(json.dumps({"provenance": current, "settings": settings, "results": list(done.values())},
                                       indent=1))
             os.replace(tmp, out_path)
-    return list(done.values())
+    # The file keeps every cell run so far; the caller gets (and plots) the grid it asked for.
+    return [done[t.key] for t in grid]
 
 
 def accuracy_table(results: list[dict]) -> dict[tuple[int, float], float]:
