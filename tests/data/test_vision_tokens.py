@@ -11,6 +11,7 @@ import torch
 from byte_tokenizer import ByteTokenizer
 
 from ringlwm.data import IGNORE_INDEX, DataError, PackedLoader, encode_source, pack_documents, read_jsonl
+from ringlwm.data.chat import vision_chat_record
 from ringlwm.data.packing import KEYS, VISION_KEYS
 from ringlwm.data.vision_tokens import (
     EOF_TOKEN,
@@ -22,7 +23,6 @@ from ringlwm.data.vision_tokens import (
     frame_tokens,
     sample_frame_indices,
     sample_frames,
-    vision_chat_record,
 )
 
 TOK = ByteTokenizer()

@@ -13,8 +13,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from ringlwm.data import encode_example, load_tokenizer, train_sentencepiece
+from ringlwm.data.chat import CHAT_PREFIX
 from ringlwm.qa.book_qa import (
-    CHAT_PREFIX,
     BackendError,
     Book,
     GenerationError,

@@ -16,6 +16,7 @@ The stages, one file each:
     mixture.py    interleave example streams at set ratios, deterministic given the seed
     packing.py    documents -> full-length sequences with shifted labels, positions, segments, weights
     vision_tokens.py  VQGAN frames in LWM's token format: (token_ids, loss_mask, vision_mask) examples
+    chat.py       LWM's chat format: text prompts and vision-chat records
     loader.py     dp split, batching, zigzag sharding, state_dict / load_state_dict
     stream.py     the resumable-stream protocol every stage follows
 
@@ -56,7 +57,8 @@ _EXPORTS = {
     "VisionEncodedSource": "vision_tokens",
     "encode_vision_example": "vision_tokens",
     "encode_vision_source": "vision_tokens",
-    "vision_chat_record": "vision_tokens",
+    "vision_chat_record": "chat",
+    "chat_prompt": "chat",
     "SyntheticMotifs": "synthetic",
     "ListStream": "stream",
     "ReplayStream": "stream",

@@ -29,7 +29,7 @@ One JSONL format for every kind of example::
 
     "[vision],caption"                      image -> text, video -> text (1 frame or many)
     "[caption],vision"                      text -> image, text -> video
-    "[question+vision+prompt_end],answer"   vision chat; ``vision_chat_record`` builds such records
+    "[question+vision+prompt_end],answer"   vision chat; ``chat.vision_chat_record`` builds such records
 
 ``vision``: a list of frames, each a list of 256 ints in [0, 8192): the pre-tokenized output of the VQGAN
 tokenizer (LWM's flat list of num_frames * 256 codes is accepted too). ``fields``: the record's own
@@ -61,10 +61,8 @@ EOF_TOKEN = 8192  # end of frame
 EOV_TOKEN = 8193  # end of vision (after the last frame)
 CODES_PER_FRAME = 256  # 16 x 16 codes of a 256 x 256 frame
 TOKENS_PER_FRAME = CODES_PER_FRAME + 1
-VISION_VOCAB_SIZE = 8448  # 8192 codes + 256 special ids (LWM's vision_vocab_size)
 VISION_START, VISION_END = "<vision>", "</vision>"
 SPEC_FIELD = "fields"
-CHAT_SYSTEM = "You are a helpful assistant."
 
 
 def is_vision_field(name: str) -> bool:
@@ -207,16 +205,6 @@ def encode_vision_example(
     if add_eos and tokenizer.eos_id is not None:
         extend([tokenizer.eos_id], spec.segments[-1].loss, False)
     return ids, loss, vision
-
-
-def vision_chat_record(frames, question: str, answer: str, *, system: str = CHAT_SYSTEM) -> dict:
-    """A vision-chat record in LWM's chat layout (``lwm/vision_chat.py``), answer trained:
-
-        [BOS] {system} USER: {question}\\n <vision> ... </vision>  ASSISTANT: {answer} [EOS]
-
-    "\\n" and " ASSISTANT:" are LWM's own strings, each tokenized apart as LWM's sampler does."""
-    return {"vision": frames, "question": f"{system} USER: {question}\n", "prompt_end": " ASSISTANT:",
-            "answer": answer, SPEC_FIELD: "[question+vision+prompt_end],answer"}
 
 
 class VisionEncodedSource(EncodedSource):

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ringlwm.data.chat import CHAT_ASSISTANT, CHAT_PREFIX
 from ringlwm.runtime import (
     check_provenance,
     close_distributed,
@@ -46,9 +47,9 @@ from ringlwm.runtime import (
     text_fingerprint,
 )
 
-PREFIX = "You are a helpful assistant. USER: "
+PREFIX = CHAT_PREFIX  # LWM's prompt: PREFIX + haystack + SUFFIX, each tokenized on its own
 SUFFIX = (" {question} Don't give information outside the document or repeat your findings. "
-          "Keep your response short and direct. ASSISTANT: ")
+          "Keep your response short and direct." + CHAT_ASSISTANT + " ")
 NEEDLE = "The special magic {city} number is: {number}."
 QUESTION = "What is the special magic {city} number?"
 QUESTION_MULTI = "What are the special magic numbers for {cities}?"

@@ -38,12 +38,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from ringlwm.data.chat import chat_prompt
 from ringlwm.qa.chunks import TOKENIZER_FILES
 from ringlwm.runtime import model_fingerprint, path_fingerprint, text_fingerprint
-
-# The question writer sees the QA prompt as the user turn of LWM's chat format unless its tokenizer has a
-# chat template of its own.
-LWM_CHAT = "You are a helpful assistant. USER: {prompt} ASSISTANT: "
 
 
 class GenerationError(Exception):
@@ -100,7 +97,7 @@ class HFGenerator:
         if self.chat_template:
             return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                       add_generation_prompt=True)
-        return LWM_CHAT.format(prompt=prompt)
+        return chat_prompt(prompt)  # the QA prompt as the user turn of LWM's chat format
 
     def provenance(self) -> dict:
         """What decides the outputs (see the module docstring); JSON-able."""

@@ -82,6 +82,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ringlwm.data.chat import chat_prompt
 from ringlwm.data.fields import encode_example
 from ringlwm.data.tokenizer import Tokenizer
 from ringlwm.qa.backends import BackendError, GenerationError, HFGenerator, OpenAIGenerator
@@ -89,7 +90,7 @@ from ringlwm.qa.chunks import Book, Chunk, chunk_text, chunking_provenance, load
 from ringlwm.runtime import check_provenance, text_fingerprint
 
 __all__ = [
-    "QA_PROMPT", "CHAT_PREFIX", "CHAT_SUFFIX", "FIELD_SPEC", "Book", "Chunk", "load_books", "chunk_text",
+    "QA_PROMPT", "FIELD_SPEC", "Book", "Chunk", "load_books", "chunk_text",
     "qa_prompt", "parse_qa", "QAStore", "assemble_examples", "BookQASummary", "run_book_qa", "parse_lengths",
     "GenerationError", "BackendError", "HFGenerator", "OpenAIGenerator", "writer_provenance", "main",
 ]
@@ -111,8 +112,6 @@ Passage:
 {passage}
 >>>"""
 
-CHAT_PREFIX = "You are a helpful assistant. USER: "
-CHAT_SUFFIX = " {question} ASSISTANT: "
 FIELD_SPEC = "[prompt],answer"
 QA_FILE = "qa.jsonl"
 PROVENANCE_FILE = "provenance.json"
@@ -256,7 +255,7 @@ def _seed(*parts) -> int:
 
 
 def _chat_record(context: str, question: str, answer: str) -> dict:
-    return {"prompt": CHAT_PREFIX + context + CHAT_SUFFIX.format(question=question), "answer": answer}
+    return {"prompt": chat_prompt(f"{context} {question}"), "answer": answer}
 
 
 def assemble_examples(book: Book, chunks: Sequence[Chunk], pairs: dict[int, list[dict]], tokenizer: Tokenizer,

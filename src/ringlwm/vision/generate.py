@@ -41,8 +41,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ringlwm.data.chat import CHAT_ASSISTANT, CHAT_SYSTEM, CHAT_USER, vision_chat_record
 from ringlwm.data.vision_tokens import (
-    CHAT_SYSTEM,
     CODES_PER_FRAME,
     EOF_TOKEN,
     EOV_TOKEN,
@@ -50,7 +50,6 @@ from ringlwm.data.vision_tokens import (
     TOKENS_PER_FRAME,
     VISION_START,
     encode_vision_example,
-    vision_chat_record,
 )
 from ringlwm.generate import cached_decode, pick_token
 from ringlwm.ring import sp_world
@@ -133,7 +132,7 @@ def generation_prompts(tokenizer, prompt_text: str, *, video: bool, system: str 
     bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
     what = "a video" if video else "an image"
     start = tokenizer.encode(VISION_START)
-    cond = bos + tokenizer.encode(f"{system} USER: Generate {what} of {prompt_text} ASSISTANT:") + start
+    cond = bos + tokenizer.encode(f"{system}{CHAT_USER}Generate {what} of {prompt_text}{CHAT_ASSISTANT}") + start
     return cond, bos + start
 
 
