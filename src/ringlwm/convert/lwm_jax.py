@@ -16,8 +16,9 @@ sentencepiece model as tokenizer.model. Memory: the converted weights plus one s
 largest is a stacked scan kernel: layers x hidden x ffn).
 
 The input format (tux's / EasyLM's ``StreamingCheckpointer``): msgpack-packed (key path, value) pairs one
-after another; each value is ``flax.serialization.to_bytes(array)``: msgpack ExtType 1 holding the msgpack
-of (shape, dtype name, C-order bytes); an array over flax's chunk size is a dict of chunks. The key paths of
+after another; each value is ``flax.serialization.to_bytes(array)`` (read by ``flax_msgpack.py``: msgpack
+ExtType 1 holding the msgpack of (shape, dtype name, C-order bytes); an array over flax's chunk size is a
+dict of chunks). The key paths of
 a "params" file start at the model (``transformer/wte/embedding``); those of a "trainstate" file start
 with ``params/params`` beside the optimizer state, which is skipped. "params::PATH" and
 "trainstate::PATH" (LWM's ``load_checkpoint`` spelling) are accepted.
@@ -51,14 +52,15 @@ import argparse
 import json
 import shutil
 import sys
-import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 from transformers import LlamaConfig
 
+from ringlwm.convert.flax_msgpack import import_msgpack, unpack
 from ringlwm.models.llama import set_context_length
+from ringlwm.models.lwm import VISION_VOCAB_SIZE
 
 # LWM's LLAMA_STANDARD_CONFIGS (lwm/llama.py); VideoLLaMAConfig adds vision_vocab_size 8448.
 _BASE = {"initializer_range": 0.02, "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "vocab_size": 32000}
@@ -76,15 +78,12 @@ LWM_CONFIGS = {
     "13b": {**_BASE, "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
             "num_attention_heads": 40, "max_sequence_length": 2048},
 }
-LWM_DEFAULTS = {"theta": 10000.0, "vision_vocab_size": 8448, "scan_layers": True, "param_scan_axis": 0,
+LWM_DEFAULTS = {"theta": 10000.0, "vision_vocab_size": VISION_VOCAB_SIZE, "scan_layers": True, "param_scan_axis": 0,
                 "tie_vision_embeddings": False}
 # LWM's LLaMAConfig defaults bos/eos to 0/1, and its trainer overwrites them with the tokenizer's: Llama-2's
 # 1/2. A config without them (the standard names) gets the tokenizer's.
 LLAMA_BOS_ID, LLAMA_EOS_ID = 1, 2
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
-           "int8": torch.int8, "uint8": torch.uint8, "int16": torch.int16, "int32": torch.int32,
-           "int64": torch.int64, "bool": torch.bool}
 _ARG_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # (LWM path inside a layer) -> (HF name inside model.layers.{i}, how: "norm" as is, "t" transposed,
@@ -117,47 +116,6 @@ SCAN_NAME = "scan_decoder"
 # ------------------------------------------------------------------------------------------------
 
 
-def _msgpack():
-    try:
-        import msgpack
-    except ImportError as e:  # pragma: no cover - a dependency of the converter only
-        raise ImportError("reading LWM's JAX checkpoints needs msgpack: pip install msgpack") from e
-    return msgpack
-
-
-def _array(data: bytes) -> torch.Tensor:
-    """flax's ndarray encoding: msgpack (shape, dtype name, C-order bytes)."""
-    shape, name, buffer = _msgpack().unpackb(data, raw=True)
-    name = name.decode() if isinstance(name, bytes) else name
-    if name not in _DTYPES:
-        raise ValueError(f"unsupported array dtype {name!r} in the checkpoint (known: {sorted(_DTYPES)})")
-    if not buffer:
-        return torch.empty(tuple(shape), dtype=_DTYPES[name])
-    with warnings.catch_warnings():
-        # The tensor reads the bytes object in place (no copy); it is never written to.
-        warnings.filterwarnings("ignore", message="The given buffer is not writable")
-        return torch.frombuffer(buffer, dtype=_DTYPES[name]).reshape(tuple(shape))
-
-
-def _ext_hook(code: int, data: bytes):
-    msgpack = _msgpack()
-    if code in (1, 3):  # ndarray, numpy scalar (stored as a 0-d array)
-        return _array(data)
-    if code == 2:  # complex scalar
-        real, imag = msgpack.unpackb(data)
-        return complex(real, imag)
-    return msgpack.ExtType(code, data)
-
-
-def _unchunk(value):
-    """flax stores arrays over its chunk size as {"__msgpack_chunked_array__", "shape", "chunks"} dicts."""
-    if isinstance(value, dict) and value.get("__msgpack_chunked_array__"):
-        shape = tuple(value["shape"][str(i)] for i in range(len(value["shape"])))
-        chunks = [value["chunks"][str(i)].reshape(-1) for i in range(len(value["chunks"]))]
-        return torch.cat(chunks).reshape(shape)
-    return value
-
-
 def _checkpoint_path(path) -> Path:
     text = str(path)
     if "::" in text:
@@ -176,7 +134,7 @@ def iter_lwm_checkpoint(path) -> Iterator[tuple[tuple[str, ...], torch.Tensor]]:
     Key paths are relative to the model (("transformer", "wte", "embedding"), ...): a train state's
     ("params", "params", ...) prefix is dropped and its optimizer state skipped without being decoded.
     Tensors keep the stored dtype (bfloat16 included) and the Flax layout."""
-    msgpack = _msgpack()
+    msgpack = import_msgpack()
     path = _checkpoint_path(path)
     with open(path, "rb") as f:
         unpacker = msgpack.Unpacker(f, read_size=64 << 20, max_buffer_size=1 << 40, raw=False)
@@ -190,7 +148,7 @@ def iter_lwm_checkpoint(path) -> Iterator[tuple[tuple[str, ...], torch.Tensor]]:
                 key = key[2:] if key[1:2] == ("params",) else key[1:]
             elif key[:1] in (("opt_state",), ("step",)):
                 continue  # train-state entries that are not model parameters
-            value = _unchunk(msgpack.unpackb(item[1], ext_hook=_ext_hook, raw=False, strict_map_key=False))
+            value = unpack(item[1])
             if not isinstance(value, torch.Tensor):
                 raise ValueError(f"{path}: {'/'.join(key)} holds a {type(value).__name__}, not an array")
             yield key, value

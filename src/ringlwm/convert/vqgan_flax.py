@@ -4,11 +4,8 @@
     vqgan = VQGAN.from_pretrained("vqgan_torch/")
 
 Input formats, told apart by their first bytes:
-- msgpack, as written by ``flax.serialization.to_bytes``: nested maps whose leaves are msgpack ext objects.
-  Ext code 1 is an ndarray (code 3 a numpy scalar) and its payload is itself msgpack:
-  ``[shape, dtype name, C-order raw bytes]``. Arrays over 2**30 bytes are stored as
-  ``{"__msgpack_chunked_array__": True, "shape": {"0": ..}, "chunks": {"0": flat part, ..}}``.
-  ``bfloat16`` leaves (no numpy dtype) are widened to float32 exactly.
+- msgpack, as written by ``flax.serialization.to_bytes`` (the format is described and read in
+  ``flax_msgpack.py``). ``bfloat16`` leaves (no numpy dtype) are widened to float32 exactly.
 - pickle: LWM's own loader (``lwm/vqgan.py``) reads its released ``vqgan`` file with ``pickle.load``. It is
   read here with a restricted unpickler that builds only numpy arrays, plain containers and stand-ins for
   flax's FrozenDict and jax arrays, and refuses any other global by name (a pickle can run arbitrary code).
@@ -41,10 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ringlwm.convert.flax_msgpack import unpack
 from ringlwm.models.vqgan import VQGAN, VQGANConfig
-
-CHUNKED_ARRAY_KEY = "__msgpack_chunked_array__"
-_EXT_NDARRAY, _EXT_COMPLEX, _EXT_NPSCALAR = 1, 2, 3
 
 
 class CheckpointMismatchError(ValueError):
@@ -54,50 +49,18 @@ class CheckpointMismatchError(ValueError):
 # ---------------------------------------------------------------------------------------------- reading
 
 
-def _array_from_ext(payload: bytes) -> np.ndarray:
-    import msgpack
-
-    shape, dtype_name, buffer = msgpack.unpackb(payload, raw=True)
-    name = dtype_name.decode() if isinstance(dtype_name, bytes) else dtype_name
-    if name == "bfloat16":
-        # bfloat16 is the top half of a float32: shifting the bits up widens it exactly.
-        bits = np.frombuffer(buffer, dtype=np.uint16).astype(np.uint32) << 16
-        return bits.view(np.float32).reshape(shape)
-    try:
-        dtype = np.dtype(name)
-    except TypeError as e:
-        raise ValueError(f"flax msgpack: unsupported array dtype {name!r}") from e
-    return np.frombuffer(buffer, dtype=dtype).reshape(shape)
-
-
-def _ext_hook(code: int, payload: bytes):
-    import msgpack
-
-    if code == _EXT_NDARRAY:
-        return _array_from_ext(payload)
-    if code == _EXT_NPSCALAR:
-        return _array_from_ext(payload)[()]
-    if code == _EXT_COMPLEX:
-        real, imag = msgpack.unpackb(payload)
-        return complex(real, imag)
-    raise ValueError(f"flax msgpack: unknown ext type code {code} (flax writes 1 ndarray, 2 complex, 3 numpy scalar)")
-
-
-def _unchunk(tree):
-    if isinstance(tree, dict):
-        if tree.get(CHUNKED_ARRAY_KEY):
-            shape = tuple(tree["shape"][str(i)] for i in range(len(tree["shape"])))
-            parts = [tree["chunks"][str(i)] for i in range(len(tree["chunks"]))]
-            return np.concatenate(parts).reshape(shape)
-        return {k: _unchunk(v) for k, v in tree.items()}
-    return tree
-
-
 def read_flax_msgpack(data: bytes) -> dict:
-    """Bytes of ``flax.serialization.to_bytes(tree)`` -> the nested dict of numpy arrays."""
-    import msgpack
+    """Bytes of ``flax.serialization.to_bytes(tree)`` -> the nested dict of numpy arrays (``flax_msgpack.unpack``;
+    bfloat16 leaves widened to float32, exactly)."""
 
-    return _unchunk(msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False))
+    def to_numpy(node):
+        if isinstance(node, dict):
+            return {k: to_numpy(v) for k, v in node.items()}
+        if isinstance(node, torch.Tensor):
+            return (node.float() if node.dtype == torch.bfloat16 else node).numpy()
+        return node
+
+    return to_numpy(unpack(data))
 
 
 def _numpy_from_jax_pickle(fun, args, arr_state, _aval_state):

@@ -17,6 +17,7 @@ from pathlib import Path
 import tomllib
 import yaml
 
+from ringlwm.models.lwm import VISION_VOCAB_SIZE
 from ringlwm.ring.layout import check_divisible
 
 _SOURCE_FORMATS = ("jsonl", "parquet", "text", "synthetic")
@@ -47,7 +48,7 @@ class ModelConfig:
     vision: bool = False
     """Train LWM's vision-language model (RingLwmForCausalLM: text and vision embeddings and heads). From a
     text checkpoint the vision table and head start new."""
-    vision_vocab_size: int = 8448
+    vision_vocab_size: int = VISION_VOCAB_SIZE
     """Vision vocabulary: 8192 VQGAN codes + 256 special ids (<eof> 8192, <eov> 8193), as LWM."""
     vision_loss_weight: float = 0.5
     text_loss_weight: float = 0.5
