@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 
-from ringlwm.data.sources import DataError, SourceStats, check_on_error
+from ringlwm.data.sources import DataError, SourceStats, check_on_error, record_field
 from ringlwm.data.stream import Stream, as_stream
 from ringlwm.data.tokenizer import Tokenizer
 
@@ -69,16 +69,6 @@ def _parse(spec: str) -> FieldSpec:
     return FieldSpec(tuple(segments), spec)
 
 
-def record_field(record: Mapping, name: str, spec: FieldSpec):
-    """The value of field ``name``; a DataError ("missing_field") naming the spec and the record's fields."""
-    value = record.get(name)
-    if value is None:
-        have = ", ".join(map(repr, record)) or "none"
-        raise DataError(f"record has no field {name!r} needed by field spec {spec.text!r} (its fields: {have})",
-                        "missing_field")
-    return value
-
-
 def encode_example(
     record: Mapping,
     spec: str | FieldSpec,
@@ -101,7 +91,7 @@ def encode_example(
     for seg in spec.segments:
         parts = []
         for name in seg.fields:
-            value = record_field(record, name, spec)
+            value = record_field(record, name, f"field spec {spec.text!r}")
             if not isinstance(value, str):
                 hint = " (vision frames? see vision_tokens.encode_vision_source)" if isinstance(value, list) else ""
                 raise DataError(f"field {name!r} is {type(value).__name__}, not a string{hint}", "bad_field")

@@ -30,7 +30,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ringlwm.data.stream import Stream
@@ -76,14 +76,26 @@ def check_on_error(on_error: str) -> str:
     return on_error
 
 
+def record_field(record: Mapping, name: str, needed_by: str = ""):
+    """The value of field ``name``; a missing (or null) one raises DataError("missing_field") naming the
+    record's fields and, when given, what needs the field (e.g. "field spec '[question],answer'")."""
+    value = record.get(name)
+    if value is None:
+        have = ", ".join(map(repr, record)) or "none"
+        needed = f" needed by {needed_by}" if needed_by else ""
+        raise DataError(f"record has no field {name!r}{needed} (its fields: {have})", "missing_field")
+    return value
+
+
 def check_record(record: dict, fields: Sequence[str]) -> DataError | None:
     """The problem with ``record`` for a reader that needs ``fields`` (as text), or None."""
     for name in fields:
-        if record.get(name) is None:
-            have = ", ".join(map(repr, record)) or "none"
-            return DataError(f"record has no field {name!r} (its fields: {have})", "missing_field")
-        if not isinstance(record[name], str):
-            return DataError(f"field {name!r} is {type(record[name]).__name__}, not a string", "bad_field")
+        try:
+            value = record_field(record, name)
+        except DataError as e:
+            return e
+        if not isinstance(value, str):
+            return DataError(f"field {name!r} is {type(value).__name__}, not a string", "bad_field")
     if fields and not any(record[name].strip() for name in fields):
         return DataError(f"empty document: field(s) {', '.join(map(repr, fields))} hold no text", "empty_document")
     return None

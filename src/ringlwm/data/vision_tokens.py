@@ -51,8 +51,8 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from ringlwm.data.fields import EncodedSource, FieldSpec, parse_field_spec, record_field
-from ringlwm.data.sources import DataError
+from ringlwm.data.fields import EncodedSource, FieldSpec, parse_field_spec
+from ringlwm.data.sources import DataError, record_field
 from ringlwm.data.stream import Stream
 from ringlwm.data.tokenizer import Tokenizer
 
@@ -165,7 +165,7 @@ def encode_vision_example(
     for seg in spec.segments:
         parts: list[list] = []
         for name in seg.fields:
-            value = record_field(record, name, spec)
+            value = record_field(record, name, f"field spec {spec.text!r}")
             if is_vision_field(name):
                 parts.append(["vision", sample_frames(frames_array(value, name), max_frames)])
             elif not isinstance(value, str):
