@@ -23,8 +23,8 @@ bench: install
 lint: install
 	$(PYTHON) -m ruff check .
 
-# The main job: data + tokenizer, a tiny Llama trained over the ring on 2 CPU processes (512 -> 2048 tokens),
-# needle evaluation; writes runs/demo/. DEMO_ARGS passes recipe overrides (e.g. stages.0.steps=100).
+# The main job: data + tokenizer, a tiny Llama trained on 2 CPU processes (1024 tokens data parallel, then
+# 2048 tokens over the ring), needle evaluation; writes runs/demo/. DEMO_ARGS passes recipe overrides (e.g. stages.0.steps=100).
 DEMO_ARGS ?=
 demo: install
 	$(PYTHON) -m ringlwm.demo --out runs/demo --recipe recipes/demo.yaml $(DEMO_ARGS)

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from ringlwm import shard_sequence, unshard_sequence
 from ringlwm.models import RingLlamaForCausalLM, rope_theta, set_context_length
-from ringlwm.models.lwm import LwmConfig, RingLwmForCausalLM, loss_weight_totals
+from ringlwm.models.lwm import LwmConfig, RingLwmForCausalLM
 
 VOCAB, VISION_VOCAB = 97, 8448
 
@@ -124,11 +124,14 @@ def test_loss_weighting_by_hand(lwm_dir):
     embeds = model.embed(ids, vision)
     assert torch.equal(embeds[vision], model.vision_embed_tokens.weight[ids[vision]])
     assert torch.equal(embeds[~vision], model.model.embed_tokens.weight[ids[~vision]])
-    # loss_reduction="sum" with the batch's totals gives the same loss
-    totals = loss_weight_totals(labels, label_vision, weights)
+    # loss_reduction="sum": raw per-head sums and weights; normalised by the batch's weights, the same loss
+    totals = model.label_weight_sums(labels, weights, label_vision_mask=label_vision)
     out3 = model(ids, labels=labels, vision_mask=vision, label_vision_mask=label_vision, loss_weights=weights,
-                 loss_reduction="sum", loss_totals=totals)
-    assert abs(out3.loss.item() - out2.loss.item()) < 1e-5
+                 loss_reduction="sum")
+    assert torch.allclose(out3.loss_weight_sums.double(), totals)
+    coefficients = torch.tensor(list(model.loss_heads.values()), dtype=torch.float64)
+    loss3 = (coefficients * out3.loss_sums.double() / totals).sum()
+    assert abs(loss3.item() - out2.loss.item()) < 1e-5
 
 
 def _sequence_parallel(rank, world_size, path, ref):
@@ -149,11 +152,12 @@ def _sequence_parallel(rank, world_size, path, ref):
         err = (grad - ref["grads"][name]).abs().max() / ref["grads"][name].abs().max().clamp(min=1e-12)
         assert err < 1e-4, f"{name}: relative gradient error {err:.2e}"
     # the trainer's way: per-rank sums over the global totals add up to the loss
-    totals = [t.clone() for t in loss_weight_totals(shards[2], shards[4], shards[5])]
-    for t in totals:
-        dist.all_reduce(t)
-    part = model(shards[0], shards[1], labels=shards[2], vision_mask=shards[3], label_vision_mask=shards[4],
-                 loss_weights=shards[5], loss_reduction="sum", loss_totals=totals).loss.detach()
+    totals = model.label_weight_sums(shards[2], shards[5], label_vision_mask=shards[4])
+    dist.all_reduce(totals)
+    sums = model(shards[0], shards[1], labels=shards[2], vision_mask=shards[3], label_vision_mask=shards[4],
+                 loss_weights=shards[5], loss_reduction="sum").loss_sums.detach()
+    coefficients = torch.tensor(list(model.loss_heads.values()), dtype=torch.float64)
+    part = (coefficients * sums.double() / totals).sum()
     dist.all_reduce(part)
     assert abs(part.item() - ref["loss"]) < 1e-5
 
@@ -199,8 +203,8 @@ def test_bad_inputs(lwm_dir):
         model(ids, labels=labels, vision_mask=vision, label_vision_mask=torch.zeros_like(vision))
     with pytest.raises(ValueError, match="vision_mask must have shape"):
         model(ids, vision_mask=vision[:, :-1])
-    with pytest.raises(ValueError, match="loss_totals"):
-        model(ids, labels=labels, vision_mask=vision, label_vision_mask=label_vision, loss_reduction="sum")
+    with pytest.raises(ValueError, match="loss_reduction must be"):
+        model(ids, labels=labels, vision_mask=vision, label_vision_mask=label_vision, loss_reduction="max")
     with pytest.raises(NotImplementedError, match="generation"):
         model(ids, vision_mask=vision, use_cache=True)
     with pytest.raises(ValueError, match="not both 0"):

@@ -7,22 +7,23 @@
 from ringlwm.models.llama import (
     ATTN_IMPLEMENTATION,
     ChunkedLlamaMLP,
+    RingCausalLMOutput,
     RingLlamaForCausalLM,
     rope_theta,
     set_context_length,
 )
 from ringlwm.models.loss import IGNORE_INDEX, linear_cross_entropy, sequence_parallel_loss
-from ringlwm.models.lwm import LwmConfig, RingLwmForCausalLM, loss_weight_totals
+from ringlwm.models.lwm import LwmConfig, RingLwmForCausalLM
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
     "ChunkedLlamaMLP",
     "IGNORE_INDEX",
     "LwmConfig",
+    "RingCausalLMOutput",
     "RingLlamaForCausalLM",
     "RingLwmForCausalLM",
     "linear_cross_entropy",
-    "loss_weight_totals",
     "rope_theta",
     "sequence_parallel_loss",
     "set_context_length",

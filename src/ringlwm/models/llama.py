@@ -16,6 +16,8 @@ checkpointed (``activation_checkpointing``), all set on the config (``ringlwm_op
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
@@ -25,7 +27,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 from ringlwm.kernels import blockwise_attention
-from ringlwm.models.loss import linear_cross_entropy, sequence_parallel_loss
+from ringlwm.models.loss import IGNORE_INDEX, linear_cross_entropy, sequence_parallel_loss
 from ringlwm.ring import ring_attention, sp_world
 from ringlwm.ring.decode import sharded_decode_attention
 
@@ -113,8 +115,39 @@ def rope_theta(config: LlamaConfig) -> float:
     return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
 
 
+@dataclass
+class RingCausalLMOutput(CausalLMOutputWithPast):
+    """``CausalLMOutputWithPast`` plus the loss contract shared by every ringlwm model (see ``loss_heads``):
+    ``loss_sums`` (num_heads,) this rank's raw weighted loss sum per head and ``loss_weight_sums``
+    (num_heads,) the sum of the token weights behind each, with labels only."""
+
+    loss_sums: torch.FloatTensor | None = None
+    loss_weight_sums: torch.FloatTensor | None = None
+
+
 class RingLlamaForCausalLM(LlamaForCausalLM):
-    """``LlamaForCausalLM`` that runs sequence-parallel over the ring (see the module docstring)."""
+    """``LlamaForCausalLM`` that runs sequence-parallel over the ring (see the module docstring).
+
+    The loss contract (shared with ``RingLwmForCausalLM``): the model has loss heads with coefficients
+    (``loss_heads``: here one, ``{"text": 1.0}``). Its loss is ``sum_h coefficient_h * mean_h``, each
+    head's weighted mean over the tokens whose target it predicts. ``loss_reduction="mean"`` computes that
+    over the sequence group; ``"sum"`` returns the raw sums (``loss_sums``) and weights
+    (``loss_weight_sums``) of this rank, so that a trainer normalises over its whole global batch, whose
+    per-head weights ``label_weight_sums`` gives before any forward.
+    """
+
+    @property
+    def loss_heads(self) -> dict[str, float]:
+        """Loss heads and their coefficients, in the order of ``loss_sums``."""
+        return {"text": 1.0}
+
+    def label_weight_sums(self, labels: torch.Tensor, loss_weights: torch.Tensor | None = None,
+                          **_head_masks) -> torch.Tensor:
+        """(num_heads,) float64 sums of the token weights of the positions with a label, per head: the
+        normalisers of a batch, known before any forward. labels, loss_weights: (batch, local_seq)."""
+        valid = labels != IGNORE_INDEX
+        weights = torch.ones(labels.shape, device=labels.device) if loss_weights is None else loss_weights
+        return torch.where(valid, weights.double(), 0.0).sum()[None]
 
     def __init__(self, config: LlamaConfig):
         options = dict(DEFAULT_OPTIONS)
@@ -202,8 +235,9 @@ class RingLlamaForCausalLM(LlamaForCausalLM):
         are next-token targets already aligned with the inputs (-100: no loss; the model does not shift);
         loss_weights (optional) weight each token's loss. ``loss`` is the weighted mean over the valid
         tokens of the whole sequence group, the same on every rank. With ``loss_reduction="sum"`` it is
-        this rank's weighted sum instead (for a trainer that divides by the weight of a larger batch:
-        data-parallel ranks, accumulation steps). ``logits`` (batch, local_seq, vocab) come with
+        this rank's raw weighted sum instead (for a trainer that divides by the weight of a larger batch:
+        data-parallel ranks, accumulation steps; see ``loss_heads``). Either way ``loss_sums`` and
+        ``loss_weight_sums`` hold this rank's per-head sums and weights, shape (num_heads,). ``logits`` (batch, local_seq, vocab) come with
         ``return_logits=True``, and by default when no labels are given (as in transformers: generation and
         evaluation read them; ``logits_to_keep`` keeps the last k positions); with labels the default is
         no logits, as the blockwise loss never needs them.
@@ -222,12 +256,13 @@ class RingLlamaForCausalLM(LlamaForCausalLM):
         outputs = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, position_ids=position_ids,
                              segment_ids=segment_ids, sp_group=sp_group, use_cache=False, **kwargs)
         hidden = outputs.last_hidden_state
-        loss = None
+        loss = loss_sums = loss_weight_sums = None
         if labels is not None:
             loss_sum, weight_sum = linear_cross_entropy(
                 hidden, self.lm_head.weight, labels, loss_weights,
                 chunk_size=self.config.ringlwm_options["loss_chunk_size"],
             )
+            loss_sums, loss_weight_sums = loss_sum[None], weight_sum[None]
             if loss_reduction == "sum":
                 loss = loss_sum
             elif loss_reduction == "mean":
@@ -240,5 +275,6 @@ class RingLlamaForCausalLM(LlamaForCausalLM):
         if return_logits:
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
             logits = self.lm_head(hidden[:, keep])
-        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
-                                      attentions=outputs.attentions)
+        return RingCausalLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                  attentions=outputs.attentions, loss_sums=loss_sums,
+                                  loss_weight_sums=loss_weight_sums)

@@ -21,12 +21,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """sum_i w_i * CE(hidden_i @ weight.T, label_i) over tokens with label != IGNORE_INDEX.
 
     hidden: (tokens, hidden_size); weight: (vocab, hidden_size); labels: (tokens,) int;
-    token_weights: (tokens,) float. The gradients are computed in the forward, chunk by chunk, and
+    loss_weights: (tokens,) float. The gradients are computed in the forward, chunk by chunk, and
     scaled by the incoming gradient in the backward.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, token_weights, chunk_size):
+    def forward(ctx, hidden, weight, labels, loss_weights, chunk_size):
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32 logits and sums; fp64 stays fp64
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
@@ -34,7 +34,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=acc, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):
             end = min(start + chunk_size, hidden.shape[0])
-            h, y, w = hidden[start:end], labels[start:end], token_weights[start:end].to(acc)
+            h, y, w = hidden[start:end], labels[start:end], loss_weights[start:end].to(acc)
             valid = y != IGNORE_INDEX
             w = torch.where(valid, w, 0.0)
             y = torch.where(valid, y, 0)
@@ -69,12 +69,12 @@ def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
-    token_weights: torch.Tensor | None = None,
+    loss_weights: torch.Tensor | None = None,
     chunk_size: int = 4096,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted cross-entropy sum of ``hidden @ weight.T`` against ``labels``, in chunks of tokens.
 
-    hidden: (..., hidden_size); labels: (...) with IGNORE_INDEX (-100) for no loss; token_weights: (...)
+    hidden: (..., hidden_size); labels: (...) with IGNORE_INDEX (-100) for no loss; loss_weights: (...)
     or None (1 for every token). Returns (loss_sum, weight_sum): the differentiable sum of w_i * CE_i and
     the sum of w_i over the tokens with a label (no grad). Their ratio is the weighted mean.
     """
@@ -84,16 +84,16 @@ def linear_cross_entropy(
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     labels1d = labels.reshape(-1)
-    if token_weights is None:
-        token_weights1d = torch.ones(labels1d.shape, dtype=torch.float32, device=labels.device)
+    if loss_weights is None:
+        loss_weights1d = torch.ones(labels1d.shape, dtype=torch.float32, device=labels.device)
     else:
-        if token_weights.shape != labels.shape:
-            raise ValueError(f"token_weights {tuple(token_weights.shape)} must match labels {tuple(labels.shape)}")
-        token_weights1d = token_weights.reshape(-1)
+        if loss_weights.shape != labels.shape:
+            raise ValueError(f"loss_weights {tuple(loss_weights.shape)} must match labels {tuple(labels.shape)}")
+        loss_weights1d = loss_weights.reshape(-1)
     if labels1d.numel() and ((labels1d >= weight.shape[0]) | ((labels1d < 0) & (labels1d != IGNORE_INDEX))).any():
         raise ValueError(f"labels must lie in [0, vocab size {weight.shape[0]}) or be {IGNORE_INDEX} (no loss)")
-    loss_sum = _LinearCrossEntropy.apply(hidden2d, weight, labels1d, token_weights1d, int(chunk_size))
-    weight_sum = torch.where(labels1d != IGNORE_INDEX, token_weights1d.to(loss_sum.dtype), 0.0).sum()
+    loss_sum = _LinearCrossEntropy.apply(hidden2d, weight, labels1d, loss_weights1d, int(chunk_size))
+    weight_sum = torch.where(labels1d != IGNORE_INDEX, loss_weights1d.to(loss_sum.dtype), 0.0).sum()
     return loss_sum, weight_sum
 
 

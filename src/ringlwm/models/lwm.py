@@ -40,9 +40,8 @@ import torch.distributed as dist
 from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
-from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ringlwm.models.llama import RingLlamaForCausalLM
+from ringlwm.models.llama import RingCausalLMOutput, RingLlamaForCausalLM
 from ringlwm.models.loss import IGNORE_INDEX, linear_cross_entropy, sequence_parallel_loss
 
 VISION_VOCAB_SIZE = 8448  # LWM's vision_vocab_size: 8192 codes + 256 special ids
@@ -81,7 +80,7 @@ def lwm_config_from_text(config: LlamaConfig, **vision_fields) -> LwmConfig:
 
 
 @dataclass
-class LwmCausalLMOutput(CausalLMOutputWithPast):
+class LwmCausalLMOutput(RingCausalLMOutput):
     """``loss``: the weighted loss (see the module docstring). ``vision_loss``/``text_loss``: its two parts,
     the group means (``loss_reduction="sum"``: this rank's weighted sums). ``logits`` (text head) and
     ``vision_logits`` (vision head): (batch, local_seq, vocab) each, with ``return_logits=True`` or when no
@@ -92,23 +91,25 @@ class LwmCausalLMOutput(CausalLMOutputWithPast):
     text_loss: torch.FloatTensor | None = None
 
 
-def loss_weight_totals(labels: torch.Tensor, label_vision_mask: torch.Tensor | None,
-                       loss_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(vision, text) sums of the token weights over the positions with a label: what a trainer all-reduces
-    over ranks and micro-batches and passes as ``loss_totals`` with ``loss_reduction="sum"``.
-
-    labels, label_vision_mask, loss_weights: (batch, local_seq). Returns two fp32 scalars."""
-    valid = labels != IGNORE_INDEX
-    weights = torch.ones(labels.shape, device=labels.device) if loss_weights is None else loss_weights.float()
-    weights = torch.where(valid, weights, 0.0)
-    vision = torch.zeros_like(valid) if label_vision_mask is None else label_vision_mask.bool()
-    return (weights * vision).sum(), (weights * ~vision).sum()
-
-
 class RingLwmForCausalLM(RingLlamaForCausalLM):
     """LWM's vision-language model running sequence-parallel over the ring (see the module docstring)."""
 
     config_class = LwmConfig
+
+    @property
+    def loss_heads(self) -> dict[str, float]:
+        """(vision, text) heads with LWM's coefficients (config vision_loss_weight / text_loss_weight)."""
+        return {"vision": float(self.config.vision_loss_weight), "text": float(self.config.text_loss_weight)}
+
+    def label_weight_sums(self, labels: torch.Tensor, loss_weights: torch.Tensor | None = None, *,
+                          label_vision_mask: torch.Tensor | None = None, **_unused) -> torch.Tensor:
+        """(2,) float64 (vision, text) sums of the token weights of the positions with a label: the batch's
+        normalisers, known before any forward. labels, label_vision_mask, loss_weights: (batch, local_seq)."""
+        valid = labels != IGNORE_INDEX
+        weights = torch.ones(labels.shape, device=labels.device) if loss_weights is None else loss_weights
+        weights = torch.where(valid, weights.double(), 0.0)
+        vision = torch.zeros_like(valid) if label_vision_mask is None else label_vision_mask.bool()
+        return torch.stack([(weights * vision).sum(), (weights * ~vision).sum()])
 
     def __init__(self, config: LlamaConfig):
         if not isinstance(config, LwmConfig):
@@ -151,7 +152,6 @@ class RingLwmForCausalLM(RingLlamaForCausalLM):
         label_vision_mask: torch.Tensor | None = None,
         loss_weights: torch.Tensor | None = None,
         loss_reduction: str = "mean",
-        loss_totals: tuple | None = None,
         return_logits: bool | None = None,
         inputs_embeds: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
@@ -167,13 +167,15 @@ class RingLwmForCausalLM(RingLlamaForCausalLM):
 
         loss_reduction="mean": ``loss`` is the weighted loss of the whole sequence group, the same on every
         rank. "sum" (for a trainer normalising over a larger batch: data-parallel ranks, accumulation
-        steps): needs ``loss_totals`` = (vision, text) weight totals of that batch (``loss_weight_totals``
-        summed over it); ``loss`` is this rank's share ``wv * vision_sum / vision_total + wt * text_sum /
-        text_total``, which summed over every rank and micro-batch is the batch's loss.
+        steps): ``vision_loss`` / ``text_loss`` are this rank's raw weighted sums and ``loss`` their sum;
+        the trainer divides each head by its weight over the batch (``label_weight_sums``) and applies
+        ``loss_heads``' coefficients. Either way ``loss_sums`` / ``loss_weight_sums`` are this rank's
+        (vision, text) sums and weights (the contract of ``RingLlamaForCausalLM``).
         """
         if past_key_values is not None or use_cache or "ringlwm_cache" in kwargs:
-            raise NotImplementedError("RingLwmForCausalLM has no cached generation yet (LWM samples vision with "
-                                      "classifier-free guidance); use forward without a cache")
+            raise NotImplementedError("RingLwmForCausalLM.forward takes no KV cache: cached (and sequence-parallel) "
+                                      "decoding goes through ringlwm.generate's engine (prefill, decode_step, "
+                                      "cached_decode), as vision generation does; call forward without a cache")
         if attention_mask is not None:
             raise ValueError("RingLwmForCausalLM takes segment_ids instead of attention_mask")
         position_ids = self._check_inputs(input_ids, inputs_embeds, position_ids, labels, segment_ids, sp_group)
@@ -190,7 +192,7 @@ class RingLwmForCausalLM(RingLlamaForCausalLM):
                              sp_group=sp_group, use_cache=False, **kwargs)
         hidden = outputs.last_hidden_state
 
-        loss = vision_loss = text_loss = None
+        loss = vision_loss = text_loss = loss_sums = loss_weight_sums = None
         if labels is not None:
             if label_vision_mask is None and vision_mask is not None:
                 raise ValueError("label_vision_mask is required with vision_mask and labels: it picks the head "
@@ -198,18 +200,15 @@ class RingLwmForCausalLM(RingLlamaForCausalLM):
             (vision_sum, vision_weight), (text_sum, text_weight) = self._head_losses(
                 hidden, labels, label_vision_mask, loss_weights)
             wv, wt = float(self.config.vision_loss_weight), float(self.config.text_loss_weight)
+            loss_sums = torch.stack([vision_sum, text_sum])
+            loss_weight_sums = torch.stack([vision_weight, text_weight])
             if loss_reduction == "mean":
                 vision_loss = sequence_parallel_loss(vision_sum, vision_weight, sp_group)
                 text_loss = sequence_parallel_loss(text_sum, text_weight, sp_group)
                 loss = wv * vision_loss + wt * text_loss
             elif loss_reduction == "sum":
-                if loss_totals is None:
-                    raise ValueError("loss_reduction='sum' needs loss_totals=(vision_total, text_total): the weight "
-                                     "totals of the batch the loss is normalised over (see loss_weight_totals)")
-                tiny = torch.finfo(torch.float32).tiny
-                vision_total, text_total = (max(float(t), tiny) for t in loss_totals)
                 vision_loss, text_loss = vision_sum, text_sum
-                loss = wv * vision_sum / vision_total + wt * text_sum / text_total
+                loss = vision_sum + text_sum
             else:
                 raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         logits = vision_logits = None
@@ -219,7 +218,8 @@ class RingLwmForCausalLM(RingLlamaForCausalLM):
             logits, vision_logits = self.lm_head(hidden), self.vision_head(hidden)
         return LwmCausalLMOutput(loss=loss, logits=logits, vision_logits=vision_logits, vision_loss=vision_loss,
                                  text_loss=text_loss, hidden_states=outputs.hidden_states,
-                                 attentions=outputs.attentions)
+                                 attentions=outputs.attentions, loss_sums=loss_sums,
+                                 loss_weight_sums=loss_weight_sums)
 
     def _head_losses(self, hidden, labels, label_vision_mask, loss_weights):
         """((vision_sum, vision_weight), (text_sum, text_weight)): blockwise CE of each head over the tokens

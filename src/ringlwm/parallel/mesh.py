@@ -1,15 +1,15 @@
 """The device mesh: data parallel (replicate), FSDP (shard) and sequence parallel (the ring).
 
     dims = ParallelDims(dp_replicate=1, dp_shard=-1, sp=2, world_size=4)   # -1: whatever is left
-    mesh = dims.build_mesh("cpu")
+    mesh, fsdp_mesh = dims.build_mesh("cpu")   # the root mesh, and what FSDP2 shards over
     sp_group = mesh["sp"].get_group()          # the ring
-    fsdp_mesh = dims.fsdp_mesh                 # what FSDP2 shards over
 
+``sp`` (sequence parallelism: the ring) is what torchtitan calls ``cp`` (context parallelism).
 Axes, outermost first: ("dp_replicate", "dp_shard", "sp"). Ranks of one sp group are adjacent, so a
 ring stays inside a node when it can. Parameters are sharded over dp_shard and sp jointly (as LWM
 shards over (fsdp, sp)): the FSDP mesh is (dp_replicate, dp_shard x sp), HSDP when dp_replicate > 1.
-It is kept beside the root mesh (``dims.fsdp_mesh``) rather than sliced out of it, which torch is
-deprecating for flattened dims. Every rank of one sp group reads the same sequences; the data-parallel
+It is built beside the root mesh rather than sliced out of it, which torch is deprecating for
+flattened dims. Every rank of one sp group reads the same sequences; the data-parallel
 index is dp_replicate_index * dp_shard + dp_shard_index.
 """
 
@@ -57,16 +57,16 @@ class ParallelDims:
         """Number of data-parallel replicas of the sequence stream (distinct batches per step)."""
         return self.dp_replicate * self.dp_shard
 
-    def build_mesh(self, device_type: str) -> DeviceMesh:
-        """The root mesh (dp_replicate, dp_shard, sp); also builds ``self.fsdp_mesh``."""
+    def build_mesh(self, device_type: str) -> tuple[DeviceMesh, DeviceMesh]:
+        """(the root mesh (dp_replicate, dp_shard, sp), the FSDP mesh (dp_replicate?, dp_shard x sp))."""
         mesh = init_device_mesh(device_type, (self.dp_replicate, self.dp_shard, self.sp), mesh_dim_names=AXES)
         if self.dp_replicate == 1:
-            self.fsdp_mesh = mesh[("dp_shard", "sp")]._flatten("dp_shard_sp")
+            fsdp_mesh = mesh[("dp_shard", "sp")]._flatten("dp_shard_sp")
         else:
             # Same row-major rank layout as the root mesh, so shard groups are its (dp_shard, sp) blocks.
-            self.fsdp_mesh = init_device_mesh(device_type, (self.dp_replicate, self.dp_shard * self.sp),
-                                              mesh_dim_names=("dp_replicate", "dp_shard_sp"))
-        return mesh
+            fsdp_mesh = init_device_mesh(device_type, (self.dp_replicate, self.dp_shard * self.sp),
+                                         mesh_dim_names=("dp_replicate", "dp_shard_sp"))
+        return mesh, fsdp_mesh
 
     def coordinates(self, mesh: DeviceMesh) -> dict[str, int]:
         """This rank's (dp, sp) indices: which data shard it reads and which zigzag part it holds."""

@@ -1,13 +1,16 @@
 """Turn a model built on the meta device into a sharded, trainable one: an ordered list of steps.
 
-    parallelize_llama(model, dims.fsdp_mesh, mixed_precision=True, activation_checkpointing=False)
+    mesh, fsdp_mesh = dims.build_mesh(device.type)
+    parallelize_llama(model, fsdp_mesh, mixed_precision=True)
+    materialize(model, device, full_state_dict_on_rank0, broadcast=True)
 
-Order matters:
-1. activation checkpointing first, so that FSDP wraps the checkpointed layers (the all-gathered
-   parameters are then freed after each layer's forward and gathered again for its recomputation);
-2. FSDP2 ``fully_shard`` per decoder layer, then the root (embeddings, final norm, head), so each layer's
+Activation checkpointing is a model option (``ringlwm_options["activation_checkpointing"]``, set on the
+config before the model is built, applied by the model itself): transformers marks each decoder layer to
+recompute itself, so it composes with FSDP in either order (a recomputed layer runs FSDP's pre-forward
+hook again, which gathers its parameters again). Order matters for the rest:
+1. FSDP2 ``fully_shard`` per decoder layer, then the root (embeddings, final norm, head), so each layer's
    parameters are gathered just before it runs and released after;
-3. materialise (``to_empty``) and load weights last, into the sharded parameters, so that no rank ever
+2. materialise (``to_empty``) and load weights last, into the sharded parameters, so that no rank ever
    holds the whole model: the full state dict lives on rank 0 only and is broadcast shard by shard.
 """
 
@@ -19,12 +22,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 
-def apply_activation_checkpointing(model, enabled: bool) -> None:
-    model.apply_options(activation_checkpointing=enabled)
-
-
 def apply_fsdp(model, shard_mesh: DeviceMesh, mixed_precision: bool) -> None:
-    """FSDP2 over the (dp_replicate, dp_shard x sp) mesh (``ParallelDims.fsdp_mesh``). bf16 compute with fp32
+    """FSDP2 over the (dp_replicate, dp_shard x sp) mesh (the second mesh of ``ParallelDims.build_mesh``). bf16 compute with fp32
     gradient reduction on GPU; plain fp32 on CPU (gloo). Gradients are averaged over the whole FSDP mesh (the trainer scales its loss
     to make that a sum over sequence shards and the exact token mean over the global batch)."""
     kwargs = {"mesh": shard_mesh}
@@ -49,6 +48,5 @@ def materialize(model, device: torch.device, full_state_dict: dict | None, *, br
     model.model.rotary_emb = type(rotary)(config=model.config).to(device)
 
 
-def parallelize_llama(model, fsdp_mesh: DeviceMesh, *, mixed_precision: bool, activation_checkpointing: bool) -> None:
-    apply_activation_checkpointing(model, activation_checkpointing)
+def parallelize_llama(model, fsdp_mesh: DeviceMesh, *, mixed_precision: bool) -> None:
     apply_fsdp(model, fsdp_mesh, mixed_precision)

@@ -5,11 +5,12 @@ the meta device with the stage's length and RoPE theta, shard it (FSDP2), fill i
 init checkpoint or a seeded random init, broadcast from rank 0; later stages: the previous stage's final
 checkpoint through DCP, resharded), then train.
 
-Loss bookkeeping (a classic source of silent bugs in context-parallel trainers): each rank computes the
-weighted loss *sum* over its zigzag shard; the step's total weight is all-reduced over every rank and
-every accumulation micro-batch before any backward, and each rank backpropagates
-``local_sum * world_size / total_weight``. FSDP averages gradients over the world, so the update is the
-gradient of the exact weighted token mean of the global batch, whatever the dp/sp/accumulation split.
+Loss bookkeeping (a classic source of silent bugs in context-parallel trainers): one step function
+(``train_step``) for every model. Each rank computes raw weighted loss sums per loss head over its zigzag
+shard; the heads' token weights over every rank and accumulation micro-batch are all-reduced before any
+backward, and each rank backpropagates ``world_size * sum_h c_h * sum_h / weight_h``. FSDP averages
+gradients over the world, so the update is the gradient of the exact weighted token mean of the global
+batch (per head, with LWM's head coefficients), whatever the dp/sp/accumulation split.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 import torch.distributed as dist
 from transformers import LlamaConfig
 
-from ringlwm.models import RingLlamaForCausalLM, RingLwmForCausalLM, loss_weight_totals, set_context_length
+from ringlwm.models import RingLlamaForCausalLM, RingLwmForCausalLM, set_context_length
 from ringlwm.models.lwm import lwm_config_from_text
 from ringlwm.parallel import ParallelDims, materialize, parallelize_llama
 from ringlwm.runtime import init_distributed, load_model, read_model_config
@@ -102,48 +103,44 @@ def initial_state_dict(config: TrainConfig, llama: LlamaConfig) -> dict | None:
     return text
 
 
-def _text_step(model, micro: list[dict], sp_group, world: int, device) -> tuple[float, dict]:
-    """Forward/backward of one optimizer step's micro-batches. Returns the global weighted token mean (the
-    loss of the whole global batch) and no extra metrics."""
-    # Every rank holds a disjoint part of the global batch; the sum over the world is its weight.
-    (total_weight,) = _all_reduce_sum([sum(float(b["loss_weights"].sum()) for b in micro)], device)
-    scale = world / max(total_weight, 1e-12)
-    local_loss = 0.0
+def _model_inputs(batch: dict, vision: bool) -> dict:
+    """The model's keyword arguments for one micro-batch of the loader."""
+    inputs = {name: batch[name] for name in ("input_ids", "position_ids", "labels", "segment_ids", "loss_weights")}
+    if vision:
+        inputs.update(vision_mask=batch["vision_mask"], label_vision_mask=batch["label_vision_mask"])
+    return inputs
+
+
+def train_step(model, micro: list[dict], sp_group, world: int, *, vision: bool) -> tuple[torch.Tensor, dict]:
+    """Forward and backward of one optimizer step over its micro-batches, for any ringlwm model.
+
+    The loss of the global batch is ``sum_h c_h * S_h / W_h`` over the model's loss heads (``loss_heads``:
+    coefficients c_h), with S_h the weighted loss sum and W_h the token weight of head h over every rank
+    and micro-batch. The weights are known before any forward (``label_weight_sums``): one all-reduce
+    gives W, and each micro-batch backpropagates ``world * sum_h c_h * s_h / W_h`` from its raw sums s_h
+    (``loss_reduction="sum"``); FSDP averages the gradients over the world, which makes the update the
+    gradient of the global loss, whatever the dp/sp/accumulation split. Everything stays on the device: a
+    second all-reduce sums the loss for the metrics, read by the caller once per step.
+    Returns (the global loss as a 0-d tensor, per-head global means when the model has several heads)."""
+    heads = model.loss_heads
+    first = micro[0]["labels"]
+    coefficients = torch.tensor(list(heads.values()), dtype=torch.float64, device=first.device)
+    weights = torch.stack([model.label_weight_sums(**_model_inputs(b, vision)) for b in micro]).sum(0)
+    dist.all_reduce(weights)
+    # Empty heads (no token of that kind in the whole batch) contribute nothing instead of 0/0.
+    scale = (world * coefficients / weights.clamp(min=1e-30)).float()
+    sums = torch.zeros(len(heads), dtype=torch.float64, device=first.device)
     for batch in micro:
-        out = model(batch["input_ids"], batch["position_ids"], labels=batch["labels"], segment_ids=batch["segment_ids"],
-                    loss_weights=batch["loss_weights"], sp_group=sp_group, loss_reduction="sum")
-        (out.loss * scale).backward()
-        local_loss += float(out.loss.detach())
-    (global_loss,) = _all_reduce_sum([local_loss], device)
-    return global_loss / max(total_weight, 1e-12), {}
-
-
-def _vision_step(model, micro: list[dict], sp_group, world: int, device) -> tuple[float, dict]:
-    """Forward/backward of a vision-language step. The vision and text weight totals of the whole global
-    batch are all-reduced first; each rank backpropagates its share of wv * vision mean + wt * text mean
-    (times the world size, as FSDP averages). Returns the global loss and the per-head global means."""
-    totals = [loss_weight_totals(b["labels"], b["label_vision_mask"], b["loss_weights"]) for b in micro]
-    vision_total, text_total = _all_reduce_sum([sum(float(v) for v, _ in totals), sum(float(t) for _, t in totals)],
-                                               device)
-    local_loss, vision_sum, text_sum = 0.0, 0.0, 0.0
-    for batch in micro:
-        out = model(batch["input_ids"], batch["position_ids"], labels=batch["labels"], segment_ids=batch["segment_ids"],
-                    vision_mask=batch["vision_mask"], label_vision_mask=batch["label_vision_mask"],
-                    loss_weights=batch["loss_weights"], sp_group=sp_group, loss_reduction="sum",
-                    loss_totals=(vision_total, text_total))
-        (out.loss * world).backward()
-        local_loss += float(out.loss.detach())
-        vision_sum += float(out.vision_loss.detach())
-        text_sum += float(out.text_loss.detach())
-    global_loss, vision_sum, text_sum = _all_reduce_sum([local_loss, vision_sum, text_sum], device)
-    return global_loss, {"vision_loss": vision_sum / vision_total if vision_total else None,
-                        "text_loss": text_sum / text_total if text_total else None}
-
-
-def _all_reduce_sum(values: list[float], device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
+        out = model(**_model_inputs(batch, vision), sp_group=sp_group, loss_reduction="sum")
+        (out.loss_sums * scale).sum().backward()
+        sums += out.loss_sums.detach().double()
+    dist.all_reduce(sums)
+    means = torch.where(weights > 0, sums / weights.clamp(min=1e-30), 0.0)
+    loss = (coefficients * means).sum()
+    # A head without tokens in the batch has no mean: NaN here, None in the metrics.
+    parts = ({f"{name}_loss": torch.where(weights[h] > 0, means[h], float("nan")) for h, name in enumerate(heads)}
+             if len(heads) > 1 else {})
+    return loss, parts
 
 
 def rope_summary(llama: LlamaConfig) -> dict:
@@ -195,7 +192,7 @@ def _build_stage(config: TrainConfig, index: int, world: int, device: torch.devi
     a new run (weights from the init checkpoint or a seeded init, broadcast from rank 0)."""
     stage = config.stages[index]
     dims = ParallelDims(config.parallel.dp_replicate, config.parallel.dp_shard, stage.sp, world)
-    mesh = dims.build_mesh(device.type)
+    mesh, fsdp_mesh = dims.build_mesh(device.type)
     coords = dims.coordinates(mesh)
     data_cfg = config.stage_data(stage)
     tokenizer = load_data_tokenizer(data_cfg)
@@ -203,8 +200,7 @@ def _build_stage(config: TrainConfig, index: int, world: int, device: torch.devi
     llama = stage_model_config(config, index, config.model.vocab_size or vocab)
     with torch.device("meta"):
         model = model_class(config)(llama)
-    parallelize_llama(model, dims.fsdp_mesh, mixed_precision=mixed,
-                      activation_checkpointing=config.model.activation_checkpointing)
+    parallelize_llama(model, fsdp_mesh, mixed_precision=mixed)  # activation checkpointing: a model option
     materialize(model, device, initial_state_dict(config, llama) if fresh else None, broadcast=fresh)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -289,7 +285,6 @@ def _train_stage(config, index, start, dims, sp_group, llama, model, optimizer, 
     step_flops = flops_per_token(num_params, llama.num_hidden_layers, llama.hidden_size, stage.seq_len)
     peak = device_peak_flops(device)
     tokens_per_step = stage.seq_len * stage.batch_size * dims.dp * grad_accum
-    step_fn = _vision_step if config.model.vision else _text_step
     iterator = iter(loader)
     model.train()
     for step in range(start, stage.steps):
@@ -298,7 +293,7 @@ def _train_stage(config, index, start, dims, sp_group, llama, model, optimizer, 
         for group in optimizer.param_groups:
             group["lr"] = lr
         micro = [next(iterator) for _ in range(grad_accum)]
-        loss, parts = step_fn(model, micro, sp_group, world, device)
+        loss, parts = train_step(model, micro, sp_group, world, vision=config.model.vision)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             model.parameters(), config.optim.grad_clip if config.optim.grad_clip > 0 else float("inf")
         )
@@ -309,6 +304,8 @@ def _train_stage(config, index, start, dims, sp_group, llama, model, optimizer, 
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - t0
         tokens_per_s = tokens_per_step / seconds
+        # The step's one read of device values (the loss, and the heads' means for the metrics).
+        loss, parts = float(loss), {k: None if math.isnan(float(v)) else float(v) for k, v in parts.items()}
         logger.log({
             "step": offset + step + 1, "stage": stage.name, "stage_step": step + 1,
             "loss": loss, "lr": lr, "grad_norm": grad_norm,
