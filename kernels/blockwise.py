@@ -52,7 +52,7 @@ def default_backend(device: torch.device) -> str:
     return "cpu" if device.type == "cpu" else "triton"
 
 
-def _meta_attention_forward(q, k, v, *, causal, scale, q_segment_ids=None, kv_segment_ids=None, q_offset=0,
+def _meta_attention_forward(q, k, v, *, causal, scale, segment_ids=None, kv_segment_ids=None, q_offset=0,
                             kv_offset=0):
     """Meta tensors hold no data, so no kernel runs: outputs with the shapes and dtypes of a real call."""
     stat_dtype = torch.promote_types(q.dtype, torch.float32)  # as the CPU kernel: float64 stays float64
@@ -60,7 +60,7 @@ def _meta_attention_forward(q, k, v, *, causal, scale, q_segment_ids=None, kv_se
                                                                              device=q.device)
 
 
-def _meta_attention_backward(dout, q, k, v, out, lse, *, causal, scale, q_segment_ids=None, kv_segment_ids=None,
+def _meta_attention_backward(dout, q, k, v, out, lse, *, causal, scale, segment_ids=None, kv_segment_ids=None,
                              q_offset=0, kv_offset=0):
     grad_dtype = torch.promote_types(q.dtype, torch.float32)
     return tuple(torch.empty(t.shape, dtype=grad_dtype, device=t.device) for t in (q, k, v))
@@ -90,17 +90,17 @@ def _resolve_backend(name: str | None, q: torch.Tensor) -> tuple[str, Backend]:
     return name, _BACKENDS[name]()
 
 
-def _check_segment_ids(name: str, ids: torch.Tensor, batch: int, seqlen: int, device: torch.device) -> None:
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or tuple(ids.shape) != (batch, seqlen):
+def _check_segment_ids(name: str, ids: torch.Tensor, batch: int, length: int, device: torch.device) -> None:
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or tuple(ids.shape) != (batch, length):
         shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
-        raise ValueError(f"{name} must have shape (batch, seq) = {(batch, seqlen)}, got {shape}")
+        raise ValueError(f"{name} must have shape (batch, seq) = {(batch, length)}, got {shape}")
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
         raise TypeError(f"{name} must be an integer tensor, got {ids.dtype}")
     if ids.device != device:
         raise ValueError(f"{name} is on {ids.device} but q is on {device}")
 
 
-def _check_inputs(q, k, v, q_segment_ids, kv_segment_ids, q_offset, kv_offset):
+def _check_inputs(q, k, v, segment_ids, kv_segment_ids, q_offset, kv_offset):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -112,34 +112,34 @@ def _check_inputs(q, k, v, q_segment_ids, kv_segment_ids, q_offset, kv_offset):
             raise TypeError(f"q, k and v must have one dtype: q is {q.dtype}, {name} is {t.dtype}")
     if q.dtype not in _CPU_DTYPES:
         raise TypeError(f"attention needs a floating dtype among {_CPU_DTYPES}, got {q.dtype}")
-    batch, heads, seqlen_q, head_dim = q.shape
+    batch, heads, seq_q, head_dim = q.shape
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     if k.shape[0] != batch or k.shape[3] != head_dim:
         raise ValueError(
             f"k/v shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} in batch or head_dim"
         )
-    kv_heads, seqlen_k = k.shape[1], k.shape[2]
+    kv_heads, seq_k = k.shape[1], k.shape[2]
     if kv_heads == 0 or heads % kv_heads != 0:
         raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
-    if min(batch, heads, seqlen_q, seqlen_k, head_dim) == 0:
+    if min(batch, heads, seq_q, seq_k, head_dim) == 0:
         raise ValueError(f"empty attention inputs: q {tuple(q.shape)}, k {tuple(k.shape)}")
-    if (q_segment_ids is None) != (kv_segment_ids is None):
-        raise ValueError("give both q_segment_ids and kv_segment_ids, or neither")
-    if q_segment_ids is not None:
-        _check_segment_ids("q_segment_ids", q_segment_ids, batch, seqlen_q, q.device)
-        _check_segment_ids("kv_segment_ids", kv_segment_ids, batch, seqlen_k, q.device)
+    if (segment_ids is None) != (kv_segment_ids is None):
+        raise ValueError("give both segment_ids and kv_segment_ids, or neither")
+    if segment_ids is not None:
+        _check_segment_ids("segment_ids", segment_ids, batch, seq_q, q.device)
+        _check_segment_ids("kv_segment_ids", kv_segment_ids, batch, seq_k, q.device)
     for name, off in (("q_offset", q_offset), ("kv_offset", kv_offset)):
         if isinstance(off, bool) or not isinstance(off, int):
             raise TypeError(f"{name} must be a Python int, got {type(off).__name__}")
 
 
-def _prepare(q, k, v, causal, scale, q_segment_ids, kv_segment_ids, q_offset, kv_offset, backend):
-    _check_inputs(q, k, v, q_segment_ids, kv_segment_ids, q_offset, kv_offset)
+def _prepare(q, k, v, causal, scale, segment_ids, kv_segment_ids, q_offset, kv_offset, backend):
+    _check_inputs(q, k, v, segment_ids, kv_segment_ids, q_offset, kv_offset)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     _, impl = _resolve_backend(backend, q)
     kwargs = dict(
-        causal=bool(causal), scale=scale, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+        causal=bool(causal), scale=scale, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
         q_offset=q_offset, kv_offset=kv_offset,
     )
     return impl, kwargs
@@ -152,7 +152,7 @@ def block_attention_forward(
     *,
     causal: bool = False,
     scale: float | None = None,
-    q_segment_ids: torch.Tensor | None = None,
+    segment_ids: torch.Tensor | None = None,
     kv_segment_ids: torch.Tensor | None = None,
     q_offset: int = 0,
     kv_offset: int = 0,
@@ -161,12 +161,12 @@ def block_attention_forward(
     """Attention of one query block over one key/value block; no autograd.
 
     q: (batch, heads, seq_q, head_dim); k, v: (batch, kv_heads, seq_k, head_dim), heads % kv_heads == 0.
-    Query i sees key j when ``q_offset + i >= kv_offset + j`` (if ``causal``) and
-    ``q_segment_ids[b, i] == kv_segment_ids[b, j]`` (if segment ids, (batch, seq_q) and (batch, seq_k),
-    are given). Returns ``out`` (like q, contiguous) and ``lse`` (batch, heads, seq_q), float32
+    segment_ids: the queries' (batch, seq_q) and kv_segment_ids: the keys' (batch, seq_k), both or neither
+    (the names of ``blockwise_attention``). Query i sees key j when ``q_offset + i >= kv_offset + j`` (if
+    ``causal``) and ``segment_ids[b, i] == kv_segment_ids[b, j]`` (if segment ids are given). Returns ``out`` (like q, contiguous) and ``lse`` (batch, heads, seq_q), float32
     (float64 for float64 inputs on CPU), natural log. A row that sees no key gets out = 0, lse = -inf.
     """
-    impl, kwargs = _prepare(q, k, v, causal, scale, q_segment_ids, kv_segment_ids, q_offset, kv_offset, backend)
+    impl, kwargs = _prepare(q, k, v, causal, scale, segment_ids, kv_segment_ids, q_offset, kv_offset, backend)
     return impl.forward(q, k, v, **kwargs)
 
 
@@ -180,7 +180,7 @@ def block_attention_backward(
     *,
     causal: bool = False,
     scale: float | None = None,
-    q_segment_ids: torch.Tensor | None = None,
+    segment_ids: torch.Tensor | None = None,
     kv_segment_ids: torch.Tensor | None = None,
     q_offset: int = 0,
     kv_offset: int = 0,
@@ -196,7 +196,7 @@ def block_attention_backward(
         raise ValueError(f"dout {tuple(dout.shape)} and out {tuple(out.shape)} must have q's shape {tuple(q.shape)}")
     if tuple(lse.shape) != tuple(q.shape[:3]):
         raise ValueError(f"lse must have shape (batch, heads, seq_q) = {tuple(q.shape[:3])}, got {tuple(lse.shape)}")
-    impl, kwargs = _prepare(q, k, v, causal, scale, q_segment_ids, kv_segment_ids, q_offset, kv_offset, backend)
+    impl, kwargs = _prepare(q, k, v, causal, scale, segment_ids, kv_segment_ids, q_offset, kv_offset, backend)
     return impl.backward(dout.to(q.dtype), q, k, v, out.to(q.dtype), lse, **kwargs)
 
 
@@ -204,22 +204,22 @@ class BlockwiseAttention(torch.autograd.Function):
     """Autograd wrapper: forward saves (q, k, v, out, lse); backward recomputes the probabilities."""
 
     @staticmethod
-    def forward(ctx, q, k, v, q_segment_ids, kv_segment_ids, causal, scale, q_offset, kv_offset, backend):
+    def forward(ctx, q, k, v, segment_ids, kv_segment_ids, causal, scale, q_offset, kv_offset, backend):
         kwargs = dict(
-            causal=causal, scale=scale, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+            causal=causal, scale=scale, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
             q_offset=q_offset, kv_offset=kv_offset, backend=backend,
         )
         out, lse = block_attention_forward(q, k, v, **kwargs)
-        ctx.save_for_backward(q, k, v, out, lse, q_segment_ids, kv_segment_ids)
+        ctx.save_for_backward(q, k, v, out, lse, segment_ids, kv_segment_ids)
         ctx.kwargs = {key: val for key, val in kwargs.items() if not key.endswith("segment_ids")}
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, q_segment_ids, kv_segment_ids = ctx.saved_tensors
+        q, k, v, out, lse, segment_ids, kv_segment_ids = ctx.saved_tensors
         dq, dk, dv = block_attention_backward(
-            dout, q, k, v, out, lse, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, **ctx.kwargs
+            dout, q, k, v, out, lse, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, **ctx.kwargs
         )
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None
 
@@ -253,17 +253,16 @@ def blockwise_attention(
     On meta tensors no kernel runs: out and lse (and the gradients) are meta tensors of those shapes and
     dtypes (lse float64 for float64 inputs, as on the CPU backend), for shape propagation.
     """
-    q_segment_ids = segment_ids
     if segment_ids is not None and kv_segment_ids is None:
         if q.dim() == 4 and k.dim() == 4 and q.shape[2] != k.shape[2]:
             raise ValueError(
                 f"seq_q ({q.shape[2]}) != seq_k ({k.shape[2]}): pass kv_segment_ids for the keys' segments"
             )
         kv_segment_ids = segment_ids
-    if kv_segment_ids is not None and q_segment_ids is None:
+    if kv_segment_ids is not None and segment_ids is None:
         raise ValueError("kv_segment_ids needs segment_ids for the queries")
     out, lse = BlockwiseAttention.apply(
-        q, k, v, q_segment_ids, kv_segment_ids, bool(causal), scale, q_offset, kv_offset, backend
+        q, k, v, segment_ids, kv_segment_ids, bool(causal), scale, q_offset, kv_offset, backend
     )
     return (out, lse) if return_lse else out
 

@@ -33,23 +33,23 @@ class _MaskPlan:
         self.dead_rows = dead_rows  # (batch or 1, 1, seq_q) bool: rows with no visible key, or None
 
 
-def _plan(q, k, causal, q_segment_ids, kv_segment_ids, q_offset, kv_offset) -> _MaskPlan:
-    seqlen_q, seqlen_k = q.shape[2], k.shape[2]
-    causal_needed = causal and q_offset - kv_offset < seqlen_k - 1  # else every query sees every key
-    if causal and q_offset + seqlen_q - 1 < kv_offset:
+def _plan(q, k, causal, segment_ids, kv_segment_ids, q_offset, kv_offset) -> _MaskPlan:
+    seq_q, seq_k = q.shape[2], k.shape[2]
+    causal_needed = causal and q_offset - kv_offset < seq_k - 1  # else every query sees every key
+    if causal and q_offset + seq_q - 1 < kv_offset:
         return _MaskPlan("empty")
-    if q_segment_ids is None:
+    if segment_ids is None:
         if not causal_needed:
             return _MaskPlan("none")
-        if q_offset == kv_offset and seqlen_q == seqlen_k:
+        if q_offset == kv_offset and seq_q == seq_k:
             return _MaskPlan("causal")
     visible = None
     if causal_needed:
-        q_pos = torch.arange(seqlen_q, device=q.device) + q_offset
-        k_pos = torch.arange(seqlen_k, device=q.device) + kv_offset
+        q_pos = torch.arange(seq_q, device=q.device) + q_offset
+        k_pos = torch.arange(seq_k, device=q.device) + kv_offset
         visible = (q_pos[:, None] >= k_pos[None, :])[None, None]
-    if q_segment_ids is not None:
-        same = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])[:, None]
+    if segment_ids is not None:
+        same = (segment_ids[:, :, None] == kv_segment_ids[:, None, :])[:, None]
         visible = same if visible is None else visible & same
     float_mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device)
     float_mask.masked_fill_(~visible, float("-inf"))
@@ -58,12 +58,12 @@ def _plan(q, k, causal, q_segment_ids, kv_segment_ids, q_offset, kv_offset) -> _
 
 
 def cpu_attention_forward(
-    q, k, v, *, causal, scale, q_segment_ids=None, kv_segment_ids=None, q_offset=0, kv_offset=0
+    q, k, v, *, causal, scale, segment_ids=None, kv_segment_ids=None, q_offset=0, kv_offset=0
 ):
     """Returns (out like q, lse (batch, heads, seq_q) float32 (float64 for float64 inputs)).
     Arguments are already validated."""
     stat_dtype = torch.promote_types(q.dtype, torch.float32)
-    plan = _plan(q, k, causal, q_segment_ids, kv_segment_ids, q_offset, kv_offset)
+    plan = _plan(q, k, causal, segment_ids, kv_segment_ids, q_offset, kv_offset)
     if plan.mode == "empty":
         out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
         return out, torch.full(q.shape[:3], float("-inf"), dtype=stat_dtype, device=q.device)
@@ -77,7 +77,7 @@ def cpu_attention_forward(
 
 
 def cpu_attention_backward(
-    dout, q, k, v, out, lse, *, causal, scale, q_segment_ids=None, kv_segment_ids=None, q_offset=0, kv_offset=0
+    dout, q, k, v, out, lse, *, causal, scale, segment_ids=None, kv_segment_ids=None, q_offset=0, kv_offset=0
 ):
     """Returns (dq, dk, dv) shaped like q, k, v, in float32 (float64 for float64 inputs).
 
@@ -85,9 +85,9 @@ def cpu_attention_backward(
     rounding each one to 16 bits.
     """
     grad_dtype = torch.promote_types(q.dtype, torch.float32)
-    plan = _plan(q, k, causal, q_segment_ids, kv_segment_ids, q_offset, kv_offset)
+    plan = _plan(q, k, causal, segment_ids, kv_segment_ids, q_offset, kv_offset)
     if plan.mode == "empty":
-        return (torch.zeros(t.shape, dtype=grad_dtype, device=t.device) for t in (q, k, v))
+        return tuple(torch.zeros(t.shape, dtype=grad_dtype, device=t.device) for t in (q, k, v))
     dout, q, k, v, out = (t.to(grad_dtype) for t in (dout, q, k, v, out))
     mask = None if plan.float_mask is None else plan.float_mask.to(grad_dtype)
     # Rows that attended nothing carry lse = -inf; their scores are all -inf too, so any finite lse

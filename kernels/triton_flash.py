@@ -4,20 +4,23 @@ Layout of every tensor argument (any strides; the launchers pass them through):
     q, out, dout: (batch, heads, seq_q, head_dim)
     k, v:         (batch, kv_heads, seq_k, head_dim), heads % kv_heads == 0 (GQA / MQA)
     lse, delta:   (batch, heads, seq_q) float32, contiguous
-    segment ids:  (batch, seq) int32, contiguous
+    segment_ids:  (batch, seq_q) and kv_segment_ids: (batch, seq_k), int32, contiguous
 
 Masking. Query i may attend key j when
     j < seq_k                                         (tails)
     and q_offset + i >= kv_offset + j                 (if causal)
-    and q_segment_ids[i] == kv_segment_ids[j]         (if segment ids are given)
+    and segment_ids[i] == kv_segment_ids[j]           (if segment ids are given)
 The offsets place the block in a longer sequence, so that one call computes one ring step.
 
 Numerics. Scores and the softmax statistics are fp32; the row maximum is tracked in log2 units so the
 kernels use exp2. A row whose keys are all masked has m = -inf; we subtract a safe 0 instead of m there
 (exp2(-inf - 0) = 0, whereas exp2(-inf - -inf) is NaN), and return out = 0, lse = -inf for it.
 
-The backward kernels do not mask key or query tails: tail rows of q/dout and tail rows of k/v are loaded
-as zeros, so every product they enter is zero, and their gradients are never stored.
+Tails (query rows past seq_q, key rows past seq_k in the last tile) are loaded as zeros and never stored.
+The forward and dQ kernels mask key tails like any masked key (a zero key still scores 0, and in the
+backward p = exp2(0 - lse) overflows to inf for a row whose real scores are all below about -88, then
+inf * 0 = NaN). The dK/dV kernel never stores its key tails and leaves query tails unmasked: with
+q = dout = lse = delta = 0 there, p = exp2(0 - 0) = 1 and every product they enter is zero.
 """
 
 from __future__ import annotations
@@ -28,7 +31,18 @@ import torch
 import triton
 import triton.language as tl
 
+# The kernels keep scores and the log-sum-exp in log2 units (exp2 is the hardware instruction): the launchers
+# scale scores by LOG2E = log2(e), and the forward turns its lse back into natural log with LN2 = ln(2).
 LOG2E = 1.4426950408889634
+LN2 = tl.constexpr(0.6931471805599453)  # constexpr: the only kind of global a Triton kernel may read
+
+# Segment ids of out-of-bounds lanes in masked loads: queries past seq_q, keys past seq_k. Nothing depends
+# on these values: every such lane is masked by bounds, never stored, or adds zeros (see Tails above). They still
+# cannot match a real id in practice: real ids are documents 0, 1, ... and padding PAD_SEGMENT = -1
+# (ringlwm.data.packing; ringlwm.generate pads prompts with -1 too), compared as int32, far from the int32
+# minimum; and the two differ, so a tail query never matches a tail key either.
+_NO_QUERY_SEGMENT = tl.constexpr(-(2**31))
+_NO_KEY_SEGMENT = tl.constexpr(-(2**31) + 1)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -67,7 +81,7 @@ def _configs(pairs, warps=(4, 8), stages=(2, 3)):
 
 _FWD_CONFIGS = _configs([(128, 64), (128, 32), (64, 64), (128, 128)])
 _BWD_CONFIGS = _configs([(64, 64), (32, 64), (64, 128), (128, 64), (32, 32)])
-_AUTOTUNE_KEY = ["seqlen_q", "seqlen_k", "HEAD_DIM", "CAUSAL", "HAS_SEG"]
+_AUTOTUNE_KEY = ["seq_q", "seq_k", "HEAD_DIM", "CAUSAL", "HAS_SEG"]
 
 
 def _autotuned(configs):
@@ -96,7 +110,7 @@ def _launch_meta() -> dict:
 def _fwd_inner(
     acc, l_i, m_i, q, q_pos, q_seg, d_ok,
     k_ptrs, v_ptrs, KSeg, stride_kn, stride_vn,
-    lo, hi, seqlen_k, kv_offset, qk_scale,
+    lo, hi, seq_k, kv_offset, qk_scale,
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -108,17 +122,17 @@ def _fwd_inner(
         # Columns past head_dim (BLOCK_D is a power of two) are always masked; rows past seq_k only
         # in the MASKED loop (the unmasked one covers whole in-bounds tiles).
         if MASKED:
-            kv_mask = (cols[:, None] < seqlen_k) & d_ok[None, :]
+            kv_mask = (cols[:, None] < seq_k) & d_ok[None, :]
         else:
             kv_mask = d_ok[None, :]
         k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if MASKED:
-            keep = cols[None, :] < seqlen_k
+            keep = cols[None, :] < seq_k
             if CAUSAL:
                 keep = keep & (q_pos[:, None] >= kv_offset + cols[None, :])
             if HAS_SEG:
-                k_seg = tl.load(KSeg + cols, mask=cols < seqlen_k, other=-2)
+                k_seg = tl.load(KSeg + cols, mask=cols < seq_k, other=_NO_KEY_SEGMENT)
                 keep = keep & (q_seg[:, None] == k_seg[None, :])
             s = tl.where(keep, s, float("-inf"))
         elif HAS_SEG:
@@ -145,7 +159,7 @@ def _fwd_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
-    num_heads, group_size, seqlen_q, seqlen_k, q_offset, kv_offset, qk_scale,
+    num_heads, group_size, seq_q, seq_k, q_offset, kv_offset, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -161,12 +175,12 @@ def _fwd_kernel(
     d_ok = offs_d < HEAD_DIM
 
     q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
-    q = tl.load(q_ptrs, mask=(offs_m[:, None] < seqlen_q) & d_ok[None, :], other=0.0)
+    q = tl.load(q_ptrs, mask=(offs_m[:, None] < seq_q) & d_ok[None, :], other=0.0)
     k_ptrs = K + b * stride_kb + kvh * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
     v_ptrs = V + b * stride_vb + kvh * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
     if HAS_SEG:
-        q_seg = tl.load(QSeg + b * seqlen_q + offs_m, mask=offs_m < seqlen_q, other=-1)
-        k_seg_base = KSeg + b * seqlen_k
+        q_seg = tl.load(QSeg + b * seq_q + offs_m, mask=offs_m < seq_q, other=_NO_QUERY_SEGMENT)
+        k_seg_base = KSeg + b * seq_k
     else:
         q_seg = offs_m  # unused
         k_seg_base = KSeg
@@ -179,29 +193,29 @@ def _fwd_kernel(
     # Keys [0, full_hi) are in bounds and visible to every query of this block: no causal/tail mask.
     # Keys [full_hi, hi) need the mask; keys >= hi are invisible to the whole block (causal) and skipped.
     if CAUSAL:
-        hi = tl.minimum(seqlen_k, tl.maximum(q_offset + start_m + BLOCK_M - kv_offset, 0))
-        full_hi = tl.minimum(seqlen_k, tl.maximum(q_offset + start_m + 1 - kv_offset, 0))
+        hi = tl.minimum(seq_k, tl.maximum(q_offset + start_m + BLOCK_M - kv_offset, 0))
+        full_hi = tl.minimum(seq_k, tl.maximum(q_offset + start_m + 1 - kv_offset, 0))
     else:
-        hi = seqlen_k
-        full_hi = seqlen_k
+        hi = seq_k
+        full_hi = seq_k
     full_hi = (full_hi // BLOCK_N) * BLOCK_N
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, q_pos, q_seg, d_ok, k_ptrs, v_ptrs, k_seg_base, stride_kn, stride_vn,
-        0, full_hi, seqlen_k, kv_offset, qk_scale,
+        0, full_hi, seq_k, kv_offset, qk_scale,
         BLOCK_N, False, CAUSAL, HAS_SEG, DOT_PRECISION,
     )
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, q_pos, q_seg, d_ok, k_ptrs, v_ptrs, k_seg_base, stride_kn, stride_vn,
-        full_hi, hi, seqlen_k, kv_offset, qk_scale,
+        full_hi, hi, seq_k, kv_offset, qk_scale,
         BLOCK_N, True, CAUSAL, HAS_SEG, DOT_PRECISION,
     )
 
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
     o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=(offs_m[:, None] < seqlen_q) & d_ok[None, :])
-    tl.store(Lse + pid_bh.to(tl.int64) * seqlen_q + offs_m, lse, mask=offs_m < seqlen_q)
+    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=(offs_m[:, None] < seq_q) & d_ok[None, :])
+    tl.store(Lse + pid_bh.to(tl.int64) * seq_q + offs_m, lse, mask=offs_m < seq_q)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -214,7 +228,7 @@ def _bwd_delta_kernel(
     Out, DOut, Delta,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_db, stride_dh, stride_dm, stride_dd,
-    num_heads, seqlen_q,
+    num_heads, seq_q,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """delta[i] = sum_d dout[i, d] * out[i, d], the row term of the softmax gradient."""
@@ -224,19 +238,19 @@ def _bwd_delta_kernel(
     h = (pid_bh % num_heads).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
+    mask = (offs_m[:, None] < seq_q) & (offs_d[None, :] < HEAD_DIM)
     o = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
                 mask=mask, other=0.0).to(tl.float32)
     do = tl.load(DOut + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dm + offs_d[None, :] * stride_dd,
                  mask=mask, other=0.0).to(tl.float32)
-    tl.store(Delta + pid_bh.to(tl.int64) * seqlen_q + offs_m, tl.sum(o * do, 1), mask=offs_m < seqlen_q)
+    tl.store(Delta + pid_bh.to(tl.int64) * seq_q + offs_m, tl.sum(o * do, 1), mask=offs_m < seq_q)
 
 
 @triton.jit
 def _bwd_dkdv_inner(
     dk, dv, k, v, k_pos, k_seg, d_ok,
     q_ptrs, do_ptrs, lse_ptr, delta_ptr, QSeg, stride_qm, stride_dom,
-    lo, hi, seqlen_q, q_offset, qk_scale,
+    lo, hi, seq_q, q_offset, qk_scale,
     BLOCK_M: tl.constexpr, CAUSAL_MASK: tl.constexpr, HAS_SEG: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     offs_m = tl.arange(0, BLOCK_M)
@@ -244,7 +258,7 @@ def _bwd_dkdv_inner(
     do_ptrs += lo * stride_dom
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
-        row_ok = rows < seqlen_q
+        row_ok = rows < seq_q
         q_mask = row_ok[:, None] & d_ok[None, :]
         q = tl.load(q_ptrs, mask=q_mask, other=0.0)
         do = tl.load(do_ptrs, mask=q_mask, other=0.0)
@@ -255,7 +269,7 @@ def _bwd_dkdv_inner(
         if CAUSAL_MASK:
             s_t = tl.where(q_offset + rows[None, :] >= k_pos[:, None], s_t, float("-inf"))
         if HAS_SEG:
-            q_seg = tl.load(QSeg + rows, mask=row_ok, other=-1)
+            q_seg = tl.load(QSeg + rows, mask=row_ok, other=_NO_QUERY_SEGMENT)
             s_t = tl.where(k_seg[:, None] == q_seg[None, :], s_t, float("-inf"))
         p_t = tl.math.exp2(s_t - lse[None, :])
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
@@ -277,7 +291,7 @@ def _bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    num_kv_heads, group_size, seqlen_q, seqlen_k, q_offset, kv_offset, qk_scale, scale,
+    num_kv_heads, group_size, seq_q, seq_k, q_offset, kv_offset, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -291,24 +305,24 @@ def _bwd_dkdv_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    kv_mask = (offs_n[:, None] < seqlen_k) & d_ok[None, :]
+    kv_mask = (offs_n[:, None] < seq_k) & d_ok[None, :]
 
     k = tl.load(K + b * stride_kb + kvh * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                 mask=kv_mask, other=0.0)
     v = tl.load(V + b * stride_vb + kvh * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                 mask=kv_mask, other=0.0)
     if HAS_SEG:
-        k_seg = tl.load(KSeg + b * seqlen_k + offs_n, mask=offs_n < seqlen_k, other=-2)
-        q_seg_base = QSeg + b * seqlen_q
+        k_seg = tl.load(KSeg + b * seq_k + offs_n, mask=offs_n < seq_k, other=_NO_KEY_SEGMENT)
+        q_seg_base = QSeg + b * seq_q
     else:
         k_seg = offs_n  # unused
         q_seg_base = QSeg
     k_pos = kv_offset + offs_n
 
-    # Queries [lo, full_lo) see part of this key block (causal mask); [full_lo, seqlen_q) see all of it.
+    # Queries [lo, full_lo) see part of this key block (causal mask); [full_lo, seq_q) see all of it.
     if CAUSAL:
-        lo = tl.minimum(tl.maximum(kv_offset + start_n - q_offset, 0), seqlen_q)
-        full_lo = tl.minimum(tl.maximum(kv_offset + start_n + BLOCK_N - 1 - q_offset, 0), seqlen_q)
+        lo = tl.minimum(tl.maximum(kv_offset + start_n - q_offset, 0), seq_q)
+        full_lo = tl.minimum(tl.maximum(kv_offset + start_n + BLOCK_N - 1 - q_offset, 0), seq_q)
         lo = (lo // BLOCK_M) * BLOCK_M
         full_lo = tl.cdiv(full_lo, BLOCK_M) * BLOCK_M
     else:
@@ -322,16 +336,16 @@ def _bwd_dkdv_kernel(
         bh = b * num_kv_heads * group_size + h
         q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
         do_ptrs = DOut + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod
-        lse_ptr = Lse + bh * seqlen_q
-        delta_ptr = Delta + bh * seqlen_q
+        lse_ptr = Lse + bh * seq_q
+        delta_ptr = Delta + bh * seq_q
         dk, dv = _bwd_dkdv_inner(
             dk, dv, k, v, k_pos, k_seg, d_ok, q_ptrs, do_ptrs, lse_ptr, delta_ptr, q_seg_base, stride_qm, stride_dom,
-            lo, full_lo, seqlen_q, q_offset, qk_scale,
+            lo, full_lo, seq_q, q_offset, qk_scale,
             BLOCK_M, CAUSAL, HAS_SEG, DOT_PRECISION,
         )
         dk, dv = _bwd_dkdv_inner(
             dk, dv, k, v, k_pos, k_seg, d_ok, q_ptrs, do_ptrs, lse_ptr, delta_ptr, q_seg_base, stride_qm, stride_dom,
-            full_lo, seqlen_q, seqlen_q, q_offset, qk_scale,
+            full_lo, seq_q, seq_q, q_offset, qk_scale,
             BLOCK_M, False, HAS_SEG, DOT_PRECISION,
         )
 
@@ -346,23 +360,33 @@ def _bwd_dkdv_kernel(
 def _bwd_dq_inner(
     dq, q, do, lse, delta, q_pos, q_seg, d_ok,
     k_ptrs, v_ptrs, KSeg, stride_kn, stride_vn,
-    lo, hi, seqlen_k, kv_offset, qk_scale,
-    BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr, HAS_SEG: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    lo, hi, seq_k, kv_offset, qk_scale,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     offs_n = tl.arange(0, BLOCK_N)
     k_ptrs += lo * stride_kn
     v_ptrs += lo * stride_vn
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        col_ok = cols < seqlen_k
-        kv_mask = col_ok[:, None] & d_ok[None, :]
+        # As in the forward: only the MASKED loop has key tails and causally masked keys.
+        if MASKED:
+            kv_mask = (cols[:, None] < seq_k) & d_ok[None, :]
+        else:
+            kv_mask = d_ok[None, :]
         k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
         v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        if CAUSAL_MASK:
-            s = tl.where(q_pos[:, None] >= kv_offset + cols[None, :], s, float("-inf"))
-        if HAS_SEG:
-            k_seg = tl.load(KSeg + cols, mask=col_ok, other=-2)
+        if MASKED:
+            keep = cols[None, :] < seq_k
+            if CAUSAL:
+                keep = keep & (q_pos[:, None] >= kv_offset + cols[None, :])
+            if HAS_SEG:
+                k_seg = tl.load(KSeg + cols, mask=cols < seq_k, other=_NO_KEY_SEGMENT)
+                keep = keep & (q_seg[:, None] == k_seg[None, :])
+            s = tl.where(keep, s, float("-inf"))
+        elif HAS_SEG:
+            k_seg = tl.load(KSeg + cols)
             s = tl.where(q_seg[:, None] == k_seg[None, :], s, float("-inf"))
         p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
@@ -382,7 +406,7 @@ def _bwd_dq_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    num_heads, group_size, seqlen_q, seqlen_k, q_offset, kv_offset, qk_scale, scale,
+    num_heads, group_size, seq_q, seq_k, q_offset, kv_offset, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -397,43 +421,44 @@ def _bwd_dq_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    row_ok = offs_m < seqlen_q
+    row_ok = offs_m < seq_q
     q_mask = row_ok[:, None] & d_ok[None, :]
 
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                 mask=q_mask, other=0.0)
     do = tl.load(DOut + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
                  mask=q_mask, other=0.0)
-    lse = tl.load(Lse + pid_bh.to(tl.int64) * seqlen_q + offs_m, mask=row_ok, other=0.0)
-    delta = tl.load(Delta + pid_bh.to(tl.int64) * seqlen_q + offs_m, mask=row_ok, other=0.0)
+    lse = tl.load(Lse + pid_bh.to(tl.int64) * seq_q + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(Delta + pid_bh.to(tl.int64) * seq_q + offs_m, mask=row_ok, other=0.0)
     k_ptrs = K + b * stride_kb + kvh * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
     v_ptrs = V + b * stride_vb + kvh * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
     if HAS_SEG:
-        q_seg = tl.load(QSeg + b * seqlen_q + offs_m, mask=row_ok, other=-1)
-        k_seg_base = KSeg + b * seqlen_k
+        q_seg = tl.load(QSeg + b * seq_q + offs_m, mask=row_ok, other=_NO_QUERY_SEGMENT)
+        k_seg_base = KSeg + b * seq_k
     else:
         q_seg = offs_m  # unused
         k_seg_base = KSeg
     q_pos = q_offset + offs_m
 
+    # Keys [0, full_hi): whole in-bounds tiles visible to every query of this block; [full_hi, hi): masked.
     if CAUSAL:
-        hi = tl.minimum(seqlen_k, tl.maximum(q_offset + start_m + BLOCK_M - kv_offset, 0))
-        full_hi = tl.minimum(seqlen_k, tl.maximum(q_offset + start_m + 1 - kv_offset, 0))
-        full_hi = (full_hi // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(seq_k, tl.maximum(q_offset + start_m + BLOCK_M - kv_offset, 0))
+        full_hi = tl.minimum(seq_k, tl.maximum(q_offset + start_m + 1 - kv_offset, 0))
     else:
-        hi = seqlen_k
-        full_hi = seqlen_k
+        hi = seq_k
+        full_hi = seq_k
+    full_hi = (full_hi // BLOCK_N) * BLOCK_N
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _bwd_dq_inner(
         dq, q, do, lse, delta, q_pos, q_seg, d_ok, k_ptrs, v_ptrs, k_seg_base, stride_kn, stride_vn,
-        0, full_hi, seqlen_k, kv_offset, qk_scale,
-        BLOCK_N, False, HAS_SEG, DOT_PRECISION,
+        0, full_hi, seq_k, kv_offset, qk_scale,
+        BLOCK_N, False, CAUSAL, HAS_SEG, DOT_PRECISION,
     )
     dq = _bwd_dq_inner(
         dq, q, do, lse, delta, q_pos, q_seg, d_ok, k_ptrs, v_ptrs, k_seg_base, stride_kn, stride_vn,
-        full_hi, hi, seqlen_k, kv_offset, qk_scale,
-        BLOCK_N, CAUSAL, HAS_SEG, DOT_PRECISION,
+        full_hi, hi, seq_k, kv_offset, qk_scale,
+        BLOCK_N, True, CAUSAL, HAS_SEG, DOT_PRECISION,
     )
     dq = dq * scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
@@ -471,31 +496,33 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _seg_args(q_segment_ids, kv_segment_ids, q):
-    if q_segment_ids is None:
+def _seg_args(segment_ids, kv_segment_ids, q):
+    """The kernels compare segment ids as int32: ids must lie in the int32 range (the data's do: 0, 1, ...
+    and -1 for padding)."""
+    if segment_ids is None:
         dummy = torch.empty(1, dtype=torch.int32, device=q.device)
         return dummy, dummy, False
-    return q_segment_ids.to(torch.int32).contiguous(), kv_segment_ids.to(torch.int32).contiguous(), True
+    return segment_ids.to(torch.int32).contiguous(), kv_segment_ids.to(torch.int32).contiguous(), True
 
 
 def triton_attention_forward(
-    q, k, v, *, causal, scale, q_segment_ids=None, kv_segment_ids=None, q_offset=0, kv_offset=0
+    q, k, v, *, causal, scale, segment_ids=None, kv_segment_ids=None, q_offset=0, kv_offset=0
 ):
     """Returns (out like q, lse (batch, heads, seq_q) float32). Arguments are already validated."""
     q, k, v = _fit_int32_offsets(q, k, v)
-    batch, heads, seqlen_q, head_dim = q.shape
-    kv_heads, seqlen_k = k.shape[1], k.shape[2]
+    batch, heads, seq_q, head_dim = q.shape
+    kv_heads, seq_k = k.shape[1], k.shape[2]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
-    q_seg, k_seg, has_seg = _seg_args(q_segment_ids, kv_segment_ids, q)
+    lse = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=q.device)
+    q_seg, k_seg, has_seg = _seg_args(segment_ids, kv_segment_ids, q)
 
     def grid(meta):
-        return (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads)
+        return (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * heads)
 
     _fwd_kernel[grid](
         q, k, v, out, lse, q_seg, k_seg,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        heads, heads // kv_heads, seqlen_q, seqlen_k, q_offset, kv_offset, scale * LOG2E,
+        heads, heads // kv_heads, seq_q, seq_k, q_offset, kv_offset, scale * LOG2E,
         HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), CAUSAL=causal, HAS_SEG=has_seg,
         DOT_PRECISION=_dot_precision(q.dtype), **_launch_meta(),
     )
@@ -503,23 +530,23 @@ def triton_attention_forward(
 
 
 def triton_attention_backward(
-    dout, q, k, v, out, lse, *, causal, scale, q_segment_ids=None, kv_segment_ids=None, q_offset=0, kv_offset=0
+    dout, q, k, v, out, lse, *, causal, scale, segment_ids=None, kv_segment_ids=None, q_offset=0, kv_offset=0
 ):
     """Returns (dq, dk, dv) in float32, shaped like q, k, v. ``lse`` may come from a larger attention
     (the merged lse of a ring) as long as ``out`` is the matching merged output."""
     q, k, v, out, dout = _fit_int32_offsets(q, k, v, out, dout)
-    batch, heads, seqlen_q, head_dim = q.shape
-    kv_heads, seqlen_k = k.shape[1], k.shape[2]
+    batch, heads, seq_q, head_dim = q.shape
+    kv_heads, seq_k = k.shape[1], k.shape[2]
     block_d = _block_d(head_dim)
-    q_seg, k_seg, has_seg = _seg_args(q_segment_ids, kv_segment_ids, q)
+    q_seg, k_seg, has_seg = _seg_args(segment_ids, kv_segment_ids, q)
 
     # Rows that attended nothing carry lse = -inf; any finite value gives them p = 0 (their scores are -inf).
     # The kernels work in log2 units.
     lse2 = torch.where(torch.isneginf(lse), 0.0, lse.float() * LOG2E).contiguous()
-    delta = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
+    delta = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=q.device)
     delta_block = 64 if block_d <= 128 else 32
-    _bwd_delta_kernel[(triton.cdiv(seqlen_q, delta_block), batch * heads)](
-        out, dout, delta, *out.stride(), *dout.stride(), heads, seqlen_q,
+    _bwd_delta_kernel[(triton.cdiv(seq_q, delta_block), batch * heads)](
+        out, dout, delta, *out.stride(), *dout.stride(), heads, seq_q,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=delta_block,
     )
 
@@ -530,16 +557,16 @@ def triton_attention_backward(
         HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, HAS_SEG=has_seg,
         DOT_PRECISION=_dot_precision(q.dtype), **_launch_meta(),
     )
-    _bwd_dkdv_kernel[lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), batch * kv_heads)](
+    _bwd_dkdv_kernel[lambda meta: (triton.cdiv(seq_k, meta["BLOCK_N"]), batch * kv_heads)](
         q, k, v, dout, lse2, delta, dk, dv, q_seg, k_seg,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
-        kv_heads, heads // kv_heads, seqlen_q, seqlen_k, q_offset, kv_offset, scale * LOG2E, scale,
+        kv_heads, heads // kv_heads, seq_q, seq_k, q_offset, kv_offset, scale * LOG2E, scale,
         **common,
     )
-    _bwd_dq_kernel[lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads)](
+    _bwd_dq_kernel[lambda meta: (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * heads)](
         q, k, v, dout, lse2, delta, dq, q_seg, k_seg,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
-        heads, heads // kv_heads, seqlen_q, seqlen_k, q_offset, kv_offset, scale * LOG2E, scale,
+        heads, heads // kv_heads, seq_q, seq_k, q_offset, kv_offset, scale * LOG2E, scale,
         **common,
     )
     return dq, dk, dv

@@ -50,11 +50,11 @@ def _check_lse(lse, ref_lse, dtype):
         assert max_err(lse[finite], ref_lse[finite]) <= LSE_TOL[dtype]
 
 
-def check_against_reference(backend, q, k, v, dout, *, causal=False, q_segment_ids=None, kv_segment_ids=None,
+def check_against_reference(backend, q, k, v, dout, *, causal=False, segment_ids=None, kv_segment_ids=None,
                             q_offset=0, kv_offset=0):
     """Run the kernel (forward + backward) and compare out, lse, dq, dk, dv with fp64 SDPA."""
     dtype = q.dtype
-    mask_kw = dict(causal=causal, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+    mask_kw = dict(causal=causal, q_segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
                    q_offset=q_offset, kv_offset=kv_offset)
     ref = _grads_of(lambda a, b, c: reference_attention(a, b, c, **mask_kw), q.double(), k.double(), v.double(),
                     dout.double())
@@ -62,8 +62,8 @@ def check_against_reference(backend, q, k, v, dout, *, causal=False, q_segment_i
 
     dev = _device(backend)
     seg = {}
-    if q_segment_ids is not None:
-        seg = dict(segment_ids=q_segment_ids.to(dev), kv_segment_ids=kv_segment_ids.to(dev))
+    if segment_ids is not None:
+        seg = dict(segment_ids=segment_ids.to(dev), kv_segment_ids=kv_segment_ids.to(dev))
     got = _grads_of(
         lambda a, b, c: blockwise_attention(a, b, c, causal=causal, q_offset=q_offset, kv_offset=kv_offset,
                                             return_lse=True, backend=backend, **seg),
@@ -130,7 +130,7 @@ def _packed_segments(batch, seqlen, num_docs, seed):
 def test_packed_segments(backend, causal):
     q, k, v, dout = _inputs(2, 4, 2, 100, 100, 64, torch.float32, seed=2)
     seg = _packed_segments(2, 100, 5, seed=3)
-    got, _ = check_against_reference(backend, q, k, v, dout, causal=causal, q_segment_ids=seg,
+    got, _ = check_against_reference(backend, q, k, v, dout, causal=causal, segment_ids=seg,
                                       kv_segment_ids=seg)
     # Attention never crosses documents: changing the keys of document 0 leaves document 1's output alone.
     dev = _device(backend)
@@ -162,7 +162,7 @@ def test_ring_form_offsets_and_two_segment_ids(backend, seqlen_q, seqlen_k, q_of
     kv_seg = torch.randint(0, 3, (2, seqlen_k), generator=torch.Generator().manual_seed(6))
     q_seg[:, :5] = 9
     kv_seg[:, -5:] = 7
-    got, ref = check_against_reference(backend, q, k, v, dout, causal=causal, q_segment_ids=q_seg,
+    got, ref = check_against_reference(backend, q, k, v, dout, causal=causal, segment_ids=q_seg,
                                        kv_segment_ids=kv_seg, q_offset=q_offset, kv_offset=kv_offset)
     empty = torch.isneginf(ref[1])
     assert empty[:, :, :5].all()
@@ -185,7 +185,7 @@ def test_blocks_merged_by_lse_equal_full_attention(backend):
     blocks = []
     for start in range(0, seqlen, block):
         sl = slice(start, start + block)
-        blk = dict(kv_offset=start, q_segment_ids=seg, kv_segment_ids=seg[:, sl], **kw)
+        blk = dict(kv_offset=start, segment_ids=seg, kv_segment_ids=seg[:, sl], **kw)
         o_b, lse_b = block_attention_forward(q, k[:, :, sl], v[:, :, sl], **blk)
         new_lse = torch.logaddexp(lse, lse_b)
         safe = torch.where(torch.isneginf(new_lse), 0.0, new_lse)
@@ -209,6 +209,63 @@ def test_blocks_merged_by_lse_equal_full_attention(backend):
     assert max_err(dq, full[2]) < 5e-6
     assert max_err(torch.cat(dks, 2), full[3]) < 5e-6
     assert max_err(torch.cat(dvs, 2), full[4]) < 5e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("segments", [False, True], ids=["no-segments", "sentinel-like-ids"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_tails_with_very_negative_scores_and_sentinel_like_ids(backend, causal, segments):
+    """Lengths with partial tiles (the interpreter's tiles are 32), every score of a row below -88 (lse < -88:
+    exp(-lse) overflows fp32), and segment ids that equal the kernels' out-of-bounds values or the padding
+    segment (-1): tails must change nothing. Before, a key tail gave dq = NaN here (p = exp2(0 - lse) = inf)."""
+    gen = torch.Generator().manual_seed(16)
+    head_dim, seq_q, seq_k = 64, 45, 71
+    u = torch.randn(head_dim, generator=gen)
+    u = u / u.norm() * head_dim**0.5
+    q = (4 * u + 0.1 * torch.randn(1, 2, seq_q, head_dim, generator=gen)).float()
+    k = (-4 * u + 0.1 * torch.randn(1, 1, seq_k, head_dim, generator=gen)).float()
+    v = torch.randn(1, 1, seq_k, head_dim, generator=gen)
+    dout = torch.randn(1, 2, seq_q, head_dim, generator=gen)
+    seg = {}
+    if segments:
+        ids = torch.tensor([-1, -2, 0, -(2**31), -(2**31) + 1])
+        seg = dict(segment_ids=ids[torch.randint(0, 5, (1, seq_q), generator=gen)],
+                   kv_segment_ids=ids[torch.randint(0, 5, (1, seq_k), generator=gen)])
+    mask_kw = dict(causal=causal, q_offset=seq_k - seq_q)
+    ref_kw = dict(q_segment_ids=seg.get("segment_ids"), kv_segment_ids=seg.get("kv_segment_ids"), **mask_kw)
+    ref = _grads_of(lambda a, b, c: reference_attention(a, b, c, **ref_kw), q.double(), k.double(), v.double(),
+                    dout.double())
+    base = _grads_of(lambda a, b, c: reference_attention(a, b, c, **ref_kw), q, k, v, dout)
+    dev = _device(backend)
+    got = _grads_of(
+        lambda a, b, c: blockwise_attention(a, b, c, return_lse=True, backend=backend, **mask_kw,
+                                            **{name: ids.to(dev) for name, ids in seg.items()}),
+        q.to(dev), k.to(dev), v.to(dev), dout.to(dev),
+    )
+    live = torch.isfinite(ref[1])
+    assert live.any() and (ref[1][live] < -88).all()
+    assert torch.equal(torch.isneginf(got[1].cpu()), ~live)
+    for name, i in (("out", 0), ("dq", 2), ("dk", 3), ("dv", 4)):
+        assert torch.isfinite(got[i]).all(), f"{name} has NaN/inf"
+        assert_within_baseline(name, got[i], ref[i], base[i], FLOOR[torch.float32])
+    # |lse| > 88 here, so its fp32 rounding alone can exceed LSE_TOL: a relative tolerance on top.
+    torch.testing.assert_close(got[1].cpu()[live].double(), ref[1][live], rtol=1e-6, atol=LSE_TOL[torch.float32])
+
+
+def test_cpu_backward_of_an_invisible_block_returns_tensors():
+    """A block no query can see (causal, keys after every query): the backward's early exit gives a tuple of
+    zero float32 gradients like any other call (it used to return a generator)."""
+    from ringlwm.kernels.cpu_flash import cpu_attention_backward
+
+    q, k, v, dout = _inputs(1, 4, 2, 16, 16, 32, torch.float16, seed=17)
+    out, lse = block_attention_forward(q, k, v, causal=True, kv_offset=16, backend="cpu")
+    assert torch.isneginf(lse).all()
+    grads = block_attention_backward(dout, q, k, v, out, lse, causal=True, kv_offset=16, backend="cpu")
+    direct = cpu_attention_backward(dout, q, k, v, out, lse, causal=True, scale=0.1, kv_offset=16)
+    for result in (grads, direct):
+        assert isinstance(result, tuple) and len(result) == 3
+        for g, t in zip(result, (q, k, v)):
+            assert g.shape == t.shape and g.dtype == torch.float32 and not g.any()
 
 
 def test_merge_attention_of_disjoint_key_sets_equals_full():

@@ -122,7 +122,8 @@ def _count_communication_and_work(rank, world_size):
             forward_ops = sum(ops)
             out.backward(shard_sequence(dout, dim=2))
             backward_ops = sum(ops) - forward_ops
-            per_block = 3 if segments else 2  # k, v (and key segment ids), each one send + one receive
+            # k and v, each one send + one receive; key segment ids do not travel (one all_gather, _ring_plan).
+            per_block = 2
             assert forward_ops == 2 * per_block * (world_size - 1), (forward_ops, world_size)
             # K/V travel W-1 hops again; dK/dV travel W hops back to their owners.
             assert backward_ops == 2 * per_block * (world_size - 1) + 2 * 2 * world_size, backward_ops
@@ -138,6 +139,74 @@ def _count_communication_and_work(rank, world_size):
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_ring_point_to_point_count_and_balance(world_size):
     run_distributed(_count_communication_and_work, world_size)
+
+
+def _packed_by_chunk_pairs(rank, world_size):
+    """Documents of two zigzag chunks each (ids = chunk // 2): with W = 3, rank 0 holds documents {0, 2},
+    rank 1 {0, 2}, rank 2 {1}, so some ring steps share no document. Those steps run no kernel in either
+    direction, the result stays exact, and the plan is made once per call (one gather, one host sync), the
+    backward reusing it."""
+    assert world_size == 3
+    chunk = 4
+    seq_len = 2 * world_size * chunk
+    calls = {"forward": 0, "backward": 0, "plan": 0, "gather": 0}
+    real = {name: getattr(ring_module, name) for name in
+            ("block_attention_forward", "block_attention_backward", "_shared_segments", "_gather_segment_ids")}
+
+    def counting(name, key):
+        def wrapper(*args, **kwargs):
+            calls[key] += 1
+            return real[name](*args, **kwargs)
+        return wrapper
+
+    ring_module.block_attention_forward = counting("block_attention_forward", "forward")
+    ring_module.block_attention_backward = counting("block_attention_backward", "backward")
+    ring_module._shared_segments = counting("_shared_segments", "plan")
+    ring_module._gather_segment_ids = counting("_gather_segment_ids", "gather")
+    try:
+        seg = (torch.arange(seq_len) // (2 * chunk)).expand(2, seq_len)
+        for causal in (True, False):
+            q, k, v, dout = _full_inputs(2, 4, 2, seq_len, 16, torch.float64, seed=20)
+            ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
+            ref_out, _ = reference_attention(*ref_in, causal=causal, q_segment_ids=seg, kv_segment_ids=seg)
+            ref_out.backward(dout)
+            local = [shard_sequence(t, dim=2).requires_grad_() for t in (q, k, v)]
+            for key in calls:
+                calls[key] = 0
+            out = ring_attention(*local, causal=causal, segment_ids=shard_sequence(seg, dim=1))
+            after_forward = dict(calls)
+            out.backward(shard_sequence(dout, dim=2))
+            # Steps with work: own block, plus the one other rank holding a shared document (ranks 0 and 1).
+            expected = [2, 2, 1][rank]
+            assert after_forward == {"forward": expected, "backward": 0, "plan": 1, "gather": 1}, after_forward
+            assert calls == {"forward": expected, "backward": expected, "plan": 1, "gather": 1}, calls
+            for name, g, w in zip(("out", "dq", "dk", "dv"), [out] + [t.grad for t in local],
+                                  [ref_out] + [t.grad for t in ref_in]):
+                err = max_err(unshard_sequence(g.detach(), dim=2), w)
+                assert err <= 1e-10, f"{name}: max error {err:.3e} (causal={causal})"
+        # Without segment ids there is nothing to plan: no gather, no host sync.
+        for key in calls:
+            calls[key] = 0
+        ring_attention(*local, causal=True).sum().backward()
+        assert calls == {"forward": 3, "backward": 3, "plan": 0, "gather": 0}, calls
+    finally:
+        for name, fn in real.items():
+            setattr(ring_module, name, fn)
+
+
+def test_ring_skips_steps_without_shared_documents():
+    run_distributed(_packed_by_chunk_pairs, 3)
+
+
+def test_shared_segments_is_exact_per_row():
+    """The overlap test behind the plan: per batch row, never pooled across rows; any integer ids."""
+    q_ids = torch.tensor([[5, -1, 3, 3], [0, 0, 1, 2]])
+    assert ring_module._shared_segments([
+        (q_ids, torch.tensor([[4, 4], [5, 3]])),  # row 0 lacks 4, row 1 lacks 5 and 3: nothing shared
+        (q_ids, torch.tensor([[7, -1], [9, 9]])),  # -1 (padding) is an id like any other
+        (q_ids, torch.tensor([[0, 1], [8, 2]])),
+        (q_ids[:, 2:], torch.tensor([[6], [2]])),
+    ]) == [False, True, True, True]
 
 
 def _layout_and_errors(rank, world_size):

@@ -78,7 +78,7 @@ def _inconsistent_inputs(rank, world_size):
 
     # Inputs that pass every local check but differ between ranks: ValueError naming the field, by rank.
     cases = [
-        (r"local_seq \[8, 6\]", lambda: _local(rank, seq=6 if odd else 8), {}),
+        (r"local_len \[8, 6\]", lambda: _local(rank, seq=6 if odd else 8), {}),
         (r"dtype \['torch.float32', 'torch.float64'\]",
          lambda: _local(rank, dtype=torch.float64 if odd else torch.float32), {}),
         (r"heads \[4, 2\]", lambda: _local(rank, heads=2 if odd else 4), {}),

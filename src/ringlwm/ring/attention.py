@@ -11,7 +11,9 @@ Which part of a block is computed (causal, zigzag layout: this rank holds chunks
   step 0 (own block)     all queries x all keys, causal mask on local indices
   source rank < r        all queries x the block's first chunk (chunk src < r), no mask
   source rank > r        the second query chunk (2W-1-r) x all keys, no mask
-Every other pair is fully masked and skipped, so each rank does the same work at every step.
+Every other pair is fully masked and skipped, so each rank does the same work at every step. With packed
+documents (segment_ids), a step whose queries share no document with its keys in any batch row is skipped
+too. Both directions follow one plan, made once per call by ``_ring_plan``.
 
 The ring holds no attention math: blocks go to ``ringlwm.kernels`` (Triton on GPU, the fused CPU kernel
 on CPU, or a backend named by ``backend``), partial results are combined by ``merge_attention``.
@@ -27,6 +29,7 @@ from __future__ import annotations
 import json
 import weakref
 from collections import OrderedDict
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -38,18 +41,71 @@ from ringlwm.ring.comm import RingComm
 from ringlwm.ring.layout import sp_world
 
 
-def _step_block(step: int, rank: int, world_size: int, causal: bool, local_len: int):
-    """(query slice, key slice, causal mask?) of the computation at ``step``, or None when all is masked."""
+class _Step(NamedTuple):
+    """This rank's work at one ring step: its queries[queries] against keys[keys] of the K/V block it holds,
+    with a causal mask on local indices or none, and both sides' segment ids (None without packing)."""
+
+    queries: slice
+    keys: slice
+    causal: bool
+    segment_ids: torch.Tensor | None
+    kv_segment_ids: torch.Tensor | None
+
+
+def _step_slices(step: int, rank: int, world_size: int, causal: bool, local_len: int) -> tuple[slice, slice, bool]:
+    """(query slice, key slice, causal mask?) at ``step``: the table in the module docstring."""
     everything = slice(0, local_len)
     if not causal:
         return everything, everything, False
     if step == 0:
         return everything, everything, True
     half = local_len // 2
-    src = (rank - step) % world_size
-    if src < rank:
+    source = (rank - step) % world_size  # the rank the block at this step comes from
+    if source < rank:
         return everything, slice(0, half), False
     return slice(half, local_len), everything, False
+
+
+def _gather_segment_ids(segment_ids: torch.Tensor, group, world_size: int) -> list[torch.Tensor]:
+    """Every rank's (batch, local_len) segment ids, by rank."""
+    parts = [torch.empty_like(segment_ids, memory_format=torch.contiguous_format) for _ in range(world_size)]
+    dist.all_gather(parts, segment_ids.contiguous(), group=group)
+    return parts
+
+
+def _shared_segments(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[bool]:
+    """For each (query ids, key ids) pair, (batch, n_q) and (batch, n_k): whether some key's id is among the
+    query ids of its batch row. Exact; computed on the ids' device, with one host sync for all pairs."""
+    found = []
+    for q_ids, kv_ids in pairs:
+        sorted_q = torch.sort(q_ids, dim=1).values
+        kv_ids = kv_ids.contiguous()
+        where = torch.searchsorted(sorted_q, kv_ids).clamp_(max=sorted_q.shape[1] - 1)
+        found.append((sorted_q.gather(1, where) == kv_ids).any())
+    return torch.stack(found).tolist()
+
+
+def _ring_plan(rank: int, world_size: int, causal: bool, local_len: int, segment_ids: torch.Tensor | None,
+               group) -> list[_Step | None]:
+    """This rank's work at each of the W ring steps, None where there is nothing to compute. The backward
+    ring does the same work as the forward, so it reuses the forward's plan.
+
+    Without segment ids every step has work. With them, a step whose query slice shares no segment id with
+    its key slice (in any batch row) is skipped. Deciding that costs, once per call: one all_gather of every
+    rank's segment ids (batch x local_len integers each) and one host sync for the W answers together; the
+    kernels then take the key segment ids from that gather, so only K and V travel the ring. The gathered
+    ids (batch x seq_len integers) stay with the plan until the backward.
+    """
+    slices = [_step_slices(step, rank, world_size, causal, local_len) for step in range(world_size)]
+    if segment_ids is None:
+        return [_Step(qs, ks, blk_causal, None, None) for qs, ks, blk_causal in slices]
+    every_rank = _gather_segment_ids(segment_ids, group, world_size)
+    steps = [
+        _Step(qs, ks, blk_causal, segment_ids[:, qs], every_rank[(rank - step) % world_size][:, ks])
+        for step, (qs, ks, blk_causal) in enumerate(slices)
+    ]
+    shared = _shared_segments([(step.segment_ids, step.kv_segment_ids) for step in steps])
+    return [step if keep else None for step, keep in zip(steps, shared)]
 
 
 def _accumulator_dtype(q: torch.Tensor) -> torch.dtype:
@@ -57,68 +113,47 @@ def _accumulator_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.promote_types(q.dtype, torch.float32)
 
 
-def _shares_a_segment(q_seg: torch.Tensor | None, kv_seg: torch.Tensor | None) -> bool:
-    """False only when no key of the block can be seen by any local query (packed documents). Batch rows are
-    pooled, so this can only answer True too often, never wrongly skip work."""
-    if q_seg is None:
-        return True
-    return bool(torch.isin(kv_seg.reshape(-1), q_seg.reshape(-1)).any())
-
-
-def _ring_forward(q, k, v, segment_ids, causal, scale, group, backend):
-    rank, world_size = sp_world(group)
-    local_len = q.shape[2]
+def _ring_forward(q, k, v, plan, scale, group, backend):
     comm = RingComm(group)
     acc = _accumulator_dtype(q)
     out = torch.zeros(q.shape, dtype=acc, device=q.device)
     lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
-    block = [k, v] + ([segment_ids] if segment_ids is not None else [])
-    for step in range(world_size):
-        if step + 1 < world_size:
+    block = [k, v]
+    for step, work in enumerate(plan):
+        more = step + 1 < len(plan)
+        if more:
             incoming = comm.start(block)
-        plan = _step_block(step, rank, world_size, causal, local_len)
-        kv_seg = block[2] if segment_ids is not None else None
-        if plan is not None:
-            qs, ks, blk_causal = plan
-            q_seg = segment_ids[:, qs] if segment_ids is not None else None
-            kv_seg = kv_seg[:, ks] if kv_seg is not None else None
-            if _shares_a_segment(q_seg, kv_seg):
-                blk_out, blk_lse = block_attention_forward(
-                    q[:, :, qs], block[0][:, :, ks], block[1][:, :, ks], causal=blk_causal, scale=scale,
-                    q_segment_ids=q_seg, kv_segment_ids=kv_seg, backend=backend,
-                )
-                out[:, :, qs], lse[:, :, qs] = merge_attention(out[:, :, qs], lse[:, :, qs], blk_out, blk_lse)
-        if step + 1 < world_size:
+        if work is not None:
+            qs, ks = work.queries, work.keys
+            blk_out, blk_lse = block_attention_forward(
+                q[:, :, qs], block[0][:, :, ks], block[1][:, :, ks], causal=work.causal, scale=scale,
+                segment_ids=work.segment_ids, kv_segment_ids=work.kv_segment_ids, backend=backend,
+            )
+            out[:, :, qs], lse[:, :, qs] = merge_attention(out[:, :, qs], lse[:, :, qs], blk_out, blk_lse)
+        if more:
             comm.wait()
             block = incoming
     return out, lse
 
 
-def _ring_backward(dout, q, k, v, out, lse, segment_ids, causal, scale, group, backend):
-    rank, world_size = sp_world(group)
-    local_len = q.shape[2]
+def _ring_backward(dout, q, k, v, out, lse, plan, scale, group, backend):
     kv_comm, grad_comm = RingComm(group), RingComm(group)
     acc = _accumulator_dtype(q)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    block = [k, v] + ([segment_ids] if segment_ids is not None else [])
+    block = [k, v]
     grad_incoming: list[torch.Tensor] = []
-    for step in range(world_size):
-        if step + 1 < world_size:
+    for step, work in enumerate(plan):
+        more = step + 1 < len(plan)
+        if more:
             incoming = kv_comm.start(block)
-        plan = _step_block(step, rank, world_size, causal, local_len)
-        grads = None
-        if plan is not None:
-            qs, ks, blk_causal = plan
-            q_seg = segment_ids[:, qs] if segment_ids is not None else None
-            kv_seg = block[2][:, ks] if segment_ids is not None else None
-            if _shares_a_segment(q_seg, kv_seg):
-                dq_blk, dk_blk, dv_blk = block_attention_backward(
-                    dout[:, :, qs], q[:, :, qs], block[0][:, :, ks], block[1][:, :, ks], out[:, :, qs],
-                    lse[:, :, qs], causal=blk_causal, scale=scale, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
-                    backend=backend,
-                )
-                dq[:, :, qs] += dq_blk
-                grads = (ks, dk_blk, dv_blk)
+        if work is not None:
+            qs, ks = work.queries, work.keys
+            dq_blk, dk_blk, dv_blk = block_attention_backward(
+                dout[:, :, qs], q[:, :, qs], block[0][:, :, ks], block[1][:, :, ks], out[:, :, qs],
+                lse[:, :, qs], causal=work.causal, scale=scale, segment_ids=work.segment_ids,
+                kv_segment_ids=work.kv_segment_ids, backend=backend,
+            )
+            dq[:, :, qs] += dq_blk
         if step == 0:
             dk = torch.zeros(k.shape, dtype=acc, device=k.device)
             dv = torch.zeros(v.shape, dtype=acc, device=v.device)
@@ -126,12 +161,11 @@ def _ring_backward(dout, q, k, v, out, lse, segment_ids, causal, scale, group, b
             # The accumulated gradients of the block we now hold, from the rank that held it before.
             grad_comm.wait()
             dk, dv = grad_incoming
-        if grads is not None:
-            ks, dk_blk, dv_blk = grads
+        if work is not None:
             dk[:, :, ks] += dk_blk
             dv[:, :, ks] += dv_blk
         grad_incoming = grad_comm.start([dk, dv])
-        if step + 1 < world_size:
+        if more:
             kv_comm.wait()
             block = incoming
     # The last hop brings this rank's own block's gradients home.
@@ -143,16 +177,19 @@ def _ring_backward(dout, q, k, v, out, lse, segment_ids, causal, scale, group, b
 class _RingAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, segment_ids, causal, scale, group, backend):
-        out, lse = _ring_forward(q, k, v, segment_ids, causal, scale, group, backend)
+        rank, world_size = sp_world(group)
+        plan = _ring_plan(rank, world_size, causal, q.shape[2], segment_ids, group)
+        out, lse = _ring_forward(q, k, v, plan, scale, group, backend)
         out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse, segment_ids)
-        ctx.args = (causal, scale, group, backend)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plan = plan  # its segment ids are integer tensors, outside autograd: kept as they are
+        ctx.args = (scale, group, backend)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse, segment_ids = ctx.saved_tensors
-        dq, dk, dv = _ring_backward(dout, q, k, v, out, lse, segment_ids, *ctx.args)
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _ring_backward(dout, q, k, v, out, lse, ctx.plan, *ctx.args)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
@@ -163,7 +200,7 @@ def _check_local_inputs(q, k, v, segment_ids, world_size, scale, backend) -> flo
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"{name} must be a 4-D tensor (batch, heads, local_seq, head_dim), got {shape}")
+            raise ValueError(f"{name} must be a 4-D tensor (batch, heads, local_len, head_dim), got {shape}")
     if k.shape[2] != q.shape[2] or v.shape[2] != q.shape[2]:
         raise ValueError(
             f"q, k, v must hold the same local sequence length, got {q.shape[2]}, {k.shape[2]}, {v.shape[2]}"
@@ -179,7 +216,7 @@ def _check_local_inputs(q, k, v, segment_ids, world_size, scale, backend) -> flo
         or tuple(segment_ids.shape) != (q.shape[0], q.shape[2])
     ):
         got = tuple(segment_ids.shape) if isinstance(segment_ids, torch.Tensor) else type(segment_ids).__name__
-        raise ValueError(f"segment_ids must have shape (batch, local_seq) = {(q.shape[0], q.shape[2])}, got {got}")
+        raise ValueError(f"segment_ids must have shape (batch, local_len) = {(q.shape[0], q.shape[2])}, got {got}")
     if segment_ids is not None:
         if segment_ids.dtype.is_floating_point or segment_ids.dtype.is_complex or segment_ids.dtype == torch.bool:
             raise TypeError(f"segment_ids must be an integer tensor, got {segment_ids.dtype}")
@@ -199,15 +236,15 @@ def _check_local_inputs(q, k, v, segment_ids, world_size, scale, backend) -> flo
 
 
 def _signature(q, k, v, segment_ids, causal, scale, backend, world_size) -> dict:
-    """What must be the same on every rank of the ring: the blocks that travel (shapes, dtype, segment ids),
+    """What must be the same on every rank of the ring: the blocks it moves (shapes, dtype, segment ids),
     the schedule (causal, world size), the math (scale, backend) and whether a backward ring will follow."""
-    batch, heads, local_seq, head_dim = q.shape
+    batch, heads, local_len, head_dim = q.shape
     return {
         "world_size": world_size,
         "batch": batch,
         "heads": heads,
         "kv_heads": k.shape[1],
-        "local_seq": local_seq,
+        "local_len": local_len,
         "head_dim": head_dim,
         "dtype": str(q.dtype),
         "device": q.device.type,
@@ -353,11 +390,13 @@ def ring_attention(
 ) -> torch.Tensor:
     """Exact attention over a sequence sharded across ``group`` in the zigzag layout, differentiable.
 
-    q: (batch, heads, local_seq, head_dim); k, v: (batch, kv_heads, local_seq, head_dim), this rank's
-    shards from ``shard_sequence(x, dim=2)``. segment_ids: (batch, local_seq) this rank's shard of the
-    packed-document ids, or None. group: the sequence-parallel process group (default: the world).
+    q: (batch, heads, local_len, head_dim); k, v: (batch, kv_heads, local_len, head_dim), this rank's
+    shards from ``shard_sequence(x, dim=2)`` (local_len = seq_len / W). segment_ids: (batch, local_len) this
+    rank's shard of the packed-document ids, or None; with them, each call also gathers every rank's ids
+    once (one all_gather, one host sync) to skip the ring steps that share no document.
+    group: the sequence-parallel process group (default: the world).
     backend: the block kernel ("triton", "cpu", ...; default by device).
-    Returns (batch, heads, local_seq, head_dim) in q's dtype. With one rank (or no process group) this
+    Returns (batch, heads, local_len, head_dim) in q's dtype. With one rank (or no process group) this
     is ``blockwise_attention``.
 
     Every rank of ``group`` must make the same calls with the same shapes and options: a call with a new

@@ -59,9 +59,6 @@ class ShardedKVCache:
     def end_token(self) -> None:
         self.num_generated += 1
 
-    def local_tokens(self) -> int:
-        return 0 if self.keys[0] is None else self.keys[0].shape[2]
-
 
 def sharded_decode_attention(query: torch.Tensor, cache: ShardedKVCache, layer: int, *, scale: float,
                              backend: str | None = None) -> torch.Tensor:
@@ -78,7 +75,7 @@ def sharded_decode_attention(query: torch.Tensor, cache: ShardedKVCache, layer: 
         lse = torch.full((batch, heads, q_len), float("-inf"), device=query.device)
     else:
         q_seg = torch.zeros(batch, q_len, dtype=cache.segment_ids.dtype, device=query.device)
-        out, lse = block_attention_forward(query, keys, values, causal=False, scale=scale, q_segment_ids=q_seg,
+        out, lse = block_attention_forward(query, keys, values, causal=False, scale=scale, segment_ids=q_seg,
                                            kv_segment_ids=cache.segment_ids, backend=backend)
         out, lse = out.float(), lse.float()
     if cache.world_size > 1:

@@ -19,22 +19,22 @@ def sp_world(group: dist.ProcessGroup | None = None) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def check_divisible(seqlen: int, world_size: int, what: str = "sequence length") -> None:
+def check_divisible(seq_len: int, world_size: int, what: str = "sequence length") -> None:
     """The zigzag layout needs 2 * world_size equal chunks; say what length would work when it does not."""
     chunks = 2 * world_size
-    if seqlen % chunks:
-        lower, upper = seqlen - seqlen % chunks, seqlen + chunks - seqlen % chunks
+    if seq_len % chunks:
+        lower, upper = seq_len - seq_len % chunks, seq_len + chunks - seq_len % chunks
         hint = f"{upper}" if lower == 0 else f"{lower} or {upper}"
         raise ValueError(
-            f"{what} {seqlen} cannot be split into 2 * world_size = {chunks} equal zigzag chunks; "
+            f"{what} {seq_len} cannot be split into 2 * world_size = {chunks} equal zigzag chunks; "
             f"use a multiple of {chunks} (e.g. {hint}), padding with masked tokens"
         )
 
 
-def zigzag_positions(seqlen: int, rank: int, world_size: int, device=None) -> torch.Tensor:
-    """Global positions (local_seq,) of the tokens rank ``rank`` holds in the zigzag layout."""
-    check_divisible(seqlen, world_size)
-    chunk = seqlen // (2 * world_size)
+def zigzag_positions(seq_len: int, rank: int, world_size: int, device=None) -> torch.Tensor:
+    """Global positions (local_len,) of the tokens rank ``rank`` holds in the zigzag layout."""
+    check_divisible(seq_len, world_size)
+    chunk = seq_len // (2 * world_size)
     first = torch.arange(rank * chunk, (rank + 1) * chunk, device=device)
     second = torch.arange((2 * world_size - 1 - rank) * chunk, (2 * world_size - rank) * chunk, device=device)
     return torch.cat([first, second])
@@ -43,7 +43,8 @@ def zigzag_positions(seqlen: int, rank: int, world_size: int, device=None) -> to
 def shard_sequence(x: torch.Tensor, dim: int, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """This rank's zigzag part of the full tensor ``x`` along ``dim`` (a contiguous copy).
 
-    x: any shape with the full sequence along ``dim``; returns the same shape with seq / W along ``dim``.
+    x: any shape with the full sequence (seq_len) along ``dim``; returns the same shape with local_len =
+    seq_len / W along ``dim``.
     """
     rank, world_size = sp_world(group)
     dim = dim % x.dim()
