@@ -5,7 +5,7 @@ TORCH_VERSION ?= 2.13.0
 PART ?= all
 PYTEST_ARGS ?=
 
-.PHONY: install test bench lint demo
+.PHONY: install test bench lint demo gpu-check
 
 # Idempotent. torch goes first and pinned: a bare `torch` requirement on a machine without torch pulls
 # a CUDA build of several GB, while an installed torch satisfies setup.py's lower bound as it is.
@@ -19,6 +19,12 @@ test: install
 # Benchmarks, not tests: ratios against a reference measured in the same run. PART=kernels|ring|data|all
 bench: install
 	$(PYTHON) -m bench.run --part $(PART)
+
+# One GPU, at most 8 minutes: kernel tests compiled (bf16), bf16 error vs fp64, the ring on one GPU, a training
+# step of 4 Llama-3-8B-sized layers at 32K tokens, kernels vs SDPA flash; writes bench/results/gpu/.
+# Without a GPU it rehearses: the kernel tests under the interpreter, a clear skip for the rest.
+gpu-check: install
+	$(PYTHON) -m bench.gpu_check
 
 lint: install
 	$(PYTHON) -m ruff check .

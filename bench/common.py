@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import os
 import platform
 import statistics
 import subprocess
@@ -16,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# RINGLWM_BENCH_RESULTS redirects the CSVs (make gpu-check writes bench/results/gpu/).
+RESULTS = Path(os.environ.get("RINGLWM_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 
 
 def device_name(device: torch.device) -> str:

@@ -94,8 +94,8 @@ def main(quick: bool = False) -> list[dict]:
                                               4)
             row["fwdbwd_speedup_vs_sdpa"] = round(times[ref_name][2] / total, 3)
             rows.append(row)
+            path = append_csv("kernels", [row])  # row by row: a run cut short keeps what it measured
         print(f"measured b={batch} h={heads} s={seqlen} d={head_dim} causal={causal}", flush=True)
-    path = append_csv("kernels", rows)
     print(f"\nkernels on {base['device']} ({base['date']}, {base['git']}); rows appended to {path}")
     print_table(rows, ["impl", "causal", "seqlen", "head_dim", "fwd_ms", "bwd_ms", "fwdbwd_ms", "fwd_tflops",
                        "fwdbwd_tflops", "fwdbwd_speedup_vs_sdpa"])

@@ -13,9 +13,11 @@ from .blockwise import (
     block_attention_backward,
     block_attention_forward,
     blockwise_attention,
+    check_attention_inputs,
     default_backend,
     merge_attention,
     register_backend,
+    resolve_backend,
 )
 
 __all__ = [
@@ -24,7 +26,9 @@ __all__ = [
     "block_attention_backward",
     "block_attention_forward",
     "blockwise_attention",
+    "check_attention_inputs",
     "default_backend",
     "merge_attention",
     "register_backend",
+    "resolve_backend",
 ]

@@ -69,7 +69,9 @@ def _meta_attention_backward(dout, q, k, v, out, lse, *, causal, scale, segment_
 _META_BACKEND = Backend(_meta_attention_forward, _meta_attention_backward)
 
 
-def _resolve_backend(name: str | None, q: torch.Tensor) -> tuple[str, Backend]:
+def resolve_backend(name: str | None, q: torch.Tensor) -> tuple[str, Backend]:
+    """(name, implementation) of the backend that runs ``q``'s attention: ``name`` checked against q's device,
+    dtype and head_dim, or the device's default; raises naming what would work."""
     if q.device.type == "meta":
         # Shape propagation (e.g. a model built on the meta device): whatever the backend, no kernel can run.
         if name is not None and name not in _BACKENDS:
@@ -100,7 +102,9 @@ def _check_segment_ids(name: str, ids: torch.Tensor, batch: int, length: int, de
         raise ValueError(f"{name} is on {ids.device} but q is on {device}")
 
 
-def _check_inputs(q, k, v, segment_ids, kv_segment_ids, q_offset, kv_offset):
+def check_attention_inputs(q, k, v, segment_ids, kv_segment_ids, q_offset, kv_offset):
+    """Validate q, k, v (batch, heads, seq, head_dim), segment ids and offsets as every backend needs them;
+    raises TypeError / ValueError naming the problem."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -135,9 +139,9 @@ def _check_inputs(q, k, v, segment_ids, kv_segment_ids, q_offset, kv_offset):
 
 
 def _prepare(q, k, v, causal, scale, segment_ids, kv_segment_ids, q_offset, kv_offset, backend):
-    _check_inputs(q, k, v, segment_ids, kv_segment_ids, q_offset, kv_offset)
+    check_attention_inputs(q, k, v, segment_ids, kv_segment_ids, q_offset, kv_offset)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    _, impl = _resolve_backend(backend, q)
+    _, impl = resolve_backend(backend, q)
     kwargs = dict(
         causal=bool(causal), scale=scale, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
         q_offset=q_offset, kv_offset=kv_offset,

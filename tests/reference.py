@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
-def attention_mask(batch, seqlen_q, seqlen_k, *, causal=False, q_segment_ids=None, kv_segment_ids=None,
+def attention_mask(batch, seqlen_q, seqlen_k, *, causal=False, segment_ids=None, kv_segment_ids=None,
                    q_offset=0, kv_offset=0):
     """(batch, 1, seq_q, seq_k) bool: True where query i may attend key j."""
     mask = torch.ones(batch, 1, seqlen_q, seqlen_k, dtype=torch.bool)
@@ -23,12 +23,12 @@ def attention_mask(batch, seqlen_q, seqlen_k, *, causal=False, q_segment_ids=Non
         q_pos = torch.arange(seqlen_q) + q_offset
         k_pos = torch.arange(seqlen_k) + kv_offset
         mask &= (q_pos[:, None] >= k_pos[None, :])[None, None]
-    if q_segment_ids is not None:
-        mask &= (q_segment_ids.cpu()[:, :, None] == kv_segment_ids.cpu()[:, None, :])[:, None]
+    if segment_ids is not None:
+        mask &= (segment_ids.cpu()[:, :, None] == kv_segment_ids.cpu()[:, None, :])[:, None]
     return mask
 
 
-def reference_attention(q, k, v, *, causal=False, scale=None, q_segment_ids=None, kv_segment_ids=None,
+def reference_attention(q, k, v, *, causal=False, scale=None, segment_ids=None, kv_segment_ids=None,
                         q_offset=0, kv_offset=0):
     """SDPA in the inputs' dtype (on CPU) with an explicit mask. Returns (out, lse float64).
 
@@ -38,7 +38,7 @@ def reference_attention(q, k, v, *, causal=False, scale=None, q_segment_ids=None
     batch, heads, seqlen_q, head_dim = q.shape
     seqlen_k = k.shape[2]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    mask = attention_mask(batch, seqlen_q, seqlen_k, causal=causal, q_segment_ids=q_segment_ids,
+    mask = attention_mask(batch, seqlen_q, seqlen_k, causal=causal, segment_ids=segment_ids,
                           kv_segment_ids=kv_segment_ids, q_offset=q_offset, kv_offset=kv_offset).to(q.device)
     alive = mask.any(dim=-1, keepdim=True)
     with sdpa_kernel(SDPBackend.MATH):

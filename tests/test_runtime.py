@@ -9,7 +9,8 @@ import time
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from tiny_models import tiny_llama_config
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
 from ringlwm.models import RingLlamaForCausalLM
 from ringlwm.runtime import check_provenance, load_model, model_fingerprint, path_fingerprint
@@ -21,8 +22,7 @@ def checkpoints(tmp_path_factory):
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=64)).save_pretrained(
         root / "gpt2")
-    llama = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                        num_attention_heads=4, num_key_value_heads=2)
+    llama = tiny_llama_config(num_hidden_layers=1, num_attention_heads=4)
     LlamaForCausalLM(llama).save_pretrained(root / "llama")
     (root / "empty").mkdir()
     return root

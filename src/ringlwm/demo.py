@@ -6,8 +6,8 @@
    in LWM's prompt format ("You are a helpful assistant. USER: {haystack with the needle} {question} ...
    ASSISTANT: ") whose answer repeats the needle sentence, so that the number appears in it: short
    haystacks for the first stage, up to the final length for the second; plain filler text beside them.
-2. Training: ``torchrun -m ringlwm.train recipes/demo.yaml``: two stages (512 then 2048 tokens, RoPE theta
-   raised between them), both over the ring (sp = 2).
+2. Training: ``torchrun -m ringlwm.train recipes/demo.yaml``: two stages, 1024 tokens data parallel
+   (sp = 1, dp = 2), then 2048 tokens over the ring (sp = 2) with RoPE theta raised from 1e4 to 4e4.
 3. Evaluation: ``torchrun -m ringlwm.eval.needle`` on fresh haystacks at 256-2048 tokens and depths 0-100%.
 4. runs/demo/: metrics.jsonl, loss.png, needle.json, needle_heatmap.png, hf/ (the model), and a summary.
 """

@@ -5,7 +5,7 @@
     record = {"model": model_fingerprint("runs/demo/hf"), "tokenizer": path_fingerprint("tok.model"), ...}
     resume = check_provenance(previous_record, record, what="needle results", path=out, overwrite=False)
 
-``train``, ``generate``, ``generate_vision`` and the evaluations go through these, so that a checkpoint
+``train``, ``generate``, ``vision.generate`` and the evaluations go through these, so that a checkpoint
 of the wrong kind is refused within seconds (naming what was found), and so that a resumable output
 (needle results, book QA) knows what produced it and refuses to mix in results of anything else.
 """

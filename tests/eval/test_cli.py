@@ -8,7 +8,8 @@ import subprocess
 import sys
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_models import tiny_llama_config
+from transformers import LlamaForCausalLM
 
 from ringlwm.data import train_sentencepiece
 from ringlwm.eval.needle import NEEDLE, PREFIX, generated_haystack
@@ -28,8 +29,7 @@ def test_generate_and_needle_commands(tmp_path):
     corpus = [generated_haystack(800, seed=1), NEEDLE.format(city="Oslo", number="1234567890") + " " + PREFIX,
               "Don't give information outside the document. What are the special magic numbers for? Is it?"]
     tok = train_sentencepiece(corpus, vocab_size=300, model_prefix=tmp_path / "tok")
-    config = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512)
+    config = tiny_llama_config(vocab_size=300)
     torch.manual_seed(0)
     model_dir = tmp_path / "model"
     LlamaForCausalLM(config).save_pretrained(model_dir)

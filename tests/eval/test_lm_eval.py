@@ -10,7 +10,8 @@ import json
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_models import tiny_llama_config
+from transformers import LlamaForCausalLM
 
 from ringlwm.data import load_tokenizer, train_sentencepiece
 from ringlwm.eval.needle import generated_haystack
@@ -56,9 +57,7 @@ def test_lm_eval_hf_backend_on_an_exported_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     tok_path = train_sentencepiece([generated_haystack(600, seed=1)], vocab_size=300, model_prefix=tmp_path / "tok")
-    config = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                         initializer_range=0.3)
+    config = tiny_llama_config(vocab_size=300, max_position_embeddings=128, initializer_range=0.3)
     torch.manual_seed(0)
     ckpt = tmp_path / "ckpt"
     LlamaForCausalLM(config).save_pretrained(ckpt)

@@ -10,7 +10,8 @@ import shutil
 import pytest
 import torch
 from byte_tokenizer import ByteTokenizer
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_models import tiny_llama_config
+from transformers import LlamaForCausalLM
 
 from ringlwm.data import load_tokenizer, train_sentencepiece
 from ringlwm.demo import needle_record
@@ -87,8 +88,7 @@ def test_errors_name_the_problem(tokenizer, tmp_path):
 
 
 def test_eval_runs_resumes_and_draws(tokenizer, tmp_path):
-    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512)
+    config = tiny_llama_config(vocab_size=tokenizer.vocab_size, num_hidden_layers=1)
     torch.manual_seed(0)
     model = RingLlamaForCausalLM(config).eval()
     out = tmp_path / "needle.json"
@@ -123,9 +123,7 @@ def model_dirs(tmp_path_factory, tokenizer):
     """Two tiny Llama checkpoints of one config and different weights."""
     dirs = []
     for seed in (0, 1):
-        config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
-                             num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-                             max_position_embeddings=512)
+        config = tiny_llama_config(vocab_size=tokenizer.vocab_size, num_hidden_layers=1)
         torch.manual_seed(seed)
         path = tmp_path_factory.mktemp(f"model{seed}")
         LlamaForCausalLM(config).save_pretrained(path)
@@ -200,8 +198,7 @@ class Bytes(ByteTokenizer):
 
 
 def _tiny_model(tokenizer, seed=0):
-    config = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512)
+    config = tiny_llama_config(vocab_size=300, num_hidden_layers=1)
     torch.manual_seed(seed)
     return RingLlamaForCausalLM(config).eval()
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 from dist_utils import run_distributed
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_models import tiny_llama_config
+from transformers import LlamaForCausalLM
 
 from ringlwm.generate import generate
 from ringlwm.models import RingLlamaForCausalLM
@@ -21,9 +22,8 @@ NEW = 12
 @pytest.fixture(scope="module")
 def checkpoint_dir(tmp_path_factory):
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         tie_word_embeddings=False, initializer_range=0.2)
+    config = tiny_llama_config(vocab_size=97, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                               max_position_embeddings=128, initializer_range=0.2)
     path = tmp_path_factory.mktemp("gen_llama")
     LlamaForCausalLM(config).save_pretrained(path)
     return str(path)
@@ -80,9 +80,8 @@ def test_stop_strings_cut_the_output(tmp_path):
 
     tok = load_tokenizer(train_sentencepiece([generated_haystack(300, seed=2)], vocab_size=200,
                                              model_prefix=tmp_path / "tok"))
-    config = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                         initializer_range=0.5)
+    config = tiny_llama_config(vocab_size=tok.vocab_size, num_hidden_layers=1, max_position_embeddings=64,
+                               initializer_range=0.5)
     torch.manual_seed(1)
     model = RingLlamaForCausalLM(config).eval()
     prompt = [tok.bos_id] + tok.encode("The old river")

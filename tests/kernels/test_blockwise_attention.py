@@ -54,7 +54,7 @@ def check_against_reference(backend, q, k, v, dout, *, causal=False, segment_ids
                             q_offset=0, kv_offset=0):
     """Run the kernel (forward + backward) and compare out, lse, dq, dk, dv with fp64 SDPA."""
     dtype = q.dtype
-    mask_kw = dict(causal=causal, q_segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+    mask_kw = dict(causal=causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
                    q_offset=q_offset, kv_offset=kv_offset)
     ref = _grads_of(lambda a, b, c: reference_attention(a, b, c, **mask_kw), q.double(), k.double(), v.double(),
                     dout.double())
@@ -232,7 +232,7 @@ def test_tails_with_very_negative_scores_and_sentinel_like_ids(backend, causal, 
         seg = dict(segment_ids=ids[torch.randint(0, 5, (1, seq_q), generator=gen)],
                    kv_segment_ids=ids[torch.randint(0, 5, (1, seq_k), generator=gen)])
     mask_kw = dict(causal=causal, q_offset=seq_k - seq_q)
-    ref_kw = dict(q_segment_ids=seg.get("segment_ids"), kv_segment_ids=seg.get("kv_segment_ids"), **mask_kw)
+    ref_kw = dict(segment_ids=seg.get("segment_ids"), kv_segment_ids=seg.get("kv_segment_ids"), **mask_kw)
     ref = _grads_of(lambda a, b, c: reference_attention(a, b, c, **ref_kw), q.double(), k.double(), v.double(),
                     dout.double())
     base = _grads_of(lambda a, b, c: reference_attention(a, b, c, **ref_kw), q, k, v, dout)
@@ -275,7 +275,7 @@ def test_merge_attention_of_disjoint_key_sets_equals_full():
     kv_seg = torch.randint(0, 3, (2, 50), generator=torch.Generator().manual_seed(15))
     q_seg[:, :4] = 8  # no key anywhere: empty on both sides
     kv_seg[:, :25] = torch.where(kv_seg[:, :25] == 2, 0, kv_seg[:, :25])  # segment 2 only in the second half
-    seg_kw = dict(q_segment_ids=q_seg)
+    seg_kw = dict(segment_ids=q_seg)
     first, second = slice(0, 25), slice(25, 50)
     parts = [reference_attention(q, k[:, :, sl], v[:, :, sl], kv_segment_ids=kv_seg[:, sl], **seg_kw)
              for sl in (first, second)]

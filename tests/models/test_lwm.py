@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from dist_utils import run_distributed
+from tiny_models import tiny_llama_config
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from ringlwm import shard_sequence, unshard_sequence
@@ -18,10 +19,10 @@ VOCAB, VISION_VOCAB = 97, 8448
 
 
 def tiny_config(**overrides) -> LlamaConfig:
-    kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=256, attention_dropout=0.0, tie_word_embeddings=False)
+    kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+              max_position_embeddings=256)
     kw.update(overrides)
-    config = LlamaConfig(**kw)
+    config = tiny_llama_config(**kw)
     set_context_length(config, kw["max_position_embeddings"], rope_theta=5e7)  # LWM's vision-language theta
     return config
 

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from dist_utils import run_distributed
+from tiny_models import tiny_llama_config
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -21,10 +22,10 @@ VOCAB = 97
 
 
 def tiny_config(**overrides) -> LlamaConfig:
-    kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=256, attention_dropout=0.0, tie_word_embeddings=False)
+    kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+              max_position_embeddings=256)
     kw.update(overrides)
-    config = LlamaConfig(**kw)
+    config = tiny_llama_config(**kw)
     set_context_length(config, kw["max_position_embeddings"], rope_theta=1e6)  # a non-default theta on purpose
     return config
 

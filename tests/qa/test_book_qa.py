@@ -11,6 +11,7 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from tiny_models import tiny_llama_config
 
 from ringlwm.data import encode_example, load_tokenizer, train_sentencepiece
 from ringlwm.data.chat import CHAT_PREFIX
@@ -359,9 +360,8 @@ def tiny_hf_model(path, words):
                                                   bos_token="<s>", eos_token="</s>")
     hf_tok.save_pretrained(path)
     transformers.set_seed(0)
-    config = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                                      max_position_embeddings=1024, bos_token_id=2, eos_token_id=3, pad_token_id=1)
+    config = tiny_llama_config(vocab_size=len(vocab), num_hidden_layers=1, num_key_value_heads=1,
+                               max_position_embeddings=1024, bos_token_id=2, eos_token_id=3, pad_token_id=1)
     transformers.LlamaForCausalLM(config).save_pretrained(path)
 
 

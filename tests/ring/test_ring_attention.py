@@ -42,7 +42,7 @@ def _check_case(*, world_size, causal, heads=4, kv_heads=4, segments=False, dtyp
     seg = _packed(2, seqlen, 4, seed + 1) if segments else None
 
     ref_in = [t.detach().double().clone().requires_grad_() for t in (q, k, v)]
-    ref_out, _ = reference_attention(*ref_in, causal=causal, q_segment_ids=seg, kv_segment_ids=seg)
+    ref_out, _ = reference_attention(*ref_in, causal=causal, segment_ids=seg, kv_segment_ids=seg)
     ref_out.backward(dout.double())
 
     local = [shard_sequence(t, dim=2, group=group).requires_grad_() for t in (q, k, v)]
@@ -168,7 +168,7 @@ def _packed_by_chunk_pairs(rank, world_size):
         for causal in (True, False):
             q, k, v, dout = _full_inputs(2, 4, 2, seq_len, 16, torch.float64, seed=20)
             ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
-            ref_out, _ = reference_attention(*ref_in, causal=causal, q_segment_ids=seg, kv_segment_ids=seg)
+            ref_out, _ = reference_attention(*ref_in, causal=causal, segment_ids=seg, kv_segment_ids=seg)
             ref_out.backward(dout)
             local = [shard_sequence(t, dim=2).requires_grad_() for t in (q, k, v)]
             for key in calls:

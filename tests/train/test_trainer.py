@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from tiny_models import tiny_llama_config
 from transformers import LlamaForCausalLM
 
 from ringlwm.parallel import ParallelDims
@@ -216,11 +217,8 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
 def _llama3_style_checkpoint(path: Path) -> Path:
     """A tiny checkpoint whose config.json is written the way Llama-3 releases write it: top-level rope_theta
     500000 and a "llama3" rope_scaling block, max_position_embeddings 512."""
-    from transformers import LlamaConfig
 
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
-                      rope_parameters={**LLAMA3_ROPE, "rope_theta": 500000.0})
+    cfg = tiny_llama_config(num_attention_heads=4, rope_parameters={**LLAMA3_ROPE, "rope_theta": 500000.0})
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(path)
     raw = json.loads((path / "config.json").read_text())

@@ -44,8 +44,8 @@ DEFAULT_OPTIONS = {
 
 def _ring_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                             segment_ids=None, sp_group=None, ringlwm_cache=None, **_kwargs):
-    """transformers attention-interface function. query: (batch, heads, local_seq, head_dim); key/value:
-    (batch, kv_heads, kv_seq, head_dim). Returns ((batch, local_seq, heads, head_dim), None).
+    """transformers attention-interface function. query: (batch, heads, local_len, head_dim); key/value:
+    (batch, kv_heads, kv_seq, head_dim). Returns ((batch, local_len, heads, head_dim), None).
 
     With ``ringlwm_cache`` (a ShardedKVCache, from ringlwm.generate): during the prefill each rank keeps its
     shard of the keys/values; during decoding the new token's K/V goes to its owner rank and the query
@@ -144,7 +144,7 @@ class RingLlamaForCausalLM(LlamaForCausalLM):
     def label_weight_sums(self, labels: torch.Tensor, loss_weights: torch.Tensor | None = None,
                           **_head_masks) -> torch.Tensor:
         """(num_heads,) float64 sums of the token weights of the positions with a label, per head: the
-        normalisers of a batch, known before any forward. labels, loss_weights: (batch, local_seq)."""
+        normalisers of a batch, known before any forward. labels, loss_weights: (batch, local_len)."""
         valid = labels != IGNORE_INDEX
         weights = torch.ones(labels.shape, device=labels.device) if loss_weights is None else loss_weights
         return torch.where(valid, weights.double(), 0.0).sum()[None]
@@ -202,7 +202,7 @@ class RingLlamaForCausalLM(LlamaForCausalLM):
             position_ids = position_ids.unsqueeze(0).expand(batch, -1)
         for name, t in (("position_ids", position_ids), ("labels", labels), ("segment_ids", segment_ids)):
             if t is not None and tuple(t.shape) != (batch, local_len):
-                raise ValueError(f"{name} must have shape (batch, local_seq) = {(batch, local_len)}, got {tuple(t.shape)}")
+                raise ValueError(f"{name} must have shape (batch, local_len) = {(batch, local_len)}, got {tuple(t.shape)}")
         if position_ids.numel() and int(position_ids.max()) >= self.config.max_position_embeddings:
             raise ValueError(
                 f"position {int(position_ids.max())} is beyond the model's max_position_embeddings "
@@ -230,14 +230,14 @@ class RingLlamaForCausalLM(LlamaForCausalLM):
         logits_to_keep: int = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        """Shapes: input_ids, position_ids, labels, segment_ids, loss_weights: (batch, local_seq), this rank's
+        """Shapes: input_ids, position_ids, labels, segment_ids, loss_weights: (batch, local_len), this rank's
         zigzag shards. position_ids are global positions (restarting per document when packed); labels
         are next-token targets already aligned with the inputs (-100: no loss; the model does not shift);
         loss_weights (optional) weight each token's loss. ``loss`` is the weighted mean over the valid
         tokens of the whole sequence group, the same on every rank. With ``loss_reduction="sum"`` it is
         this rank's raw weighted sum instead (for a trainer that divides by the weight of a larger batch:
         data-parallel ranks, accumulation steps; see ``loss_heads``). Either way ``loss_sums`` and
-        ``loss_weight_sums`` hold this rank's per-head sums and weights, shape (num_heads,). ``logits`` (batch, local_seq, vocab) come with
+        ``loss_weight_sums`` hold this rank's per-head sums and weights, shape (num_heads,). ``logits`` (batch, local_len, vocab) come with
         ``return_logits=True``, and by default when no labels are given (as in transformers: generation and
         evaluation read them; ``logits_to_keep`` keeps the last k positions); with labels the default is
         no logits, as the blockwise loss never needs them.

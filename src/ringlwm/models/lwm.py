@@ -83,7 +83,7 @@ def lwm_config_from_text(config: LlamaConfig, **vision_fields) -> LwmConfig:
 class LwmCausalLMOutput(RingCausalLMOutput):
     """``loss``: the weighted loss (see the module docstring). ``vision_loss``/``text_loss``: its two parts,
     the group means (``loss_reduction="sum"``: this rank's weighted sums). ``logits`` (text head) and
-    ``vision_logits`` (vision head): (batch, local_seq, vocab) each, with ``return_logits=True`` or when no
+    ``vision_logits`` (vision head): (batch, local_len, vocab) each, with ``return_logits=True`` or when no
     labels are given."""
 
     vision_logits: torch.FloatTensor | None = None
@@ -104,7 +104,7 @@ class RingLwmForCausalLM(RingLlamaForCausalLM):
     def label_weight_sums(self, labels: torch.Tensor, loss_weights: torch.Tensor | None = None, *,
                           label_vision_mask: torch.Tensor | None = None, **_unused) -> torch.Tensor:
         """(2,) float64 (vision, text) sums of the token weights of the positions with a label: the batch's
-        normalisers, known before any forward. labels, label_vision_mask, loss_weights: (batch, local_seq)."""
+        normalisers, known before any forward. labels, label_vision_mask, loss_weights: (batch, local_len)."""
         valid = labels != IGNORE_INDEX
         weights = torch.ones(labels.shape, device=labels.device) if loss_weights is None else loss_weights
         weights = torch.where(valid, weights.double(), 0.0)
@@ -160,7 +160,7 @@ class RingLwmForCausalLM(RingLlamaForCausalLM):
         **kwargs,
     ) -> LwmCausalLMOutput:
         """Shapes: input_ids, position_ids, labels, segment_ids, vision_mask, label_vision_mask,
-        loss_weights: (batch, local_seq), this rank's zigzag shards. vision_mask (bool): input token i is a
+        loss_weights: (batch, local_len), this rank's zigzag shards. vision_mask (bool): input token i is a
         vision id (None: all text). label_vision_mask (bool): the target labels[i] is a vision id (vision
         head); it may be None only when vision_mask is (an all-text batch). labels: next-token targets
         aligned with the inputs (-100: no loss; the model does not shift), each in its head's vocabulary.
@@ -182,7 +182,7 @@ class RingLwmForCausalLM(RingLlamaForCausalLM):
         for name, t in (("vision_mask", vision_mask), ("label_vision_mask", label_vision_mask),
                         ("loss_weights", loss_weights)):
             if t is not None and tuple(t.shape) != tuple(position_ids.shape):
-                raise ValueError(f"{name} must have shape (batch, local_seq) = {tuple(position_ids.shape)}, "
+                raise ValueError(f"{name} must have shape (batch, local_len) = {tuple(position_ids.shape)}, "
                                  f"got {tuple(t.shape)}")
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids, vision_mask)

@@ -35,9 +35,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ringlwm.kernels import block_attention_backward, block_attention_forward, blockwise_attention, merge_attention
-from ringlwm.kernels.blockwise import _check_inputs, _resolve_backend
-from ringlwm.ring.comm import RingComm
+from ringlwm.kernels import (
+    block_attention_backward,
+    block_attention_forward,
+    blockwise_attention,
+    check_attention_inputs,
+    merge_attention,
+    resolve_backend,
+)
+from ringlwm.ring.comm import RingComm, moves_host_memory
 from ringlwm.ring.layout import sp_world
 
 
@@ -68,9 +74,12 @@ def _step_slices(step: int, rank: int, world_size: int, causal: bool, local_len:
 
 def _gather_segment_ids(segment_ids: torch.Tensor, group, world_size: int) -> list[torch.Tensor]:
     """Every rank's (batch, local_len) segment ids, by rank."""
-    parts = [torch.empty_like(segment_ids, memory_format=torch.contiguous_format) for _ in range(world_size)]
-    dist.all_gather(parts, segment_ids.contiguous(), group=group)
-    return parts
+    local = segment_ids.contiguous()
+    if moves_host_memory(group):
+        local = local.cpu()  # gloo: GPU ids (ranks sharing a GPU) travel through host memory
+    parts = [torch.empty_like(local) for _ in range(world_size)]
+    dist.all_gather(parts, local, group=group)
+    return [p.to(segment_ids.device) for p in parts]
 
 
 def _shared_segments(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[bool]:
@@ -225,8 +234,8 @@ def _check_local_inputs(q, k, v, segment_ids, world_size, scale, backend) -> flo
     # The block kernels' checks (float dtype shared by q/k/v, integer segment ids, one device, batch, head_dim,
     # heads a multiple of kv_heads) and the backend's (known, fits the device and dtype): failing any of them
     # inside the ring would leave this rank's first exchange posted.
-    _check_inputs(q, k, v, segment_ids, segment_ids, 0, 0)
-    _resolve_backend(backend, q)
+    check_attention_inputs(q, k, v, segment_ids, segment_ids, 0, 0)
+    resolve_backend(backend, q)
     if scale is None:
         return q.shape[-1] ** -0.5
     try:
@@ -266,8 +275,7 @@ _PAYLOAD_BYTES = 1024  # per rank: a JSON signature (~300 bytes) and, if the loc
 def _agreement_device(group) -> torch.device:
     """CPU where the group's backend can move CPU tensors (gloo, mpi, ucc, or a cpu:... mapping); else the
     current accelerator, as NCCL needs."""
-    backend = str(dist.get_backend(group)).lower()
-    if any(name in backend for name in ("gloo", "mpi", "ucc", "cpu:")):
+    if moves_host_memory(group):
         return torch.device("cpu")
     accelerator = getattr(torch, "accelerator", None)
     if accelerator is not None and accelerator.current_accelerator() is not None:

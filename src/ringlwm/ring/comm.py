@@ -4,13 +4,22 @@ Each rank sends to its successor and receives from its predecessor in the group.
 started with ``start`` (asynchronous: compute goes on meanwhile) and finished with ``wait``; starting a
 second exchange before waiting on the first is a bug and raises. On NCCL the transfers run on NCCL's own
 stream, so they overlap with attention kernels on the compute stream; ``wait`` makes the compute stream
-wait for them (no host sync). On gloo they run on gloo's threads.
+wait for them (no host sync). On gloo they run on gloo's threads; gloo moves host memory only, so GPU
+tensors on a gloo group are staged through host copies (``moves_host_memory``): exact, not fast, and what
+lets ranks that share one GPU (which NCCL refuses) run the ring, as ``make gpu-check`` does.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
+
+def moves_host_memory(group: dist.ProcessGroup | None) -> bool:
+    """Whether the group's backend transfers CPU tensors (gloo, mpi, ucc, or a cpu:... mapping) rather than
+    accelerator memory (NCCL)."""
+    backend = str(dist.get_backend(group)).lower()
+    return any(name in backend for name in ("gloo", "mpi", "ucc", "cpu:"))
 
 
 class RingComm:
@@ -26,6 +35,7 @@ class RingComm:
         self._pending = None
         self._buffers: list[list[torch.Tensor] | None] = [None, None]
         self._flip = 0
+        self._host_only = moves_host_memory(group)
 
     def _recv_buffers(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Alternate between two sets of receive buffers. The set reused now was the one sent from in the
@@ -47,15 +57,20 @@ class RingComm:
             raise RuntimeError("RingComm.start called while the previous exchange is still pending; call wait()")
         tensors = [t.contiguous() for t in tensors]
         recv = self._recv_buffers(tensors)
-        ops = [dist.P2POp(dist.isend, t, self.send_peer, self.group) for t in tensors]
-        ops += [dist.P2POp(dist.irecv, r, self.recv_peer, self.group) for r in recv]
-        self._pending = (dist.batch_isend_irecv(ops), tensors)
+        staged = self._host_only and any(t.device.type != "cpu" for t in tensors)
+        send = [t.cpu() for t in tensors] if staged else tensors
+        landing = [torch.empty(r.shape, dtype=r.dtype) for r in recv] if staged else recv
+        ops = [dist.P2POp(dist.isend, t, self.send_peer, self.group) for t in send]
+        ops += [dist.P2POp(dist.irecv, r, self.recv_peer, self.group) for r in landing]
+        self._pending = (dist.batch_isend_irecv(ops), send, list(zip(recv, landing)) if staged else [])
         return recv
 
     def wait(self) -> None:
         if self._pending is None:
             raise RuntimeError("RingComm.wait called with no exchange started")
-        requests, _keepalive = self._pending
+        requests, _keepalive, staged = self._pending
         for req in requests:
             req.wait()
+        for buffer, host in staged:
+            buffer.copy_(host)
         self._pending = None

@@ -199,6 +199,8 @@ class ParallelConfig:
 
 @dataclass
 class CheckpointConfig:
+    enabled: bool = True
+    """False: no checkpoints at all (benchmarks and smoke runs; such a run cannot resume)."""
     save_every: int = 0
     """Steps between checkpoints within a stage (0: only at the end of each stage)."""
     keep_last: int = 2
@@ -234,6 +236,9 @@ class TrainConfig:
         datas = [self.data] + [s.data for s in self.stages]
         if any(src.vision for d in datas if d is not None for src in d.sources) and not self.model.vision:
             raise ValueError("a data source has vision: true but model.vision is false (set model.vision: true)")
+        if not self.checkpoint.enabled and len(self.stages) > 1:
+            raise ValueError("checkpoint.enabled: false allows one stage only (each stage starts from the previous "
+                             "stage's final checkpoint)")
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise ValueError(f"stage names must be unique, got {names}")

@@ -315,7 +315,7 @@ def _train_stage(config, index, start, dims, sp_group, llama, model, optimizer, 
             "rope_theta": rope.get("rope_theta"), "rope": rope, **parts,
         })
         done = step + 1 == stage.steps
-        if done or (save_every and (step + 1) % save_every == 0):
+        if config.checkpoint.enabled and (done or (save_every and (step + 1) % save_every == 0)):
             checkpointer.save(stage=index, step=step + 1, final=done, model=model, optimizer=optimizer,
                               extra={"loader": loader.state_dict(), "rng": rng_state()},
                               parallel={"sp": dims.sp, "dp": dims.dp})

@@ -51,7 +51,7 @@ from ringlwm.data.vision_tokens import (
     VISION_START,
     encode_vision_example,
 )
-from ringlwm.generate import cached_decode, pick_token
+from ringlwm.models.decoding import cached_decode, pick_token
 from ringlwm.ring import sp_world
 
 IMAGE_DEFAULTS = {"cfg_scale": 5.0, "top_k": 8192}  # LWM's scripts/run_sample_image.sh
