@@ -84,6 +84,11 @@ _BWD_CONFIGS = _configs([(64, 64), (32, 64), (64, 128), (128, 64), (32, 32)])
 _AUTOTUNE_KEY = ["seq_q", "seq_k", "HEAD_DIM", "CAUSAL", "HAS_SEG"]
 
 
+def autotune_configs(kernel: str, capability: int, dtype: str, head_dim: int):
+    """The autotune list of one kernel ("fwd", "dkdv", "dq") for a target (e.g. 90), dtype and head_dim."""
+    return _FWD_CONFIGS if kernel == "fwd" else _BWD_CONFIGS
+
+
 def _autotuned(configs):
     """Autotune on a GPU; under the interpreter the launcher passes fixed block sizes instead."""
 
