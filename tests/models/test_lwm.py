@@ -84,19 +84,19 @@ def test_without_vision_tokens_equals_ring_llama(text_dir):
     labels = torch.roll(ids, -1, dims=1)
     labels[:, -1] = -100
     weights = torch.rand(2, 33, generator=gen)
-    ref = ring(ids, labels=labels, loss_weights=weights, return_logits=True)
+    ref = ring(ids, shift_labels=labels, loss_weights=weights, return_logits=True)
     ref.loss.backward()
     no_vision = torch.zeros_like(ids, dtype=torch.bool)
     for kwargs in ({}, {"vision_mask": no_vision, "label_vision_mask": no_vision}):
         lwm.zero_grad()
-        out = lwm(ids, labels=labels, loss_weights=weights, return_logits=True, **kwargs)
+        out = lwm(ids, shift_labels=labels, loss_weights=weights, return_logits=True, **kwargs)
         assert torch.allclose(out.logits, ref.logits, atol=1e-6, rtol=0)
         # LWM's weighting on a text-only batch: 0.5 * text loss, vision part 0
         assert abs(out.loss.item() - 0.5 * ref.loss.item()) < 1e-6 and out.vision_loss.item() == 0
         assert abs(out.text_loss.item() - ref.loss.item()) < 1e-6
     lwm.config.text_loss_weight = 1.0
     lwm.zero_grad()
-    out = lwm(ids, labels=labels, loss_weights=weights)
+    out = lwm(ids, shift_labels=labels, loss_weights=weights)
     out.loss.backward()
     assert abs(out.loss.item() - ref.loss.item()) < 1e-6
     ring_grads = dict(ring.named_parameters())
@@ -110,7 +110,7 @@ def test_without_vision_tokens_equals_ring_llama(text_dir):
 def test_loss_weighting_by_hand(lwm_dir):
     model = RingLwmForCausalLM.from_pretrained(lwm_dir)
     ids, vision, labels, label_vision, weights = vision_batch(48, seed=4)
-    out = model(ids, labels=labels, vision_mask=vision, label_vision_mask=label_vision, loss_weights=weights,
+    out = model(ids, shift_labels=labels, vision_mask=vision, label_vision_mask=label_vision, loss_weights=weights,
                 return_logits=True)
     assert out.logits.shape == (2, 48, VOCAB) and out.vision_logits.shape == (2, 48, VISION_VOCAB)
     loss, vision_loss, text_loss = hand_loss(out.vision_logits, out.logits, labels, label_vision, weights)
@@ -119,15 +119,15 @@ def test_loss_weighting_by_hand(lwm_dir):
     assert abs(out.text_loss.item() - text_loss.item()) < 1e-5
     # configurable weights
     model.config.vision_loss_weight, model.config.text_loss_weight = 0.2, 1.5
-    out2 = model(ids, labels=labels, vision_mask=vision, label_vision_mask=label_vision, loss_weights=weights)
+    out2 = model(ids, shift_labels=labels, vision_mask=vision, label_vision_mask=label_vision, loss_weights=weights)
     assert abs(out2.loss.item() - (0.2 * vision_loss + 1.5 * text_loss).item()) < 1e-5
     # the vision table embeds vision positions, the text table the others
     embeds = model.embed(ids, vision)
     assert torch.equal(embeds[vision], model.vision_embed_tokens.weight[ids[vision]])
     assert torch.equal(embeds[~vision], model.model.embed_tokens.weight[ids[~vision]])
     # loss_reduction="sum": raw per-head sums and weights; normalised by the batch's weights, the same loss
-    totals = model.label_weight_sums(labels, weights, label_vision_mask=label_vision)
-    out3 = model(ids, labels=labels, vision_mask=vision, label_vision_mask=label_vision, loss_weights=weights,
+    totals = model.label_weight_sums(shift_labels=labels, loss_weights=weights, label_vision_mask=label_vision)
+    out3 = model(ids, shift_labels=labels, vision_mask=vision, label_vision_mask=label_vision, loss_weights=weights,
                  loss_reduction="sum")
     assert torch.allclose(out3.loss_weight_sums.double(), totals)
     coefficients = torch.tensor(list(model.loss_heads.values()), dtype=torch.float64)
@@ -141,7 +141,7 @@ def _sequence_parallel(rank, world_size, path, ref):
     ids, vision, labels, label_vision, weights = vision_batch(48, seed=5)
     pos = torch.arange(48).expand(2, 48)
     shards = [shard_sequence(t, 1) for t in (ids, pos, labels, vision, label_vision, weights)]
-    out = model(shards[0], shards[1], labels=shards[2], vision_mask=shards[3], label_vision_mask=shards[4],
+    out = model(shards[0], shards[1], shift_labels=shards[2], vision_mask=shards[3], label_vision_mask=shards[4],
                 loss_weights=shards[5], return_logits=True)
     out.loss.backward()
     assert abs(out.loss.item() - ref["loss"]) < 1e-5, (out.loss.item(), ref["loss"])
@@ -153,9 +153,9 @@ def _sequence_parallel(rank, world_size, path, ref):
         err = (grad - ref["grads"][name]).abs().max() / ref["grads"][name].abs().max().clamp(min=1e-12)
         assert err < 1e-4, f"{name}: relative gradient error {err:.2e}"
     # the trainer's way: per-rank sums over the global totals add up to the loss
-    totals = model.label_weight_sums(shards[2], shards[5], label_vision_mask=shards[4])
+    totals = model.label_weight_sums(shift_labels=shards[2], loss_weights=shards[5], label_vision_mask=shards[4])
     dist.all_reduce(totals)
-    sums = model(shards[0], shards[1], labels=shards[2], vision_mask=shards[3], label_vision_mask=shards[4],
+    sums = model(shards[0], shards[1], shift_labels=shards[2], vision_mask=shards[3], label_vision_mask=shards[4],
                  loss_weights=shards[5], loss_reduction="sum").loss_sums.detach()
     coefficients = torch.tensor(list(model.loss_heads.values()), dtype=torch.float64)
     part = (coefficients * sums.double() / totals).sum()
@@ -166,7 +166,7 @@ def _sequence_parallel(rank, world_size, path, ref):
 def test_sequence_parallel_matches_one_process(lwm_dir):
     model = RingLwmForCausalLM.from_pretrained(lwm_dir)
     ids, vision, labels, label_vision, weights = vision_batch(48, seed=5)
-    out = model(ids, labels=labels, vision_mask=vision, label_vision_mask=label_vision, loss_weights=weights,
+    out = model(ids, shift_labels=labels, vision_mask=vision, label_vision_mask=label_vision, loss_weights=weights,
                 return_logits=True)
     out.loss.backward()
     ref = {"loss": out.loss.item(), "vision_loss": out.vision_loss.item(), "vision_logits": out.vision_logits.detach(),
@@ -186,7 +186,7 @@ def test_save_load_round_trip(lwm_dir, tmp_path):
         assert isinstance(loaded, RingLwmForCausalLM) and isinstance(loaded.config, LwmConfig)
         assert loaded.config.vision_loss_weight == 0.25 and loaded.config.vision_vocab_size == VISION_VOCAB
         ids, vision, labels, label_vision, weights = vision_batch(48, seed=6)
-        kwargs = dict(labels=labels, vision_mask=vision, label_vision_mask=label_vision, return_logits=True)
+        kwargs = dict(shift_labels=labels, vision_mask=vision, label_vision_mask=label_vision, return_logits=True)
         with torch.no_grad():
             a, b = model(ids, **kwargs), loaded(ids, **kwargs)
         assert torch.equal(a.vision_logits, b.vision_logits) and torch.equal(a.logits, b.logits)
@@ -197,15 +197,15 @@ def test_bad_inputs(lwm_dir):
     model = RingLwmForCausalLM.from_pretrained(lwm_dir)
     ids, vision, labels, label_vision, _ = vision_batch(48, seed=7)
     with pytest.raises(ValueError, match="label_vision_mask is required"):
-        model(ids, labels=labels, vision_mask=vision)
+        model(ids, shift_labels=labels, vision_mask=vision)
     with pytest.raises(ValueError, match="input ids out of range"):
         model(ids, vision_mask=torch.zeros_like(vision))  # vision ids read as text ids
     with pytest.raises(ValueError, match="text labels must lie in"):
-        model(ids, labels=labels, vision_mask=vision, label_vision_mask=torch.zeros_like(vision))
+        model(ids, shift_labels=labels, vision_mask=vision, label_vision_mask=torch.zeros_like(vision))
     with pytest.raises(ValueError, match="vision_mask must have shape"):
         model(ids, vision_mask=vision[:, :-1])
     with pytest.raises(ValueError, match="loss_reduction must be"):
-        model(ids, labels=labels, vision_mask=vision, label_vision_mask=label_vision, loss_reduction="max")
+        model(ids, shift_labels=labels, vision_mask=vision, label_vision_mask=label_vision, loss_reduction="max")
     with pytest.raises(NotImplementedError, match="generation"):
         model(ids, vision_mask=vision, use_cache=True)
     with pytest.raises(ValueError, match="not both 0"):

@@ -80,7 +80,7 @@ def _matches_hf(rank, world_size, path):
     ref_loss, ref_logits, ref_grads = _reference_loss_and_grads(hf, ids, labels)
 
     pos = torch.arange(48).expand(2, 48)
-    out = ring(shard_sequence(ids, 1), shard_sequence(pos, 1), labels=shard_sequence(labels, 1), return_logits=True)
+    out = ring(shard_sequence(ids, 1), shard_sequence(pos, 1), shift_labels=shard_sequence(labels, 1), return_logits=True)
     out.loss.backward()
     assert abs(out.loss.item() - ref_loss.item()) < 1e-5, (out.loss.item(), ref_loss.item())
     losses = [torch.zeros(()) for _ in range(world_size)]
@@ -106,7 +106,7 @@ def _matches_hf(rank, world_size, path):
                 count += int((doc_labels != -100).sum())
                 start += n
     ring.zero_grad()
-    out = ring(shard_sequence(ids, 1), shard_sequence(pos, 1), labels=shard_sequence(labels, 1),
+    out = ring(shard_sequence(ids, 1), shard_sequence(pos, 1), shift_labels=shard_sequence(labels, 1),
                segment_ids=shard_sequence(seg, 1))
     assert abs(out.loss.item() - total / count) < 1e-5, (out.loss.item(), total / count)
 
@@ -129,7 +129,7 @@ def _sub_group_and_options(rank, world_size, path):
     ids, labels = _batch(40, seed=10 + rank // 2)
     ref_loss, _, ref_grads = _reference_loss_and_grads(hf, ids, labels)
     pos = torch.arange(40).expand(2, 40)
-    out = ring(*(shard_sequence(t, 1, group) for t in (ids, pos)), labels=shard_sequence(labels, 1, group),
+    out = ring(*(shard_sequence(t, 1, group) for t in (ids, pos)), shift_labels=shard_sequence(labels, 1, group),
                sp_group=group)
     out.loss.backward()
     assert abs(out.loss.item() - ref_loss.item()) < 1e-5
@@ -154,10 +154,10 @@ def test_single_process_is_an_ordinary_model(checkpoint_dir):
     assert rope_theta(ring.config) == 1e6 and ring.config.max_position_embeddings == 256
     ids, labels = _batch(33, seed=3)
     ref_loss, ref_logits, _ = _reference_loss_and_grads(hf, ids, labels)
-    out = ring(ids, labels=labels, return_logits=True)
+    out = ring(ids, shift_labels=labels, return_logits=True)
     assert (out.logits - ref_logits).abs().max() < 1e-5
     assert abs(out.loss.item() - ref_loss.item()) < 1e-5
-    assert ring(ids, labels=labels).logits is None, "with labels, logits only when asked for"
+    assert ring(ids, shift_labels=labels).logits is None, "with labels, logits only when asked for"
     assert (ring(ids).logits - ref_logits).abs().max() < 1e-5, "without labels, logits as in transformers"
 
 
@@ -190,7 +190,7 @@ def test_chunked_mlp_and_checkpointing_keep_gradients(checkpoint_dir):
         model = RingLlamaForCausalLM.from_pretrained(checkpoint_dir)
         model.apply_options(**options)
         model.train()
-        model(ids, labels=labels).loss.backward()
+        model(ids, shift_labels=labels).loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters()})
     for name in grads[0]:
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5), name
@@ -202,9 +202,9 @@ def test_bad_inputs(checkpoint_dir):
     with pytest.raises(ValueError, match="max_position_embeddings"):
         ring(ids, position_ids=torch.arange(250, 266).expand(2, 16))
     with pytest.raises(ValueError, match="labels must have shape"):
-        ring(ids, labels=labels[:, :-1])
-    with pytest.raises(ValueError, match="segment_ids instead of attention_mask"):
-        ring(ids, attention_mask=torch.ones_like(ids))
+        ring(ids, shift_labels=labels[:, :-1])
+    with pytest.raises(ValueError, match="2-D padding mask"):
+        ring(ids, attention_mask=torch.ones(2, 1, 16, 16))
     with pytest.raises(ValueError, match="labels must lie in"):
         ring(ids, labels=torch.full_like(ids, VOCAB))
     with pytest.raises(ValueError, match="unknown ringlwm_options"):
@@ -277,3 +277,128 @@ def test_blockwise_loss_memory_is_bounded_by_the_chunk():
         (loss_sum / weight_sum).backward()
     assert probe.largest <= chunk * vocab, probe.largest
     assert probe.largest < tokens * vocab // 8
+
+
+# ------------------------------------------------------------------------------------------------
+# Hugging Face conventions (issue 17): unshifted labels, shift_labels, attention_mask, num_items_in_batch,
+# the caller's config, attn_implementation
+# ------------------------------------------------------------------------------------------------
+
+
+def test_labels_mean_what_they_mean_in_transformers(checkpoint_dir):
+    """model(ids, labels=ids) is LlamaForCausalLM's loss (the model shifts); it used to train on the current
+    token. The gradients are the same too."""
+    hf, ring = _hf(checkpoint_dir), RingLlamaForCausalLM.from_pretrained(checkpoint_dir)
+    ids, _ = _batch(40, seed=11)
+    labels = ids.clone()
+    labels[0, 7] = -100
+    ref = hf(input_ids=ids, labels=labels)
+    ref.loss.backward()
+    out = ring(ids, labels=labels)
+    out.loss.backward()
+    assert abs(out.loss.item() - ref.loss.item()) < 1e-5, (out.loss.item(), ref.loss.item())
+    for (name, p), q in zip(ring.named_parameters(), hf.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6, rtol=1e-4), name
+
+
+def test_num_items_in_batch_as_in_transformers(checkpoint_dir):
+    """Gradient accumulation: the loss is the micro-batch's sum over num_items_in_batch, as transformers'."""
+    hf, ring = _hf(checkpoint_dir), RingLlamaForCausalLM.from_pretrained(checkpoint_dir)
+    ids, _ = _batch(24, seed=12)
+    for items in (200, torch.tensor(77)):
+        ref = hf(input_ids=ids, labels=ids, num_items_in_batch=items).loss
+        got = ring(ids, labels=ids, num_items_in_batch=items).loss
+        assert abs(got.item() - ref.item()) < 1e-5 * abs(ref.item()), (got.item(), ref.item())
+    with pytest.raises(ValueError, match="num_items_in_batch"):
+        ring(ids, labels=ids, num_items_in_batch=10, loss_reduction="sum")
+
+
+def test_left_padding_equals_hf_on_the_real_tokens(checkpoint_dir):
+    """A left-padded batch with its 2-D attention_mask: logits of the real tokens equal HF eager's; the loss
+    is the mean over the positions whose input and target are real."""
+    hf, ring = _hf(checkpoint_dir), RingLlamaForCausalLM.from_pretrained(checkpoint_dir)
+    ids, _ = _batch(20, seed=13)
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0  # row 1 is left-padded by 6
+    labels = ids.masked_fill(mask == 0, -100)
+    with torch.no_grad():
+        ref_logits = hf(input_ids=ids, attention_mask=mask).logits
+        out = ring(ids, labels=labels, attention_mask=mask, return_logits=True)
+    real = mask.bool()
+    assert (out.logits[real] - ref_logits[real]).abs().max() < 1e-5
+    targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100).masked_fill(~real, -100)
+    ref_loss = F.cross_entropy(ref_logits.reshape(-1, VOCAB), targets.reshape(-1), ignore_index=-100)
+    assert abs(out.loss.item() - ref_loss.item()) < 1e-5
+    # all ones (what HF collators send) is the unmasked model
+    with torch.no_grad():
+        ones = ring(ids, labels=ids, attention_mask=torch.ones_like(ids)).loss
+        assert abs(ones.item() - ring(ids, labels=ids).loss.item()) < 1e-6
+
+
+def test_packed_positions_without_segment_ids_as_in_transformers(checkpoint_dir):
+    """On one process, positions that restart mark documents, as transformers' attention reads them in
+    training (padding-free batches; transformers looks for them only without a cache: use_cache=False)."""
+    hf, ring = _hf(checkpoint_dir), RingLlamaForCausalLM.from_pretrained(checkpoint_dir)
+    ids, pos, _, _, _ = _packed_batch(48, seed=14)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, position_ids=pos, use_cache=False).logits
+        got = ring(ids, pos, return_logits=True).logits
+    assert (got - ref).abs().max() < 1e-5
+
+
+def test_construction_keeps_the_callers_config():
+    config = tiny_config()
+    before = config.to_dict()
+    attn = config._attn_implementation
+    RingLlamaForCausalLM(config)
+    assert config.to_dict() == before and config._attn_implementation == attn
+    assert not hasattr(config, "ringlwm_options")
+    assert LlamaForCausalLM(config).config._attn_implementation != "ringlwm_ring"
+
+
+def test_attn_implementation_is_obeyed_or_refused(checkpoint_dir):
+    with pytest.raises(ValueError, match="LlamaForCausalLM.from_pretrained"):
+        RingLlamaForCausalLM.from_pretrained(checkpoint_dir, attn_implementation="sdpa")
+    model = RingLlamaForCausalLM.from_pretrained(checkpoint_dir, attn_implementation="ringlwm_ring")
+    assert model.config._attn_implementation == "ringlwm_ring"
+    with pytest.raises(ValueError, match="always attends over the ring"):
+        model.set_attn_implementation("eager")
+
+
+def _shift_labels_sharded(rank, world_size, path):
+    """Sequence parallel: shift_labels (shifted before sharding) give LlamaForCausalLM's loss and gradients;
+    unshifted labels on a shard are refused."""
+    hf = _hf(path)
+    ring = RingLlamaForCausalLM.from_pretrained(path)
+    ids, _ = _batch(48, seed=15)
+    ref = hf(input_ids=ids, labels=ids)
+    ref.loss.backward()
+    targets = torch.nn.functional.pad(ids[:, 1:], (0, 1), value=-100)
+    pos = torch.arange(48).expand(2, 48)
+    out = ring(shard_sequence(ids, 1), shard_sequence(pos, 1), shift_labels=shard_sequence(targets, 1))
+    out.loss.backward()
+    assert abs(out.loss.item() - ref.loss.item()) < 1e-5, (out.loss.item(), ref.loss.item())
+    for (name, p), q in zip(ring.named_parameters(), hf.parameters()):
+        grad = p.grad.clone()
+        dist.all_reduce(grad)
+        assert torch.allclose(grad, q.grad, atol=1e-6, rtol=1e-4), name
+    # num_items_in_batch over the group: the same value on every rank, gradients summing to HF's
+    hf.zero_grad()
+    ring.zero_grad()
+    hf(input_ids=ids, labels=ids, num_items_in_batch=150).loss.backward()
+    out = ring(shard_sequence(ids, 1), shard_sequence(pos, 1), shift_labels=shard_sequence(targets, 1),
+               num_items_in_batch=150)
+    out.loss.backward()
+    ref_loss = hf(input_ids=ids, labels=ids, num_items_in_batch=150).loss
+    assert abs(out.loss.item() - ref_loss.item()) < 1e-5
+    for (name, p), q in zip(ring.named_parameters(), hf.parameters()):
+        grad = p.grad.clone()
+        dist.all_reduce(grad)
+        assert torch.allclose(grad, q.grad, atol=1e-6, rtol=1e-4), name
+    with pytest.raises(ValueError, match="pass shift_labels"):
+        ring(shard_sequence(ids, 1), shard_sequence(pos, 1), labels=shard_sequence(ids, 1))
+    return True
+
+
+def test_shift_labels_under_sharding_equal_hf(checkpoint_dir):
+    assert all(run_distributed(_shift_labels_sharded, 2, checkpoint_dir))

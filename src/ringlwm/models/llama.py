@@ -1,10 +1,14 @@
 """RingLlamaForCausalLM: a Hugging Face Llama whose attention runs over the ring.
 
     model = RingLlamaForCausalLM.from_pretrained("path/to/llama")        # any local HF Llama checkpoint
-    out = model(input_ids, position_ids, labels=labels, segment_ids=seg, sp_group=group)
+    out = model(input_ids, position_ids, shift_labels=targets, segment_ids=seg, sp_group=group)
     out.loss.backward()
+    model(ids, labels=ids).loss                                          # one process: LlamaForCausalLM's loss
 
 Every tensor argument is this rank's zigzag shard (``ringlwm.shard_sequence``) of the full sequence.
+Targets follow transformers: ``labels`` unshifted (the model shifts), ``shift_labels`` already shifted
+before sharding (what sequence-parallel callers pass); ``attention_mask`` may be a 2-D padding mask and
+``num_items_in_batch`` is honoured, so the Hugging Face Trainer sees an ordinary model (``ringlwm.hf``).
 Attention goes through transformers' attention interface under the name ``"ringlwm_ring"`` (registered
 at import; transformers' own modules are not patched). Checkpoints stay plain Llama checkpoints:
 ``save_pretrained`` output loads in ``LlamaForCausalLM``.
@@ -16,10 +20,12 @@ checkpointed (``activation_checkpointing``), all set on the config (``ringlwm_op
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils.checkpoint import checkpoint
 from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
 from transformers.masking_utils import AttentionMaskInterface
@@ -42,19 +48,85 @@ DEFAULT_OPTIONS = {
 }
 
 
+class RingPaddingMask:
+    """What the ring's mask-interface function hands to its attention function in place of a dense mask: the
+    2-D padding mask (batch, kv_len) of bool, True on real tokens. The attention turns it into segment ids
+    (padding attends only padding, and no real token attends padding), so it is honoured, never dropped."""
+
+    def __init__(self, mask: torch.Tensor):
+        self.mask = mask
+
+
+PAD_SEGMENT = -1  # segment id of padding (as in ringlwm.data.packing)
+
+
+def padding_segment_ids(attention_mask: torch.Tensor, segment_ids: torch.Tensor | None) -> torch.Tensor:
+    """Segment ids that express a 2-D padding mask (batch, len) of 0/1 or bool: ``segment_ids`` (0 when None)
+    on real tokens, PAD_SEGMENT on padding. No host sync."""
+    keep = attention_mask.bool()
+    base = torch.zeros(keep.shape, dtype=torch.long, device=keep.device) if segment_ids is None else segment_ids
+    return torch.where(keep, base, PAD_SEGMENT)
+
+
+def check_padding_mask(attention_mask: torch.Tensor | None, x: torch.Tensor | None) -> None:
+    """A model's ``attention_mask`` must be a 2-D padding mask over its inputs x (batch, local_len, ...)."""
+    if attention_mask is None or x is None:
+        return
+    if attention_mask.dim() != 2 or tuple(attention_mask.shape) != tuple(x.shape[:2]):
+        raise ValueError(f"attention_mask must be a 2-D padding mask of the inputs' shape (batch, local_len) = "
+                         f"{tuple(x.shape[:2])}, got {tuple(attention_mask.shape)}; ring attention cannot honour "
+                         "a dense (4-D) mask: express packed documents with segment_ids")
+
+
+def packed_segment_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """Documents from positions that restart, as transformers reads packed (padding-free) batches: a new
+    segment wherever a position is not its predecessor + 1. position_ids: (batch, len) of one process."""
+    first = position_ids[:, :1] - 1
+    return (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
+
+
+def _check_window(sliding_window, module, seq_len: int) -> None:
+    """A sliding window shorter than the sequence would need windowed attention, which the ring's kernels do
+    not have: refuse instead of silently attending the whole causal context."""
+    if sliding_window is not None and int(sliding_window) < seq_len:
+        raise ValueError(
+            f"layer {getattr(module, 'layer_idx', '?')} of {type(module).__name__} uses a sliding window of "
+            f"{int(sliding_window)} tokens, shorter than this sequence ({seq_len} tokens); ring attention has no "
+            f"windowed kernel, so it would attend the whole causal context. Use sequences of at most "
+            f"{int(sliding_window)} tokens, or set config.sliding_window = None (Qwen: use_sliding_window=False) "
+            "to train with full attention on purpose"
+        )
+
+
 def _ring_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                            segment_ids=None, sp_group=None, ringlwm_cache=None, **_kwargs):
+                            segment_ids=None, sp_group=None, ringlwm_cache=None, position_ids=None,
+                            sliding_window=None, **_kwargs):
     """transformers attention-interface function. query: (batch, heads, local_len, head_dim); key/value:
     (batch, kv_heads, kv_seq, head_dim). Returns ((batch, local_len, heads, head_dim), None).
+
+    Documents and padding: ``segment_ids`` (batch, local_len) when given; a 2-D padding mask arrives as a
+    ``RingPaddingMask`` (from the mask-interface function) and becomes segment ids; on one process, positions
+    that restart without segment ids or mask mark packed documents, as in transformers' own attention.
+    ``sp_group``: the call's, else the one ``enable_ring`` put on the module (``ringlwm_sp_group``).
 
     With ``ringlwm_cache`` (a ShardedKVCache, from ringlwm.generate): during the prefill each rank keeps its
     shard of the keys/values; during decoding the new token's K/V goes to its owner rank and the query
     attends the sharded cache (exact log-sum-exp merge across ranks)."""
     if dropout:
         raise ValueError("ring attention has no attention dropout; set config.attention_dropout = 0")
-    if attention_mask is not None:
-        raise ValueError("ring attention takes no attention_mask: express padding and packing with segment_ids")
-    backend = module.config.ringlwm_options.get("attention_backend")
+    padding = None
+    if isinstance(attention_mask, RingPaddingMask):
+        padding = attention_mask.mask
+    elif attention_mask is not None:
+        raise ValueError(
+            "ring attention cannot honour a dense (4-D) attention mask; give a 2-D padding mask (batch, len) or "
+            "segment_ids (batch, local_len) for packed documents"
+        )
+    if sp_group is None:
+        sp_group = getattr(module, "ringlwm_sp_group", None)
+    options = getattr(module.config, "ringlwm_options", None) or {}
+    backend = options.get("attention_backend")
+    _, world_size = sp_world(sp_group)
     if ringlwm_cache is not None and not ringlwm_cache.prefilling:
         ringlwm_cache.append(module.layer_idx, key, value)
         out = sharded_decode_attention(query, ringlwm_cache, module.layer_idx, scale=scaling, backend=backend)
@@ -63,23 +135,50 @@ def _ring_attention_forward(module, query, key, value, attention_mask, scaling=N
         ringlwm_cache.store_prefill(module.layer_idx, key, value)
     if key.shape[2] != query.shape[2]:
         # Decoding against a KV cache (single process): the new queries sit at the end of the keys.
-        if sp_world(sp_group)[1] > 1:
+        if world_size > 1:
             raise ValueError("a KV cache with sequence parallelism goes through ringlwm.generate, not forward")
+        if padding is not None and not bool(padding.all()):
+            raise ValueError("ring attention decodes against a KV cache without padding; pass prompts of one "
+                             "length (an attention_mask of ones) or drop the cache")
+        _check_window(sliding_window, module, key.shape[2])
         out = blockwise_attention(query, key, value, causal=True, scale=scaling, q_offset=key.shape[2] - query.shape[2],
                                   backend=backend)
-    else:
-        out = ring_attention(query, key, value, causal=True, segment_ids=segment_ids, scale=scaling,
-                             group=sp_group, backend=backend)
+        return out.transpose(1, 2), None
+    local_len = query.shape[2]
+    _check_window(sliding_window, module, local_len * world_size)
+    if padding is not None:
+        if tuple(padding.shape) != (query.shape[0], local_len):
+            raise ValueError(f"attention_mask must be this rank's (batch, local_len) = {(query.shape[0], local_len)} "
+                             f"padding mask, got shape {tuple(padding.shape)}")
+        segment_ids = padding_segment_ids(padding, segment_ids)
+    elif segment_ids is None and position_ids is not None:
+        positions = position_ids.expand(query.shape[0], -1) if position_ids.shape[0] == 1 else position_ids
+        if world_size == 1:
+            segment_ids = packed_segment_ids(positions)
+        elif getattr(module, "layer_idx", 0) == 0:  # one check per forward, not one per layer
+            halves = positions.reshape(positions.shape[0], 2, -1)
+            if bool((torch.diff(halves, dim=-1) != 1).any()):
+                raise ValueError("position_ids restart inside this rank's shard (packed documents) but no "
+                                 "segment_ids were given; with sequence parallelism pass segment_ids (batch, "
+                                 "local_len), sharded like the positions (ringlwm.hf.RingCollator makes both)")
+    out = ring_attention(query, key, value, causal=True, segment_ids=segment_ids, scale=scaling,
+                         group=sp_group, backend=backend)
     return out.transpose(1, 2), None
 
 
-def _no_mask(*_args, **_kwargs):
-    """The ring never takes a dense mask: causality and documents come from positions and segment ids."""
-    return None
+def _ring_mask(*_args, attention_mask=None, **_kwargs):
+    """The ring never takes a dense mask: causality comes from positions, documents from segment ids. A 2-D
+    padding mask is handed on (as a ``RingPaddingMask``) for the attention to turn into segment ids."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2:
+        raise ValueError("ring attention takes a 2-D padding mask (batch, len) or segment_ids, got an "
+                         f"attention_mask of shape {tuple(attention_mask.shape)}")
+    return RingPaddingMask(attention_mask)
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, _ring_attention_forward)
-AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _no_mask)
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _ring_mask)
 
 
 class ChunkedLlamaMLP(LlamaMLP):
@@ -115,6 +214,45 @@ def rope_theta(config: LlamaConfig) -> float:
     return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
 
 
+def _refuse_attn_implementation(cls, attn_implementation) -> None:
+    if attn_implementation not in (None, ATTN_IMPLEMENTATION):
+        raise ValueError(
+            f"{cls.__name__} always attends over the ring ({ATTN_IMPLEMENTATION!r}); attn_implementation="
+            f"{attn_implementation!r} cannot be honoured. Omit the argument, or load the checkpoint with "
+            f"LlamaForCausalLM.from_pretrained(..., attn_implementation={attn_implementation!r}) for that attention"
+        )
+
+
+def _targets(labels, shift_labels, sp_group, *, check_group: bool = True) -> torch.Tensor | None:
+    """Next-token targets aligned with the inputs, (batch, local_len). ``shift_labels`` are used as given
+    (``labels`` is then ignored, as in transformers' loss). ``labels`` are transformers' unshifted labels: the
+    target of position i is labels[i + 1] in the same row, the last position has none. A zigzag shard cannot
+    be shifted locally, so with sequence parallelism only ``shift_labels`` is accepted."""
+    if shift_labels is not None:
+        return shift_labels
+    if labels is None:
+        return None
+    if check_group and sp_world(sp_group)[1] > 1:
+        raise ValueError(
+            "labels (unshifted, transformers' meaning) cannot be shifted on a zigzag shard: with sequence "
+            "parallelism pass shift_labels, the next-token targets shifted over the whole sequence before "
+            "sharding (ringlwm.hf.RingCollator and ringlwm.data.PackedLoader make them)"
+        )
+    return torch.nn.functional.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
+
+
+def items_loss(loss_sum: torch.Tensor, num_items_in_batch, sp_group) -> torch.Tensor:
+    """transformers' gradient-accumulation loss: the weighted loss sum of the whole sequence group's
+    micro-batch divided by ``num_items_in_batch`` (the target count of the whole accumulated batch). The value
+    is the same on every rank of the group; the gradient flows through the local sum only, so the ranks'
+    gradients add up to the single-process one."""
+    total = loss_sum.detach().float().clone()
+    if dist.is_available() and dist.is_initialized() and sp_world(sp_group)[1] > 1:
+        dist.all_reduce(total, group=sp_group)
+    items = torch.as_tensor(num_items_in_batch, device=loss_sum.device).to(loss_sum.dtype)
+    return (loss_sum + (total.to(loss_sum.dtype) - loss_sum.detach())) / items
+
+
 @dataclass
 class RingCausalLMOutput(CausalLMOutputWithPast):
     """``CausalLMOutputWithPast`` plus the loss contract shared by every ringlwm model (see ``loss_heads``):
@@ -141,15 +279,19 @@ class RingLlamaForCausalLM(LlamaForCausalLM):
         """Loss heads and their coefficients, in the order of ``loss_sums``."""
         return {"text": 1.0}
 
-    def label_weight_sums(self, labels: torch.Tensor, loss_weights: torch.Tensor | None = None,
-                          **_head_masks) -> torch.Tensor:
-        """(num_heads,) float64 sums of the token weights of the positions with a label, per head: the
-        normalisers of a batch, known before any forward. labels, loss_weights: (batch, local_len)."""
-        valid = labels != IGNORE_INDEX
-        weights = torch.ones(labels.shape, device=labels.device) if loss_weights is None else loss_weights
+    def label_weight_sums(self, labels: torch.Tensor | None = None, loss_weights: torch.Tensor | None = None, *,
+                          shift_labels: torch.Tensor | None = None, **_head_masks) -> torch.Tensor:
+        """(num_heads,) float64 sums of the token weights of the positions with a target, per head: the
+        normalisers of a batch, known before any forward. shift_labels (targets, as ``forward`` takes them) or
+        labels (unshifted, one unsharded sequence per row), loss_weights: (batch, local_len)."""
+        targets = _targets(labels, shift_labels, None, check_group=False)
+        valid = targets != IGNORE_INDEX
+        weights = torch.ones(targets.shape, device=targets.device) if loss_weights is None else loss_weights
         return torch.where(valid, weights.double(), 0.0).sum()[None]
 
     def __init__(self, config: LlamaConfig):
+        # A copy: the caller's config (and any other model built from it) keeps its own attention.
+        config = copy.deepcopy(config)
         options = dict(DEFAULT_OPTIONS)
         options.update(getattr(config, "ringlwm_options", None) or {})
         unknown = set(options) - set(DEFAULT_OPTIONS)
@@ -158,11 +300,23 @@ class RingLlamaForCausalLM(LlamaForCausalLM):
         config.ringlwm_options = options
         config._attn_implementation = ATTN_IMPLEMENTATION
         super().__init__(config)
+        self.ringlwm_sp_group = None  # the default sequence-parallel group (ringlwm.models.enable_ring sets it)
         self.apply_options()
 
     @classmethod
     def _check_and_adjust_attn_implementation(cls, attn_implementation, is_init_check: bool = False, **kwargs):
+        _refuse_attn_implementation(cls, attn_implementation)
         return ATTN_IMPLEMENTATION
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        _refuse_attn_implementation(cls, kwargs.pop("attn_implementation", None))
+        return super().from_pretrained(*args, **kwargs)
+
+    @classmethod
+    def _from_config(cls, config, **kwargs):
+        _refuse_attn_implementation(cls, kwargs.pop("attn_implementation", None))
+        return super()._from_config(config, **kwargs)
 
     def apply_options(self, **updates) -> None:
         """Set ``ringlwm_options`` (e.g. ``mlp_chunk_size=2048``) and apply them to the modules."""
@@ -203,14 +357,49 @@ class RingLlamaForCausalLM(LlamaForCausalLM):
         for name, t in (("position_ids", position_ids), ("labels", labels), ("segment_ids", segment_ids)):
             if t is not None and tuple(t.shape) != (batch, local_len):
                 raise ValueError(f"{name} must have shape (batch, local_len) = {(batch, local_len)}, got {tuple(t.shape)}")
-        if position_ids.numel() and int(position_ids.max()) >= self.config.max_position_embeddings:
+        limit = self.config.max_position_embeddings
+        if position_ids.numel() and not self._can_read_values(position_ids):
+            self._assert_in_graph(
+                ((position_ids >= 0) & (position_ids < limit)).all(),
+                f"position_ids must lie in [0, max_position_embeddings = {limit}); raise it with set_context_length "
+                "for context extension",
+            )
+        elif position_ids.numel() and int(position_ids.max()) >= limit:
             raise ValueError(
                 f"position {int(position_ids.max())} is beyond the model's max_position_embeddings "
-                f"({self.config.max_position_embeddings}); raise it with set_context_length for context extension"
+                f"({limit}); raise it with set_context_length for context extension"
             )
-        if position_ids.numel() and int(position_ids.min()) < 0:
+        elif position_ids.numel() and int(position_ids.min()) < 0:
             raise ValueError("position_ids must be non-negative")
         return position_ids
+
+    @staticmethod
+    def _can_read_values(*tensors: torch.Tensor) -> bool:
+        """Whether an input check may read tensor values on the host (``int(t.max())``). Not while
+        torch.compile traces (a host read breaks the graph: an error under fullgraph), and not on meta or fake
+        tensors (FakeTensorMode), which hold no values; there the check goes through ``_assert_in_graph``."""
+        if torch.compiler.is_compiling():
+            return False
+        return not any(t.device.type == "meta" or isinstance(t, FakeTensor) for t in tensors)
+
+    @staticmethod
+    def _assert_in_graph(ok: torch.Tensor, message: str) -> None:
+        """An input check that stays in a compiled graph without a host sync: ``ok`` (a 0-dim bool tensor)
+        False raises RuntimeError(message) when the graph runs on CPU; on a GPU it is a device-side assert,
+        which ends the process. On meta and fake tensors it checks nothing (there are no values)."""
+        torch._assert_async(ok, message)
+
+    @staticmethod
+    def _mask_padding(targets, attention_mask, *, shifted: bool):
+        """Targets without loss on padding: where the input is padding and, for targets this model shifted
+        itself, where the target token is. (Already-shifted targets are the caller's: their padding targets
+        must be -100 already, as the collators make them.) attention_mask: (batch, local_len) or None."""
+        if targets is None or attention_mask is None:
+            return targets
+        keep = attention_mask.bool()
+        if not shifted:
+            keep = keep & torch.nn.functional.pad(keep[..., 1:], (0, 1), value=True)
+        return targets.masked_fill(~keep, IGNORE_INDEX)
 
     def forward(
         self,
@@ -220,6 +409,8 @@ class RingLlamaForCausalLM(LlamaForCausalLM):
         segment_ids: torch.LongTensor | None = None,
         sp_group: dist.ProcessGroup | None = None,
         *,
+        shift_labels: torch.LongTensor | None = None,
+        num_items_in_batch: torch.Tensor | int | None = None,
         loss_weights: torch.Tensor | None = None,
         loss_reduction: str = "mean",
         return_logits: bool | None = None,
@@ -230,17 +421,25 @@ class RingLlamaForCausalLM(LlamaForCausalLM):
         logits_to_keep: int = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        """Shapes: input_ids, position_ids, labels, segment_ids, loss_weights: (batch, local_len), this rank's
-        zigzag shards. position_ids are global positions (restarting per document when packed); labels
-        are next-token targets already aligned with the inputs (-100: no loss; the model does not shift);
-        loss_weights (optional) weight each token's loss. ``loss`` is the weighted mean over the valid
-        tokens of the whole sequence group, the same on every rank. With ``loss_reduction="sum"`` it is
-        this rank's raw weighted sum instead (for a trainer that divides by the weight of a larger batch:
-        data-parallel ranks, accumulation steps; see ``loss_heads``). Either way ``loss_sums`` and
-        ``loss_weight_sums`` hold this rank's per-head sums and weights, shape (num_heads,). ``logits`` (batch, local_len, vocab) come with
-        ``return_logits=True``, and by default when no labels are given (as in transformers: generation and
-        evaluation read them; ``logits_to_keep`` keeps the last k positions); with labels the default is
-        no logits, as the blockwise loss never needs them.
+        """Shapes: input_ids, position_ids, labels, shift_labels, segment_ids, loss_weights, attention_mask:
+        (batch, local_len), this rank's zigzag shards. position_ids are global positions (restarting per
+        document when packed). Targets, as in transformers: ``labels`` are unshifted (the model shifts them
+        within each row, so ``model(ids, labels=ids)`` is LlamaForCausalLM's loss); ``shift_labels`` are the
+        next-token targets already aligned with the inputs, shifted over the whole sequence before sharding,
+        and are what sequence-parallel callers pass (labels then raise: a zigzag shard cannot be shifted).
+        -100: no loss. loss_weights (optional) weight the target of each position. ``attention_mask``: a 2-D
+        padding mask (1 on tokens; this rank's shard); padding attends only padding, no token attends it, and
+        no position whose input or target is padding carries loss.
+
+        ``loss``: the weighted mean over the targets of the whole sequence group, the same on every rank.
+        With ``num_items_in_batch`` (transformers' Trainer, gradient accumulation) it is the group's weighted
+        sum divided by it instead. With ``loss_reduction="sum"`` it is this rank's raw weighted sum (for a
+        trainer that divides by the weight of a larger batch; see ``loss_heads``). Either way ``loss_sums`` and
+        ``loss_weight_sums`` hold this rank's per-head sums and weights, shape (num_heads,). ``logits`` (batch,
+        local_len, vocab) come with ``return_logits=True``, and by default when no targets are given (as in
+        transformers: generation and evaluation read them; ``logits_to_keep`` keeps the last k positions);
+        with targets the default is no logits, as the blockwise loss never needs them.
+        ``sp_group`` None: the group set by ``ringlwm.models.enable_ring`` if any, else the whole world.
 
         With ``past_key_values``/``use_cache`` (generation on one process) it behaves as LlamaForCausalLM.
         """
@@ -250,8 +449,13 @@ class RingLlamaForCausalLM(LlamaForCausalLM):
             return super().forward(input_ids=input_ids, position_ids=position_ids, inputs_embeds=inputs_embeds,
                                    past_key_values=past_key_values, use_cache=use_cache,
                                    logits_to_keep=logits_to_keep, **kwargs)
+        if sp_group is None:
+            sp_group = getattr(self, "ringlwm_sp_group", None)
+        check_padding_mask(attention_mask, input_ids if input_ids is not None else inputs_embeds)
+        labels = self._mask_padding(_targets(labels, shift_labels, sp_group), attention_mask,
+                                    shifted=shift_labels is not None)
         if attention_mask is not None:
-            raise ValueError("RingLlamaForCausalLM takes segment_ids instead of attention_mask")
+            segment_ids = padding_segment_ids(attention_mask, segment_ids)
         position_ids = self._check_inputs(input_ids, inputs_embeds, position_ids, labels, segment_ids, sp_group)
         outputs = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, position_ids=position_ids,
                              segment_ids=segment_ids, sp_group=sp_group, use_cache=False, **kwargs)
@@ -263,12 +467,17 @@ class RingLlamaForCausalLM(LlamaForCausalLM):
                 chunk_size=self.config.ringlwm_options["loss_chunk_size"],
             )
             loss_sums, loss_weight_sums = loss_sum[None], weight_sum[None]
-            if loss_reduction == "sum":
-                loss = loss_sum
-            elif loss_reduction == "mean":
-                loss = sequence_parallel_loss(loss_sum, weight_sum, sp_group)
-            else:
+            if loss_reduction not in ("mean", "sum"):
                 raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+            if loss_reduction == "sum":
+                if num_items_in_batch is not None:
+                    raise ValueError("num_items_in_batch divides the loss; loss_reduction='sum' returns raw sums: "
+                                     "give one or the other")
+                loss = loss_sum
+            elif num_items_in_batch is not None:
+                loss = items_loss(loss_sum, num_items_in_batch, sp_group)
+            else:
+                loss = sequence_parallel_loss(loss_sum, weight_sum, sp_group)
         if return_logits is None:
             return_logits = labels is None
         logits = None

@@ -2,7 +2,7 @@
 
     model = RingLwmForCausalLM.from_pretrained("path/to/lwm")   # a text Llama checkpoint works too: the
                                                                 # vision table and head start random
-    out = model(input_ids, position_ids, labels=labels, segment_ids=seg, sp_group=group,
+    out = model(input_ids, position_ids, shift_labels=batch["labels"], segment_ids=seg, sp_group=group,
                 vision_mask=batch["vision_mask"], label_vision_mask=batch["label_vision_mask"],
                 loss_weights=batch["loss_weights"])
     out.loss, out.vision_loss, out.text_loss
@@ -18,6 +18,12 @@ vision=True)`` yields all of them). The layout is LWM's ``FlaxVideoLLaMAForCausa
     whether its *target* (the next token) is vision, and so which head is trained there: the last token
     of the text "<vision>" marker predicts the first code with the vision head, <eov> predicts the first
     token of "</vision>" with the text head.
+
+Targets, as in ``RingLlamaForCausalLM`` (transformers' convention): ``shift_labels`` are the next-token
+targets shifted before sharding, and ``label_vision_mask`` is aligned with them (the loader's ``labels``
+and ``label_vision_mask``). ``labels`` are unshifted (one process only): ``label_vision_mask`` is then
+aligned with ``labels`` (per label: is it a vision id), defaults to ``vision_mask`` (right when the labels
+are the input ids), and the model shifts both.
 
 Loss (LWM's ``lwm/train.py``): ``vision_loss_weight * vision_loss + text_loss_weight * text_loss``, 0.5 and
 0.5 in LWM (set on the config). Each part is the weighted mean cross-entropy over its own targets across
@@ -41,7 +47,13 @@ from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
-from ringlwm.models.llama import RingCausalLMOutput, RingLlamaForCausalLM
+from ringlwm.models.llama import (
+    RingCausalLMOutput,
+    RingLlamaForCausalLM,
+    _targets,
+    check_padding_mask,
+    padding_segment_ids,
+)
 from ringlwm.models.loss import IGNORE_INDEX, linear_cross_entropy, sequence_parallel_loss
 
 VISION_VOCAB_SIZE = 8448  # LWM's vision_vocab_size: 8192 codes + 256 special ids
@@ -79,6 +91,18 @@ def lwm_config_from_text(config: LlamaConfig, **vision_fields) -> LwmConfig:
     return LwmConfig.from_dict(fields)
 
 
+def _lwm_targets(labels, shift_labels, label_vision_mask, vision_mask, sp_group, *, check_group: bool = True):
+    """(targets, target vision mask) aligned with the inputs. With ``shift_labels`` both are used as given;
+    with unshifted ``labels`` the label vision mask is per label (default: ``vision_mask``, the labels being
+    the input ids) and both are shifted, as ``RingLlamaForCausalLM`` shifts labels."""
+    targets = _targets(labels, shift_labels, sp_group, check_group=check_group)
+    if shift_labels is None and labels is not None:
+        per_label = label_vision_mask if label_vision_mask is not None else vision_mask
+        if per_label is not None:
+            label_vision_mask = torch.nn.functional.pad(per_label[..., 1:].bool(), (0, 1), value=False)
+    return targets, label_vision_mask
+
+
 @dataclass
 class LwmCausalLMOutput(RingCausalLMOutput):
     """``loss``: the weighted loss (see the module docstring). ``vision_loss``/``text_loss``: its two parts,
@@ -101,10 +125,14 @@ class RingLwmForCausalLM(RingLlamaForCausalLM):
         """(vision, text) heads with LWM's coefficients (config vision_loss_weight / text_loss_weight)."""
         return {"vision": float(self.config.vision_loss_weight), "text": float(self.config.text_loss_weight)}
 
-    def label_weight_sums(self, labels: torch.Tensor, loss_weights: torch.Tensor | None = None, *,
-                          label_vision_mask: torch.Tensor | None = None, **_unused) -> torch.Tensor:
-        """(2,) float64 (vision, text) sums of the token weights of the positions with a label: the batch's
-        normalisers, known before any forward. labels, label_vision_mask, loss_weights: (batch, local_len)."""
+    def label_weight_sums(self, labels: torch.Tensor | None = None, loss_weights: torch.Tensor | None = None, *,
+                          shift_labels: torch.Tensor | None = None, label_vision_mask: torch.Tensor | None = None,
+                          vision_mask: torch.Tensor | None = None, **_unused) -> torch.Tensor:
+        """(2,) float64 (vision, text) sums of the token weights of the positions with a target: the batch's
+        normalisers, known before any forward. shift_labels or labels (unshifted), label_vision_mask,
+        vision_mask, loss_weights: (batch, local_len), as ``forward`` takes them."""
+        labels, label_vision_mask = _lwm_targets(labels, shift_labels, label_vision_mask, vision_mask, None,
+                                                 check_group=False)
         valid = labels != IGNORE_INDEX
         weights = torch.ones(labels.shape, device=labels.device) if loss_weights is None else loss_weights
         weights = torch.where(valid, weights.double(), 0.0)
@@ -132,7 +160,11 @@ class RingLwmForCausalLM(RingLlamaForCausalLM):
         vision = torch.zeros_like(input_ids, dtype=torch.bool) if vision_mask is None else vision_mask.bool()
         bad_text = ~vision & ((input_ids < 0) | (input_ids >= text_rows))
         bad_vision = vision & ((input_ids < 0) | (input_ids >= vision_rows))
-        if bool(bad_text.any()) or bool(bad_vision.any()):
+        if not self._can_read_values(input_ids, vision):
+            self._assert_in_graph(~(bad_text | bad_vision).any(),
+                                  f"input ids out of range: text ids (vision_mask False) must lie in [0, {text_rows}), "
+                                  f"vision ids (vision_mask True) in [0, {vision_rows})")
+        elif bool(bad_text.any()) or bool(bad_vision.any()):
             raise ValueError(f"input ids out of range: text ids (vision_mask False) must lie in [0, {text_rows}), "
                              f"vision ids (vision_mask True) in [0, {vision_rows}); {int(bad_text.sum())} text and "
                              f"{int(bad_vision.sum())} vision ids are not")
@@ -148,6 +180,8 @@ class RingLwmForCausalLM(RingLlamaForCausalLM):
         segment_ids: torch.LongTensor | None = None,
         sp_group: dist.ProcessGroup | None = None,
         *,
+        shift_labels: torch.LongTensor | None = None,
+        num_items_in_batch: torch.Tensor | int | None = None,
         vision_mask: torch.Tensor | None = None,
         label_vision_mask: torch.Tensor | None = None,
         loss_weights: torch.Tensor | None = None,
@@ -159,11 +193,14 @@ class RingLwmForCausalLM(RingLlamaForCausalLM):
         use_cache: bool | None = None,
         **kwargs,
     ) -> LwmCausalLMOutput:
-        """Shapes: input_ids, position_ids, labels, segment_ids, vision_mask, label_vision_mask,
-        loss_weights: (batch, local_len), this rank's zigzag shards. vision_mask (bool): input token i is a
-        vision id (None: all text). label_vision_mask (bool): the target labels[i] is a vision id (vision
-        head); it may be None only when vision_mask is (an all-text batch). labels: next-token targets
-        aligned with the inputs (-100: no loss; the model does not shift), each in its head's vocabulary.
+        """Shapes: input_ids, position_ids, labels, shift_labels, segment_ids, vision_mask, label_vision_mask,
+        loss_weights, attention_mask: (batch, local_len), this rank's zigzag shards. vision_mask (bool): input
+        token i is a vision id (None: all text). shift_labels: next-token targets aligned with the inputs,
+        shifted before sharding (-100: no loss), each in its head's vocabulary; label_vision_mask (bool): the
+        target shift_labels[i] is a vision id (vision head); it may be None only when vision_mask is (an
+        all-text batch). labels: unshifted (one process; see the module docstring). attention_mask: a 2-D
+        padding mask, as in ``RingLlamaForCausalLM``. ``num_items_in_batch`` is refused: one count cannot
+        normalise two weighted head means (use ringlwm's trainer, or ``loss_reduction="sum"``).
 
         loss_reduction="mean": ``loss`` is the weighted loss of the whole sequence group, the same on every
         rank. "sum" (for a trainer normalising over a larger batch: data-parallel ranks, accumulation
@@ -176,8 +213,18 @@ class RingLwmForCausalLM(RingLlamaForCausalLM):
             raise NotImplementedError("RingLwmForCausalLM.forward takes no KV cache: cached (and sequence-parallel) "
                                       "decoding goes through ringlwm.generate's engine (prefill, decode_step, "
                                       "cached_decode), as vision generation does; call forward without a cache")
+        if num_items_in_batch is not None:
+            raise ValueError("RingLwmForCausalLM's loss weights two per-head means (vision_loss_weight, "
+                             "text_loss_weight), which one num_items_in_batch cannot normalise; train it with "
+                             "ringlwm's trainer (train_step), or call it with loss_reduction='sum' and normalise "
+                             "each head by label_weight_sums")
+        if sp_group is None:
+            sp_group = getattr(self, "ringlwm_sp_group", None)
+        check_padding_mask(attention_mask, input_ids if input_ids is not None else inputs_embeds)
+        labels, label_vision_mask = _lwm_targets(labels, shift_labels, label_vision_mask, vision_mask, sp_group)
+        labels = self._mask_padding(labels, attention_mask, shifted=shift_labels is not None)
         if attention_mask is not None:
-            raise ValueError("RingLwmForCausalLM takes segment_ids instead of attention_mask")
+            segment_ids = padding_segment_ids(attention_mask, segment_ids)
         position_ids = self._check_inputs(input_ids, inputs_embeds, position_ids, labels, segment_ids, sp_group)
         for name, t in (("vision_mask", vision_mask), ("label_vision_mask", label_vision_mask),
                         ("loss_weights", loss_weights)):
@@ -234,8 +281,11 @@ class RingLwmForCausalLM(RingLlamaForCausalLM):
         results = []
         for name, head, mine in (("vision", self.vision_head, valid & vision), ("text", self.lm_head, valid & ~vision)):
             rows = head.weight.shape[0]
-            target = flat_labels[mine]
-            if target.numel() and (int(target.min()) < 0 or int(target.max()) >= rows):
+            if not self._can_read_values(flat_labels, mine):
+                self._assert_in_graph(~(mine & ((flat_labels < 0) | (flat_labels >= rows))).any(),
+                                      f"{name} labels must lie in [0, {rows}) (label_vision_mask "
+                                      f"{'True' if name == 'vision' else 'False'})")
+            elif (target := flat_labels[mine]).numel() and (int(target.min()) < 0 or int(target.max()) >= rows):
                 raise ValueError(f"{name} labels must lie in [0, {rows}) (label_vision_mask "
                                  f"{'True' if name == 'vision' else 'False'}), got values in "
                                  f"[{int(target.min())}, {int(target.max())}]")

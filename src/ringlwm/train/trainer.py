@@ -105,7 +105,8 @@ def initial_state_dict(config: TrainConfig, llama: LlamaConfig) -> dict | None:
 
 def _model_inputs(batch: dict, vision: bool) -> dict:
     """The model's keyword arguments for one micro-batch of the loader."""
-    inputs = {name: batch[name] for name in ("input_ids", "position_ids", "labels", "segment_ids", "loss_weights")}
+    inputs = {name: batch[name] for name in ("input_ids", "position_ids", "segment_ids", "loss_weights")}
+    inputs["shift_labels"] = batch["labels"]  # the loader's labels are shifted before sharding
     if vision:
         inputs.update(vision_mask=batch["vision_mask"], label_vision_mask=batch["label_vision_mask"])
     return inputs
