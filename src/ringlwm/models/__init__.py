@@ -2,8 +2,10 @@
 
     llama.py  RingLlamaForCausalLM (text)     lwm.py    RingLwmForCausalLM (vision + text, LWM's layout)
     loss.py   blockwise cross-entropy          vqgan.py  the VQGAN image tokenizer (ringlwm.models.vqgan)
+    families.py  enable_ring: Llama, Mistral, Qwen2, Qwen3 from transformers over the ring
 """
 
+from ringlwm.models.families import SUPPORTED_FAMILIES, enable_ring
 from ringlwm.models.llama import (
     ATTN_IMPLEMENTATION,
     ChunkedLlamaMLP,
@@ -23,6 +25,8 @@ __all__ = [
     "RingCausalLMOutput",
     "RingLlamaForCausalLM",
     "RingLwmForCausalLM",
+    "SUPPORTED_FAMILIES",
+    "enable_ring",
     "linear_cross_entropy",
     "rope_theta",
     "sequence_parallel_loss",

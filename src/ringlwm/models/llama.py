@@ -98,8 +98,29 @@ def _check_window(sliding_window, module, seq_len: int) -> None:
         )
 
 
+_UNSET = object()
+
+
+def _resolve_sp_group(module, sp_group):
+    """The call's group (a ring model always passes one; None: the world), else the one ``enable_ring`` put
+    on the module. A plain transformers model in a world of several processes must say which ranks share a
+    sequence: data-parallel ranks hold different sequences, and treating the world as one would silently
+    attend them as one."""
+    if sp_group is not _UNSET:
+        return sp_group
+    if hasattr(module, "ringlwm_sp_group"):
+        return module.ringlwm_sp_group
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise ValueError(
+            f"attn_implementation={ATTN_IMPLEMENTATION!r} in a world of {dist.get_world_size()} processes without "
+            "a sequence-parallel group: call ringlwm.models.enable_ring(model, sp_group=group) (or "
+            "ringlwm.hf.setup_sequence_parallel) to say which ranks share a sequence"
+        )
+    return None
+
+
 def _ring_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                            segment_ids=None, sp_group=None, ringlwm_cache=None, position_ids=None,
+                            segment_ids=None, sp_group=_UNSET, ringlwm_cache=None, position_ids=None,
                             sliding_window=None, **_kwargs):
     """transformers attention-interface function. query: (batch, heads, local_len, head_dim); key/value:
     (batch, kv_heads, kv_seq, head_dim). Returns ((batch, local_len, heads, head_dim), None).
@@ -107,7 +128,8 @@ def _ring_attention_forward(module, query, key, value, attention_mask, scaling=N
     Documents and padding: ``segment_ids`` (batch, local_len) when given; a 2-D padding mask arrives as a
     ``RingPaddingMask`` (from the mask-interface function) and becomes segment ids; on one process, positions
     that restart without segment ids or mask mark packed documents, as in transformers' own attention.
-    ``sp_group``: the call's, else the one ``enable_ring`` put on the module (``ringlwm_sp_group``).
+    ``sp_group``: the call's, else the one ``enable_ring`` put on the module (``ringlwm_sp_group``); a
+    plain model in a world of several processes without either is refused.
 
     With ``ringlwm_cache`` (a ShardedKVCache, from ringlwm.generate): during the prefill each rank keeps its
     shard of the keys/values; during decoding the new token's K/V goes to its owner rank and the query
@@ -122,8 +144,7 @@ def _ring_attention_forward(module, query, key, value, attention_mask, scaling=N
             "ring attention cannot honour a dense (4-D) attention mask; give a 2-D padding mask (batch, len) or "
             "segment_ids (batch, local_len) for packed documents"
         )
-    if sp_group is None:
-        sp_group = getattr(module, "ringlwm_sp_group", None)
+    sp_group = _resolve_sp_group(module, sp_group)
     options = getattr(module.config, "ringlwm_options", None) or {}
     backend = options.get("attention_backend")
     _, world_size = sp_world(sp_group)
@@ -448,7 +469,8 @@ class RingLlamaForCausalLM(LlamaForCausalLM):
                 raise ValueError("padded batches are not supported in cached generation; pass prompts of one length")
             return super().forward(input_ids=input_ids, position_ids=position_ids, inputs_embeds=inputs_embeds,
                                    past_key_values=past_key_values, use_cache=use_cache,
-                                   logits_to_keep=logits_to_keep, **kwargs)
+                                   logits_to_keep=logits_to_keep,
+                                   sp_group=sp_group if sp_group is not None else self.ringlwm_sp_group, **kwargs)
         if sp_group is None:
             sp_group = getattr(self, "ringlwm_sp_group", None)
         check_padding_mask(attention_mask, input_ids if input_ids is not None else inputs_embeds)
