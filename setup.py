@@ -39,6 +39,8 @@ setup(
     extras_require={
         # lm-evaluation-harness for short-context quality (its HF backend needs accelerate)
         "eval": ["lm-eval>=0.4", "accelerate"],
-        "dev": ["pytest>=8", "ruff>=0.6", "lm-eval>=0.4", "accelerate"],
+        # ringlwm.hf: transformers' Trainer (needs accelerate); PEFT for LoRA over the ring
+        "hf": ["accelerate>=1.0", "peft>=0.13"],
+        "dev": ["pytest>=8", "ruff>=0.6", "lm-eval>=0.4", "accelerate>=1.0", "peft>=0.13"],
     },
 )
