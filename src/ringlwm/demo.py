@@ -8,8 +8,12 @@
    haystacks for the first stage, up to the final length for the second; plain filler text beside them.
 2. Training: ``torchrun -m ringlwm.train recipes/demo.yaml``: two stages, 1024 tokens data parallel
    (sp = 1, dp = 2), then 2048 tokens over the ring (sp = 2) with RoPE theta raised from 1e4 to 4e4.
-3. Evaluation: ``torchrun -m ringlwm.eval.needle`` on fresh haystacks at 256-2048 tokens and depths 0-100%.
-4. runs/demo/: metrics.jsonl, loss.png, needle.json, needle_heatmap.png, hf/ (the model), and a summary.
+3. Evaluation: ``torchrun -m ringlwm.eval.needle`` on fresh haystacks at 256-2048 tokens and depths 0-100%,
+   then a RULER slice (``torchrun -m ringlwm.eval.ruler``): three needle tasks in RULER's format (a needle
+   in repeated noise, in an essay of the demo's filler prose, among distractor needles), 3 samples each at
+   256-2048 tokens, with a 32-token answer budget (RULER's is 128: a quarter of the shortest context here).
+4. runs/demo/: metrics.jsonl, loss.png, needle.json, needle_heatmap.png, ruler.json, ruler_heatmap.png,
+   hf/ (the model), and a summary.
 """
 
 from __future__ import annotations
@@ -26,6 +30,11 @@ import time
 from pathlib import Path
 
 from ringlwm.eval.needle import CITIES, NEEDLE, PREFIX, QUESTION, SUFFIX, accuracy_table, generated_haystack
+
+# The RULER slice: tasks that fit 256 tokens with the demo's 512-piece tokenizer (vt, cwe and fwe need more).
+RULER_TASKS = "niah_single_1,niah_single_2,niah_multikey_2"
+RULER_SAMPLES = 3
+RULER_NEW_TOKENS = 32
 
 TOKENS_PER_SENTENCE = 13  # about, for the generated filler with the demo's tokenizer
 
@@ -124,7 +133,7 @@ def main(argv=None) -> None:
     start = time.time()
 
     if not (data_dir / "needles_long.jsonl").is_file():
-        print("[1/3] data: generated haystacks, needles and a sentencepiece tokenizer", flush=True)
+        print("[1/4] data: generated haystacks, needles and a sentencepiece tokenizer", flush=True)
         write_data(data_dir, seed=args.seed, short_examples=40000, long_examples=6000,
                    long_max_tokens=max(int(x) for x in args.lengths.split(",")))
     paths = [f"data.tokenizer={data_dir / 'tokenizer.model'}",
@@ -132,12 +141,12 @@ def main(argv=None) -> None:
              f"stages.1.data.tokenizer={data_dir / 'tokenizer.model'}",
              f"stages.1.data.sources.0.path={data_dir / 'needles_long.jsonl'}",
              f"stages.1.data.sources.1.path={data_dir / 'text.jsonl'}"]
-    print(f"[2/3] training on {args.nproc} processes: {args.recipe}", flush=True)
+    print(f"[2/4] training on {args.nproc} processes: {args.recipe}", flush=True)
     t_train = time.time()
     _torchrun(args.nproc, "ringlwm.train", args.recipe, "--out", str(out), *paths, *args.overrides)
     t_train = time.time() - t_train
 
-    print("[3/3] needle evaluation", flush=True)
+    print("[3/4] needle evaluation", flush=True)
     t_eval = time.time()
     _torchrun(args.nproc, "ringlwm.eval.needle", "--model", str(out / "hf"), "--tokenizer",
               str(data_dir / "tokenizer.model"), "--lengths", args.lengths, "--depths", "0,25,50,75,100",
@@ -145,11 +154,50 @@ def main(argv=None) -> None:
               "--out", str(out / "needle.json"), "--heatmap", str(out / "needle_heatmap.png"),
               "--overwrite")  # the model may have trained on (--keep): never reuse another model's answers
     t_eval = time.time() - t_eval
+    print("[4/4] RULER slice", flush=True)
+    t_ruler = time.time()
+    ruler_slice(out, data_dir / "tokenizer.model", lengths=args.lengths, seed=args.seed + 2, nproc=args.nproc)
+    t_ruler = time.time() - t_ruler
     plot_loss(out / "metrics.jsonl", out / "loss.png")
-    summary(out, total=time.time() - start, train=t_train, evaluate=t_eval)
+    summary(out, total=time.time() - start, train=t_train, evaluate=t_eval, ruler=t_ruler)
 
 
-def summary(out: Path, *, total: float, train: float, evaluate: float) -> None:
+def ruler_slice(out: Path, tokenizer: Path, *, lengths: str, seed: int, nproc: int, tasks: str = RULER_TASKS,
+                samples: int = RULER_SAMPLES) -> None:
+    """The demo's RULER slice on ``out/hf``: writes out/ruler.json and out/ruler_heatmap.png."""
+    _torchrun(nproc, "ringlwm.eval.ruler", "--model", str(out / "hf"), "--tokenizer", str(tokenizer),
+              "--tasks", tasks, "--lengths", lengths, "--samples", str(samples),
+              "--max-new-tokens", str(RULER_NEW_TOKENS), "--seed", str(seed), "--backend", "ring",
+              "--template", "lwm", "--batch-size", "8", "--out", str(out / "ruler.json"),
+              "--heatmap", str(out / "ruler_heatmap.png"), "--overwrite")
+
+
+def ruler_summary(out: Path) -> list[str]:
+    """The summary's RULER lines (none when the slice has not run)."""
+    from ringlwm.eval.ruler import THRESHOLD, describe_effective, length_averages, score_table
+
+    path = out / "ruler.json"
+    if not path.is_file():
+        return []
+    results = json.loads(path.read_text())["results"]
+    table = score_table(results)
+    tasks = list(dict.fromkeys(r["task"] for r in results))
+    lengths = sorted({n for _, n in table})
+    averages = length_averages(table)
+    samples = max(r["index"] for r in results) + 1
+    lines = [f"  RULER slice (score %, {samples} samples per cell, answer budget {results[0]['max_new_tokens']} "
+             "tokens):", "    " + " " * 16 + "".join(f"{n:>7}" for n in lengths)]
+    for task in tasks:
+        lines.append(f"    {task:<16}" + "".join(f"{table.get((task, n), float('nan')):7.0f}" for n in lengths))
+    lines.append(f"    {'average':<16}" + "".join(f"{averages[n]:7.0f}" for n in lengths))
+    lines.append(f"    effective length: {describe_effective(averages, THRESHOLD)}")
+    example = results[-1]
+    lines.append(f"    e.g. {example['task']} at {example['length']} tokens, expected {example['references']}: "
+                 f"{example['answer'][:70]!r}")
+    return lines
+
+
+def summary(out: Path, *, total: float, train: float, evaluate: float, ruler: float = 0.0) -> None:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     results = json.loads((out / "needle.json").read_text())["results"]
     table = accuracy_table(results)
@@ -168,9 +216,13 @@ def summary(out: Path, *, total: float, train: float, evaluate: float) -> None:
         lines.append(f"    {length:>5} tokens: {sum(values) / len(values):.2f}")
     example = results[-1]
     lines += ["", f"  e.g. asked for {example['asked'][0]} at {example['context_length']} tokens, depth "
-              f"{example['depth']:g}%: {example['answer'][:90]!r}", "",
-              f"  time: {total / 60:.1f} min (training {train / 60:.1f}, evaluation {evaluate / 60:.1f})",
-              f"  files: {out}/metrics.jsonl, loss.png, needle.json, needle_heatmap.png, hf/", ""]
+              f"{example['depth']:g}%: {example['answer'][:90]!r}", ""]
+    ruler_lines = ruler_summary(out)
+    lines += ruler_lines + ([""] if ruler_lines else [])
+    lines += [f"  time: {total / 60:.1f} min (training {train / 60:.1f}, needle evaluation {evaluate / 60:.1f}, "
+              f"RULER slice {ruler / 60:.1f})",
+              f"  files: {out}/metrics.jsonl, loss.png, needle.json, needle_heatmap.png"
+              + (", ruler.json, ruler_heatmap.png" if ruler_lines else "") + ", hf/", ""]
     text = "\n".join(lines)
     (out / "summary.txt").write_text(text)
     print(text)

@@ -521,6 +521,12 @@ class SampleMaker:
                 self._icl[length] = plain.min_units
         return self._icl[length]
 
+    def prompt_ids(self, task: str, length: int, index: int, units: int) -> list[int]:
+        """[BOS] + the tokens of the prompt this sample would have with ``units`` haystack units (the size
+        ``sample`` searches over): for checking that one unit more would not fit."""
+        builder = self._builder(task, length, index)
+        return self.bos + self.tokenizer.encode(self.wrap(builder.draft(self._rng(task, length, index), units)))
+
     def sample(self, task: str, length: int, index: int) -> Sample:
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; RULER's tasks are {', '.join(TASKS)}")

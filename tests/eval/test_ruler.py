@@ -1,0 +1,379 @@
+"""The RULER-style suite: sample formats and exact lengths, scoring, effective length, backends, resume, demo slice."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import tiny_llama_config
+from transformers import LlamaForCausalLM
+
+from ringlwm.data import load_tokenizer, train_sentencepiece
+from ringlwm.data.chat import CHAT_ASSISTANT, CHAT_PREFIX
+from ringlwm.eval import ruler_tasks
+from ringlwm.eval.needle import generated_haystack
+from ringlwm.eval.ruler import (
+    effective_length,
+    format_table,
+    hf_backend,
+    length_averages,
+    plot_heatmap,
+    ring_backend,
+    run_ruler_eval,
+    sample_score,
+    score_table,
+    string_match_all,
+    string_match_part,
+    suite_provenance,
+)
+from ringlwm.eval.ruler import main as ruler_main
+from ringlwm.eval.ruler_tasks import KINDS, NEEDLE, NOISE, TASKS, SampleMaker
+
+SQUAD = {"data": [
+    {"title": "Rivers", "paragraphs": [
+        {"context": "The Danube flows through Vienna and Budapest before it reaches the Black Sea.",
+         "qas": [{"question": "Which sea does the Danube reach?", "answers": [{"text": "the Black Sea"}],
+                  "is_impossible": False},
+                 {"question": "Which city has no river?", "answers": [], "is_impossible": True}]},
+        {"context": "The Rhine rises in the Swiss Alps and flows to the North Sea.",
+         "qas": [{"question": "Where does the Rhine rise?", "answers": [{"text": "Swiss Alps"},
+                                                                      {"text": "the Swiss Alps"}]}]}]},
+    {"title": "Mountains", "paragraphs": [
+        {"context": "Mount Kenya is the highest mountain in Kenya, north of Nairobi.",
+         "qas": [{"question": "What is the highest mountain in Kenya?", "answers": [{"text": "Mount Kenya"}]}]},
+        {"context": "Aconcagua stands in the Andes of Argentina.",
+         "qas": [{"question": "Where is Aconcagua?", "answers": [{"text": "Argentina"}]}]}]},
+]}
+HOTPOT = [
+    {"question": "Which band did the singer of Song A found?", "answer": "The Lanterns",
+     "context": [["Song A", ["Song A is sung by Mara Lind. ", "It was released in 1999."]],
+                 ["Mara Lind", ["Mara Lind founded The Lanterns."]]]},
+    {"question": "In which country is the lake near Town B?", "answer": "Norway",
+     "context": [["Town B", ["Town B lies beside Lake C."]], ["Lake C", ["Lake C is in Norway."]]]},
+]
+NIAH = [t for t, (kind, _) in TASKS.items() if kind == "niah"]
+
+
+@pytest.fixture(scope="module")
+def tok_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ruler_tok")
+    corpus = [generated_haystack(800, seed=1), NOISE, NEEDLE, SQUAD["data"][0]["paragraphs"][0]["context"]]
+    corpus += [k.template + k.answer_prefix for k in KINDS.values()]
+    return train_sentencepiece(corpus, vocab_size=400, model_prefix=path / "tok", byte_fallback=True)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tok_path):
+    return load_tokenizer(tok_path)
+
+
+@pytest.fixture(scope="module")
+def qa_files(tmp_path_factory):
+    path = tmp_path_factory.mktemp("qa")
+    (path / "squad.json").write_text(json.dumps(SQUAD))
+    (path / "hotpot.json").write_text(json.dumps(HOTPOT))
+    return {"squad": path / "squad.json", "hotpotqa": path / "hotpot.json"}
+
+
+@pytest.fixture(scope="module")
+def maker(tokenizer, qa_files):
+    return SampleMaker(tokenizer, seed=3, template="lwm", qa_files=qa_files)
+
+
+def _needle_lines(prompt):
+    return re.findall(r"One of the special magic (\w+) for (\S+) is: (\S+)\.", prompt)
+
+
+def _check_content(task, s):
+    kind, p = TASKS[task]
+    prompt, refs = s.prompt, s.references
+    if kind == "niah":
+        needles = _needle_lines(prompt)
+        asked = {k for _, k, v in needles if v in refs}
+        assert {v for _, k, v in needles if k in asked} >= set(refs)
+        assert len(refs) == p["num_v"] * p["num_q"] and len(asked) == p["num_q"]
+        for key in asked:  # each asked key: in its needles, the question and the answer prefix
+            alone = re.findall(rf"(?<![\w-]){re.escape(key)}(?![\w-])", prompt)
+            assert len(alone) == p["num_v"] + 2
+        if p["haystack"] == "needle":
+            assert len(needles) == s.units + 1 and NOISE not in prompt
+        else:
+            assert len(needles) == p["num_k"] * p["num_v"]
+            assert (NOISE in prompt) == (p["haystack"] == "noise")
+        if len(refs) == 1:
+            assert "A special magic number is hidden" in prompt or "A special magic uuid is hidden" in prompt
+            assert s.answer_prefix.endswith("mentioned in the provided text is")
+        else:
+            assert "Some special magic numbers are hidden" in prompt and s.answer_prefix.endswith("text are")
+    elif kind == "variable_tracking":
+        value = re.search(rf"VAR {refs[0]} = (\d+)\n", prompt).group(1)
+        for a, b in zip(refs, refs[1:]):
+            assert f"VAR {b} = VAR {a} \n" in prompt
+        assert s.answer_prefix.endswith(f"5 variables are assigned the value {value}, they are: ")
+        assert "they are: " in prompt.split("Memorize and track")[1]  # the answered worked example comes first
+    elif kind == "common_words_extraction":
+        listed = re.findall(r"\d+\. (\w+)", prompt.split("Below is a numbered list")[-1].split("\nQuestion")[0])
+        counts = Counter(listed)
+        assert len(refs) == 10 and min(counts[r] for r in refs) > max(c for w, c in counts.items() if w not in refs)
+    elif kind == "freq_words_extraction":
+        coded = prompt.split("coded words. ")[1].split("\nQuestion")[0].split()
+        ranked = [w for w, _ in Counter(coded).most_common()]
+        counts = Counter(coded)
+        assert ranked[0] == "..." and set(ranked[1:4]) == set(refs)
+        assert min(counts[r] for r in refs) > max([counts[w] for w in ranked[4:]] or [0])
+    else:
+        assert "Document 1:\n" in prompt and any(r in prompt for r in refs)
+        assert re.search(r"Question: .+\?" + re.escape(CHAT_ASSISTANT + " Answer:") + "$", prompt)
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_every_task_has_rulers_format_and_an_exact_length(maker, tokenizer, task):
+    # cwe's long form (30 and 3 repeats, from 4096 tokens) needs more than 4096 of this small tokenizer's tokens
+    for length in (2048, 8192 if task == "cwe" else 4096):
+        for index in (0, 1):
+            s = maker.sample(task, length, index)
+            assert s.ids == [tokenizer.bos_id] + tokenizer.encode(s.prompt)
+            assert s.max_new_tokens == KINDS[TASKS[task][0]].tokens_to_generate
+            assert len(s.ids) + s.max_new_tokens <= length
+            # one haystack unit more does not fit (fwe: or its three answers would tie with the fourth word)
+            more = maker.prompt_ids(task, length, index, s.units + 1)
+            if task == "fwe":
+                builder = ruler_tasks._FreqWords(maker, TASKS[task][1], length, s.max_new_tokens)
+                assert len(more) + s.max_new_tokens > length or not builder.valid(s.units + 1)
+            else:
+                assert len(more) + s.max_new_tokens > length
+            assert maker.prompt_ids(task, length, index, s.units) == s.ids
+            assert s.prompt.startswith(CHAT_PREFIX) and s.prompt.endswith(CHAT_ASSISTANT + s.answer_prefix)
+            _check_content(task, s)
+            record = s.record()
+            assert {"task", "length", "index", "prompt", "references", "prompt_tokens", "max_new_tokens"} <= set(record)
+            assert record["prompt_tokens"] == len(s.ids) and json.loads(json.dumps(record)) == record
+
+
+def test_samples_do_not_depend_on_order_and_follow_the_seed(tokenizer, maker):
+    fresh = SampleMaker(tokenizer, seed=3, template="lwm")
+    for task in ("niah_multikey_1", "vt", "fwe"):
+        late = fresh.sample(task, 2048, 2)  # asked first: its search still starts where sample 0 ends
+        assert late.prompt == maker.sample(task, 2048, 2).prompt
+    other = SampleMaker(tokenizer, seed=4).sample("niah_single_1", 2048, 0)
+    assert other.references != maker.sample("niah_single_1", 2048, 0).references
+
+
+def test_templates_budget_and_errors(tokenizer, qa_files):
+    plain = SampleMaker(tokenizer, seed=0, template="none", max_new_tokens=16).sample("niah_single_2", 1024, 0)
+    assert plain.prompt.startswith("A special magic number is hidden") and "ASSISTANT" not in plain.prompt
+    assert plain.max_new_tokens == 16 and len(plain.ids) + 16 <= 1024
+    with pytest.raises(ValueError, match="unknown template 'chatml'"):
+        SampleMaker(tokenizer, template="chatml")
+    with pytest.raises(ValueError, match=r"niah_single_1 does not fit 300 tokens .* use lengths of at least \d+"):
+        SampleMaker(tokenizer).sample("niah_single_1", 300, 0)
+    with pytest.raises(ValueError, match="unknown task 'niah_single_9'"):
+        SampleMaker(tokenizer).sample("niah_single_9", 2048, 0)
+    with pytest.raises(ValueError, match=r"needs a local squad JSON file \(--qa-squad FILE\)"):
+        SampleMaker(tokenizer).sample("qa_1", 2048, 0)
+    with pytest.raises(ValueError, match="holds 2 answerable questions: ask for at most that many --samples"):
+        SampleMaker(tokenizer, qa_files=qa_files).sample("qa_2", 2048, 2)
+    bad = qa_files["squad"].with_name("bad.json")
+    bad.write_text(json.dumps([{"question": "?"}]))
+    with pytest.raises(ValueError, match="not in squad's layout"):
+        SampleMaker(tokenizer, qa_files={"squad": bad}).sample("qa_1", 2048, 0)
+
+
+def test_essay_haystack_comes_from_the_given_text(tokenizer):
+    text = "Orchids bloom quietly. " * 50 + "Rivers carve stone. " * 50
+    s = SampleMaker(tokenizer, haystack=text).sample("niah_single_2", 2048, 0)
+    assert "Orchids bloom quietly." in s.prompt and "Rivers carve stone." in s.prompt  # repeated to fill
+    assert len(s.ids) + 128 <= 2048
+
+
+def test_scoring_on_constructed_predictions():
+    refs = [["1234567"], ["abc", "def"], ["x1", "x2", "x3", "x4"]]
+    answers = ["The number is 1234567.", " ABC and something\x01 else", "x1, x3"]
+    assert string_match_all(answers, refs) == pytest.approx(100 * (1 + 0.5 + 0.5) / 3)
+    assert string_match_part(answers, refs) == pytest.approx(100.0)
+    assert string_match_part(["none", "Def!"], [["a", "b"], ["abc", "def"]]) == 50.0
+    assert sample_score("  VAR AB CD  ", ["ab", "cd", "ef"], "all") == pytest.approx(2 / 3)
+    assert sample_score("", ["a"], "part") == 0.0
+    with pytest.raises(ValueError, match="metric"):
+        sample_score("a", ["a"], "some")
+
+
+def test_effective_length_on_a_constructed_table():
+    assert effective_length({4096: 95.0, 8192: 85.6, 16384: 80.0, 32768: 90.0}) == 8192  # 85.6 passes; no comeback
+    assert effective_length({4096: 85.5, 8192: 99.0}) is None
+    assert effective_length({4096: 90.0, 8192: 88.0}, threshold=89.0) == 4096
+    assert effective_length({4096: 100.0, 8192: 100.0}) == 8192
+    results = [{"task": t, "length": n, "index": i, "score": s}
+               for t, n, i, s in [("a", 1024, 0, 1.0), ("a", 1024, 1, 0.5), ("b", 1024, 0, 1.0), ("b", 1024, 1, 1.0),
+                                  ("a", 2048, 0, 0.0), ("a", 2048, 1, 1.0), ("b", 2048, 0, 1.0), ("b", 2048, 1, 0.5)]]
+    table = score_table(results)
+    assert table == {("a", 1024): 75.0, ("b", 1024): 100.0, ("a", 2048): 50.0, ("b", 2048): 75.0}
+    assert length_averages(table) == {1024: 87.5, 2048: 62.5}
+    text = format_table(results, skipped={"qa_1": "no file"})
+    assert "effective length: 1024 (threshold 85.6)" in text and "skipped qa_1: no file" in text
+
+
+# --- model runs ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer):
+    torch.manual_seed(0)
+    config = tiny_llama_config(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=96,
+                               num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=1,
+                               max_position_embeddings=4096, initializer_range=0.2)
+    path = tmp_path_factory.mktemp("ruler_model")
+    LlamaForCausalLM(config).to(torch.float64).save_pretrained(path)
+    return path
+
+
+GRID = dict(tasks=["niah_single_1", "niah_multikey_2", "fwe"], lengths=[1024], samples=2)
+
+
+def _ring_run(rank, world_size, model_dir, tok_path):
+    from ringlwm.runtime import load_model
+
+    tok = load_tokenizer(tok_path)
+    model = load_model(model_dir, purpose="test")
+    maker = SampleMaker(tok, seed=5, max_new_tokens=6)
+    return run_ruler_eval(ring_backend(model, (tok.eos_id,)), maker, batch_size=2, **GRID)
+
+
+def test_ring_on_two_processes_and_hf_give_the_same_answers(model_dir, tok_path, tokenizer):
+    from dist_utils import run_distributed
+    from transformers import AutoModelForCausalLM
+
+    ring0, ring1 = run_distributed(_ring_run, 2, str(model_dir), str(tok_path))
+    hf = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    assert hf.dtype == torch.float64
+    reference = run_ruler_eval(hf_backend(hf, (tokenizer.eos_id,)), SampleMaker(tokenizer, seed=5, max_new_tokens=6),
+                               **GRID)
+    assert ring0 == ring1
+    assert [r["answer"] for r in ring0] == [r["answer"] for r in reference]
+    assert len({r["answer"] for r in reference}) > 1  # the answers depend on the prompt: a real comparison
+    assert [r["key"] for r in ring0] == [f"{t}/1024/{i}" for t in GRID["tasks"] for i in range(2)]
+
+
+class FakeModel:
+    """A generate function that answers each prompt with its last tokens, and counts the prompts it sees."""
+
+    def __init__(self):
+        self.prompts = 0
+
+    def __call__(self, prompts, max_new_tokens):
+        self.prompts += len(prompts)
+        return [p[-min(max_new_tokens, 5):] for p in prompts]
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"seed": 1}, "seed"),
+    ({"template": "none"}, "template"),
+    ({"max_new_tokens": 8}, "decoding.max_new_tokens"),
+    ({"backend": "hf"}, "decoding.backend"),
+    ({"haystack": "Another essay. " * 400}, "haystack"),
+    ({"model": "other"}, "model"),
+])
+def test_resume_refuses_mismatched_settings(tokenizer, tmp_path, change, key):
+    out = tmp_path / "ruler.json"
+
+    def run(gen, overwrite=False, samples=2, **settings):
+        opts = {"seed": 0, "template": "lwm", "max_new_tokens": None, "backend": "ring", "haystack": None,
+                "model": "mine", **settings}
+        maker = SampleMaker(tokenizer, seed=opts["seed"], template=opts["template"], haystack=opts["haystack"],
+                            max_new_tokens=opts["max_new_tokens"])
+        provenance = {"model": opts["model"], **suite_provenance(maker, backend=opts["backend"], stop_token_ids=(2,),
+                                                                 haystack=opts["haystack"])}
+        return run_ruler_eval(gen, maker, tasks=["niah_single_2"], lengths=[1024], samples=samples, out_path=out,
+                              provenance=provenance, overwrite=overwrite)
+
+    gen = FakeModel()
+    first = run(gen)
+    saved = out.read_bytes()
+    assert gen.prompts == 2 and run(gen) == first and gen.prompts == 2  # resumed: nothing asked again
+    assert len(run(gen, samples=3)) == 3 and gen.prompts == 3  # one more sample: only it is generated
+    saved = out.read_bytes()
+    with pytest.raises(ValueError, match=rf"different settings \(.*{re.escape(key)}.*--overwrite"):
+        run(gen, **change)
+    assert out.read_bytes() == saved and gen.prompts == 3
+    run(gen, overwrite=True, **change)  # starts fresh under the new settings, and resumes under them
+    assert gen.prompts == 5
+    run(gen, **change)
+    assert gen.prompts == 5
+    with pytest.raises(ValueError, match=re.escape(key)):
+        run(gen)
+
+
+def test_results_without_provenance_or_not_json_are_refused(tokenizer, tmp_path):
+    out = tmp_path / "ruler.json"
+    out.write_text(json.dumps({"results": [{"key": "niah_single_1/1024/0", "answer": "stale", "score": 1.0}]}))
+    kw = dict(tasks=["niah_single_1"], lengths=[1024], samples=1, out_path=out, provenance={"model": "m"})
+    gen = FakeModel()
+    with pytest.raises(ValueError, match="do not record what produced them; pass --overwrite"):
+        run_ruler_eval(gen, SampleMaker(tokenizer), **kw)
+    out.write_text("not json")
+    with pytest.raises(ValueError, match="is not JSON .*--overwrite"):
+        run_ruler_eval(gen, SampleMaker(tokenizer), **kw)
+    assert gen.prompts == 0
+    with pytest.raises(ValueError, match="vt does not fit 600 tokens"):  # checked before anything is generated
+        run_ruler_eval(gen, SampleMaker(tokenizer), **{**kw, "tasks": ["niah_single_1", "vt"], "lengths": [600],
+                                                       "overwrite": True})
+    assert gen.prompts == 0
+
+
+def test_cli_dump_samples_and_qa_note(tok_path, tmp_path, capsys):
+    dump = tmp_path / "samples.jsonl"
+    ruler_main(["--tokenizer", str(tok_path), "--tasks", "niah_single_3,vt,qa_1", "--lengths", "2048",
+                "--samples", "2", "--seed", "1", "--dump-samples", str(dump)])
+    captured = capsys.readouterr()
+    assert "skipping qa_1: no local squad file: give --qa-squad FILE" in captured.err
+    rows = [json.loads(line) for line in dump.read_text().splitlines()]
+    assert [(r["task"], r["length"], r["index"]) for r in rows] == [("niah_single_3", 2048, 0), ("niah_single_3", 2048, 1),
+                                                                      ("vt", 2048, 0), ("vt", 2048, 1)]
+    tok = load_tokenizer(tok_path)
+    for r in rows:
+        assert r["prompt_tokens"] == 1 + len(tok.encode(r["prompt"])) and r["prompt_tokens"] + r["max_new_tokens"] <= 2048
+        assert all(ref in r["prompt"] for ref in r["references"])
+    with pytest.raises(SystemExit):
+        ruler_main(["--tasks", "vt", "--dump-samples", str(dump)])  # no tokenizer and no model
+
+
+def test_cli_runs_writes_a_heatmap_and_refuses_another_seed(model_dir, tok_path, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    args = ["--model", str(model_dir), "--tokenizer", str(tok_path), "--tasks", "niah_single_1,qa_2", "--lengths",
+            "1024,1536", "--samples", "1", "--max-new-tokens", "4", "--out", str(out)]
+    ruler_main(args)
+    saved = json.loads(out.read_text())
+    assert len(saved["results"]) == 2 and "qa_2" in saved["skipped"]
+    assert saved["provenance"]["model"]["path"] == str(Path(model_dir).resolve())
+    assert (tmp_path / "r_heatmap.png").read_bytes()[:4] == b"\x89PNG"
+    assert "effective length: < 1024" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"different settings .*seed: 42 -> 1"):
+        ruler_main(args + ["--seed", "1"])
+
+
+def test_heatmap_draws_tasks_and_average(tmp_path):
+    results = [{"task": t, "length": n, "index": 0, "score": s}
+               for t, n, s in [("a", 512, 1.0), ("b", 512, 0.5), ("a", 1024, 0.0)]]
+    plot_heatmap(results, tmp_path / "h.png")
+    assert (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_demo_ruler_slice_runs_on_a_tiny_model(tmp_path):
+    """The demo's step 4 as ``make demo`` runs it (torchrun, 2 processes), on an untrained model."""
+    from ringlwm.demo import ruler_slice, ruler_summary, write_data
+
+    write_data(tmp_path / "data", seed=0, short_examples=4, long_examples=4, long_max_tokens=512)
+    tok = load_tokenizer(tmp_path / "data" / "tokenizer.model")
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config(vocab_size=tok.vocab_size)).save_pretrained(tmp_path / "hf")
+    ruler_slice(tmp_path, tmp_path / "data" / "tokenizer.model", lengths="256,512", seed=2, nproc=2, samples=1)
+    results = json.loads((tmp_path / "ruler.json").read_text())["results"]
+    assert {(r["task"], r["length"]) for r in results} == {(t, n) for t in ("niah_single_1", "niah_single_2",
+                                                                             "niah_multikey_2") for n in (256, 512)}
+    assert (tmp_path / "ruler_heatmap.png").is_file()
+    lines = ruler_summary(tmp_path)
+    assert lines[0].startswith("  RULER slice") and any("effective length" in line for line in lines)
