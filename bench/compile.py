@@ -101,22 +101,26 @@ def kernel_args(kernel: str, dtype: str, head_dim: int, causal: bool, has_seg: b
     # q_offset = _SEQ, kv_offset = 0: a ring step below the diagonal (the values only set divisibility).
     if kernel == "fwd":
         args = [ptr(dt), ptr(dt), ptr(dt), ptr(dt), ptr(f32), ptr(i32), ptr(i32),
-                *q_strides, *kv_strides, *kv_strides, *q_strides,
+                *q_strides[:3], *kv_strides[:3], *kv_strides[:3], *q_strides[:3],
                 _HEADS, group, _SEQ, _SEQ, _SEQ, 0, qk_scale]
         fn = tf._fwd_kernel
     elif kernel == "dkdv":
         args = [ptr(dt), ptr(dt), ptr(dt), ptr(dt), ptr(f32), ptr(f32), ptr(f32), ptr(f32), ptr(i32), ptr(i32),
-                *q_strides, *kv_strides, *kv_strides, *q_strides, *kv_strides, *kv_strides,
+                *q_strides[:3], *kv_strides[:3], *kv_strides[:3], *q_strides[:3], *kv_strides[:3], *kv_strides[:3],
                 _KV_HEADS, group, _SEQ, _SEQ, _SEQ, 0, qk_scale, d**-0.5]
         fn = tf._bwd_dkdv_kernel
     elif kernel == "dq":
         args = [ptr(dt), ptr(dt), ptr(dt), ptr(dt), ptr(f32), ptr(f32), ptr(f32), ptr(i32), ptr(i32),
-                *q_strides, *kv_strides, *kv_strides, *q_strides, *q_strides,
+                *q_strides[:3], *kv_strides[:3], *kv_strides[:3], *q_strides[:3], *q_strides[:3],
                 _HEADS, group, _SEQ, _SEQ, _SEQ, 0, qk_scale, d**-0.5]
         fn = tf._bwd_dq_kernel
     else:
         raise ValueError(kernel)
-    return getattr(fn, "fn", fn), args, meta
+    from triton.runtime.jit import JITFunction
+
+    while not isinstance(fn, JITFunction) and hasattr(fn, "fn"):  # Autotuner -> Heuristics -> JITFunction
+        fn = fn.fn
+    return fn, args, meta
 
 
 def _tool(name: str) -> str:
@@ -136,6 +140,8 @@ def compile_case(case: Case) -> dict:
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import JITFunction, create_function_from_signature
 
+    from ringlwm.kernels import triton_flash as tf
+
     row = asdict(case)
     causal, has_seg = VARIANTS[case.variant]
     cap = ARCHS[case.arch]
@@ -146,6 +152,8 @@ def compile_case(case: Case) -> dict:
     backend = make_backend(target)
     kwargs = dict(meta, BLOCK_M=case.block_m, BLOCK_N=case.block_n, num_warps=case.num_warps,
                   num_stages=case.num_stages)
+    named = dict(zip(fn.arg_names, args), **kwargs)
+    kwargs.update({name: rule(named) for name, rule in tf.HEURISTICS.items() if name in fn.arg_names})
     t0 = time.perf_counter()
     try:
         binder = create_function_from_signature(fn.signature, fn.params, backend)

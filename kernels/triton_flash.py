@@ -89,10 +89,19 @@ def autotune_configs(kernel: str, capability: int, dtype: str, head_dim: int):
     return _FWD_CONFIGS if kernel == "fwd" else _BWD_CONFIGS
 
 
+# Whether the sequences are whole tiles: then no load, store or score needs a bounds mask (constexpr flags,
+# set per launch from the chosen configuration).
+HEURISTICS = {
+    "EVEN_M": lambda args: args["seq_q"] % args["BLOCK_M"] == 0,
+    "EVEN_N": lambda args: args["seq_k"] % args["BLOCK_N"] == 0,
+}
+
+
 def _autotuned(configs):
     """Autotune on a GPU; under the interpreter the launcher passes fixed block sizes instead."""
 
     def wrap(fn):
+        fn = triton.heuristics(HEURISTICS)(fn)
         if _INTERPRET:
             return fn
         return triton.autotune(configs=configs, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune})(
@@ -112,47 +121,86 @@ def _launch_meta() -> dict:
 
 
 @triton.jit
+def _load_rows(ptrs, rows, n_rows, d_ok, ROW_MASK: tl.constexpr, D_MASK: tl.constexpr):
+    """Load a (rows, BLOCK_D) tile, masking only what can be out of bounds: rows past n_rows (ROW_MASK) and
+    columns past head_dim (D_MASK, when head_dim is not a power of two). Masked lanes read 0."""
+    if ROW_MASK:
+        if D_MASK:
+            x = tl.load(ptrs, mask=(rows[:, None] < n_rows) & d_ok[None, :], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+    else:
+        if D_MASK:
+            x = tl.load(ptrs, mask=d_ok[None, :], other=0.0)
+        else:
+            x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _store_rows(ptrs, x, rows, n_rows, d_ok, ROW_MASK: tl.constexpr, D_MASK: tl.constexpr):
+    """Store a (rows, BLOCK_D) tile, masked like _load_rows."""
+    if ROW_MASK:
+        if D_MASK:
+            tl.store(ptrs, x, mask=(rows[:, None] < n_rows) & d_ok[None, :])
+        else:
+            tl.store(ptrs, x, mask=rows[:, None] < n_rows)
+    else:
+        if D_MASK:
+            tl.store(ptrs, x, mask=d_ok[None, :])
+        else:
+            tl.store(ptrs, x)
+
+
+@triton.jit
+def _key_segments(KSeg, cols, seq_k, KEY_MASK: tl.constexpr):
+    if KEY_MASK:
+        k_seg = tl.load(KSeg + cols, mask=cols < seq_k, other=_NO_KEY_SEGMENT)
+    else:
+        k_seg = tl.load(KSeg + cols)
+    return k_seg
+
+
+@triton.jit
+def _mask_scores(s, q_pos, q_seg, cols, KSeg, seq_k, kv_offset,
+                 CAUSAL_MASK: tl.constexpr, KEY_MASK: tl.constexpr, HAS_SEG: tl.constexpr):
+    """-inf where query i (rows of s) may not attend key cols[j]; only the masks asked for are built."""
+    if KEY_MASK:
+        s = tl.where(cols[None, :] < seq_k, s, float("-inf"))
+    if CAUSAL_MASK:
+        s = tl.where(q_pos[:, None] >= kv_offset + cols[None, :], s, float("-inf"))
+    if HAS_SEG:
+        k_seg = _key_segments(KSeg, cols, seq_k, KEY_MASK)
+        s = tl.where(q_seg[:, None] == k_seg[None, :], s, float("-inf"))
+    return s
+
+
+@triton.jit
 def _fwd_inner(
     acc, l_i, m_i, q, q_pos, q_seg, d_ok,
-    k_ptrs, v_ptrs, KSeg, stride_kn, stride_vn,
+    K, V, KSeg, stride_kn, stride_vn,
     lo, hi, seq_k, kv_offset, qk_scale,
-    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL_MASK: tl.constexpr, KEY_MASK: tl.constexpr,
+    D_MASK: tl.constexpr, HAS_SEG: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     offs_n = tl.arange(0, BLOCK_N)
-    k_ptrs += lo * stride_kn
-    v_ptrs += lo * stride_vn
+    offs_d = tl.arange(0, BLOCK_D)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        # Columns past head_dim (BLOCK_D is a power of two) are always masked; rows past seq_k only
-        # in the MASKED loop (the unmasked one covers whole in-bounds tiles).
-        if MASKED:
-            kv_mask = (cols[:, None] < seq_k) & d_ok[None, :]
-        else:
-            kv_mask = d_ok[None, :]
-        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        k = _load_rows(K + cols[:, None] * stride_kn + offs_d[None, :], cols, seq_k, d_ok, KEY_MASK, D_MASK)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        if MASKED:
-            keep = cols[None, :] < seq_k
-            if CAUSAL:
-                keep = keep & (q_pos[:, None] >= kv_offset + cols[None, :])
-            if HAS_SEG:
-                k_seg = tl.load(KSeg + cols, mask=cols < seq_k, other=_NO_KEY_SEGMENT)
-                keep = keep & (q_seg[:, None] == k_seg[None, :])
-            s = tl.where(keep, s, float("-inf"))
-        elif HAS_SEG:
-            k_seg = tl.load(KSeg + cols)
-            s = tl.where(q_seg[:, None] == k_seg[None, :], s, float("-inf"))
+        s = _mask_scores(s, q_pos, q_seg, cols, KSeg, seq_k, kv_offset, CAUSAL_MASK, KEY_MASK, HAS_SEG)
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        if CAUSAL_MASK or KEY_MASK or HAS_SEG:  # a row may have seen no key yet: m = -inf
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_safe = m_new
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        v = _load_rows(V + cols[:, None] * stride_vn + offs_d[None, :], cols, seq_k, d_ok, KEY_MASK, D_MASK)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
-        k_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
     return acc, l_i, m_i
 
 
@@ -160,13 +208,14 @@ def _fwd_inner(
 @triton.jit
 def _fwd_kernel(
     Q, K, V, Out, Lse, QSeg, KSeg,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_om, stride_od,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om,
     num_heads, group_size, seq_q, seq_k, q_offset, kv_offset, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -175,14 +224,14 @@ def _fwd_kernel(
     kvh = h // group_size
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
+    D_MASK: tl.constexpr = HEAD_DIM != BLOCK_D
 
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
-    q = tl.load(q_ptrs, mask=(offs_m[:, None] < seq_q) & d_ok[None, :], other=0.0)
-    k_ptrs = K + b * stride_kb + kvh * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-    v_ptrs = V + b * stride_vb + kvh * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    q = _load_rows(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                   offs_m, seq_q, d_ok, not EVEN_M, D_MASK)
+    k_base = K + b * stride_kb + kvh * stride_kh
+    v_base = V + b * stride_vb + kvh * stride_vh
     if HAS_SEG:
         q_seg = tl.load(QSeg + b * seq_q + offs_m, mask=offs_m < seq_q, other=_NO_QUERY_SEGMENT)
         k_seg_base = KSeg + b * seq_k
@@ -195,7 +244,7 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # Keys [0, full_hi) are in bounds and visible to every query of this block: no causal/tail mask.
+    # Keys [0, full_hi) are whole in-bounds tiles visible to every query of this block: no causal/tail mask.
     # Keys [full_hi, hi) need the mask; keys >= hi are invisible to the whole block (causal) and skipped.
     if CAUSAL:
         hi = tl.minimum(seq_k, tl.maximum(q_offset + start_m + BLOCK_M - kv_offset, 0))
@@ -205,22 +254,26 @@ def _fwd_kernel(
         full_hi = seq_k
     full_hi = (full_hi // BLOCK_N) * BLOCK_N
     acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, q_pos, q_seg, d_ok, k_ptrs, v_ptrs, k_seg_base, stride_kn, stride_vn,
+        acc, l_i, m_i, q, q_pos, q_seg, d_ok, k_base, v_base, k_seg_base, stride_kn, stride_vn,
         0, full_hi, seq_k, kv_offset, qk_scale,
-        BLOCK_N, False, CAUSAL, HAS_SEG, DOT_PRECISION,
+        BLOCK_N, BLOCK_D, False, False, D_MASK, HAS_SEG, DOT_PRECISION,
     )
-    acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, q_pos, q_seg, d_ok, k_ptrs, v_ptrs, k_seg_base, stride_kn, stride_vn,
-        full_hi, hi, seq_k, kv_offset, qk_scale,
-        BLOCK_N, True, CAUSAL, HAS_SEG, DOT_PRECISION,
-    )
+    if CAUSAL or not EVEN_N:  # (with EVEN_N every masked tile lies inside seq_k: no key tail mask)
+        acc, l_i, m_i = _fwd_inner(
+            acc, l_i, m_i, q, q_pos, q_seg, d_ok, k_base, v_base, k_seg_base, stride_kn, stride_vn,
+            full_hi, hi, seq_k, kv_offset, qk_scale,
+            BLOCK_N, BLOCK_D, CAUSAL, not EVEN_N, D_MASK, HAS_SEG, DOT_PRECISION,
+        )
 
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
-    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=(offs_m[:, None] < seq_q) & d_ok[None, :])
-    tl.store(Lse + pid_bh.to(tl.int64) * seq_q + offs_m, lse, mask=offs_m < seq_q)
+    _store_rows(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+                acc.to(Out.dtype.element_ty), offs_m, seq_q, d_ok, not EVEN_M, D_MASK)
+    if EVEN_M:
+        tl.store(Lse + pid_bh.to(tl.int64) * seq_q + offs_m, lse)
+    else:
+        tl.store(Lse + pid_bh.to(tl.int64) * seq_q + offs_m, lse, mask=offs_m < seq_q)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -254,35 +307,35 @@ def _bwd_delta_kernel(
 @triton.jit
 def _bwd_dkdv_inner(
     dk, dv, k, v, k_pos, k_seg, d_ok,
-    q_ptrs, do_ptrs, lse_ptr, delta_ptr, QSeg, stride_qm, stride_dom,
+    Q, DOut, lse_ptr, delta_ptr, QSeg, stride_qm, stride_dom,
     lo, hi, seq_q, q_offset, qk_scale,
-    BLOCK_M: tl.constexpr, CAUSAL_MASK: tl.constexpr, HAS_SEG: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL_MASK: tl.constexpr, ROW_MASK: tl.constexpr,
+    D_MASK: tl.constexpr, HAS_SEG: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     offs_m = tl.arange(0, BLOCK_M)
-    q_ptrs += lo * stride_qm
-    do_ptrs += lo * stride_dom
+    offs_d = tl.arange(0, BLOCK_D)
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
-        row_ok = rows < seq_q
-        q_mask = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(q_ptrs, mask=q_mask, other=0.0)
-        do = tl.load(do_ptrs, mask=q_mask, other=0.0)
-        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-        delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
+        q = _load_rows(Q + rows[:, None] * stride_qm + offs_d[None, :], rows, seq_q, d_ok, ROW_MASK, D_MASK)
+        do = _load_rows(DOut + rows[:, None] * stride_dom + offs_d[None, :], rows, seq_q, d_ok, ROW_MASK, D_MASK)
+        if ROW_MASK:
+            lse = tl.load(lse_ptr + rows, mask=rows < seq_q, other=0.0)
+            delta = tl.load(delta_ptr + rows, mask=rows < seq_q, other=0.0)
+        else:
+            lse = tl.load(lse_ptr + rows)
+            delta = tl.load(delta_ptr + rows)
         # Work with the transposed scores (keys x queries) so that dk, dv come out without transposes.
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
         if CAUSAL_MASK:
             s_t = tl.where(q_offset + rows[None, :] >= k_pos[:, None], s_t, float("-inf"))
         if HAS_SEG:
-            q_seg = tl.load(QSeg + rows, mask=row_ok, other=_NO_QUERY_SEGMENT)
+            q_seg = tl.load(QSeg + rows, mask=rows < seq_q, other=_NO_QUERY_SEGMENT)
             s_t = tl.where(k_seg[:, None] == q_seg[None, :], s_t, float("-inf"))
         p_t = tl.math.exp2(s_t - lse[None, :])
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
-        q_ptrs += BLOCK_M * stride_qm
-        do_ptrs += BLOCK_M * stride_dom
     return dk, dv
 
 
@@ -290,15 +343,16 @@ def _bwd_dkdv_inner(
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DOut, Lse, Delta, DK, DV, QSeg, KSeg,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
     num_kv_heads, group_size, seq_q, seq_k, q_offset, kv_offset, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
 ):
     """One program per (key block, batch * kv_head); loops over the query heads of its GQA group."""
     pid_n = tl.program_id(0)
@@ -307,15 +361,14 @@ def _bwd_dkdv_kernel(
     kvh = (pid_bh % num_kv_heads).to(tl.int64)
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    kv_mask = (offs_n[:, None] < seq_k) & d_ok[None, :]
+    D_MASK: tl.constexpr = HEAD_DIM != BLOCK_D
 
-    k = tl.load(K + b * stride_kb + kvh * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                mask=kv_mask, other=0.0)
-    v = tl.load(V + b * stride_vb + kvh * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                mask=kv_mask, other=0.0)
+    k = _load_rows(K + b * stride_kb + kvh * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                   offs_n, seq_k, d_ok, not EVEN_N, D_MASK)
+    v = _load_rows(V + b * stride_vb + kvh * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+                   offs_n, seq_k, d_ok, not EVEN_N, D_MASK)
     if HAS_SEG:
         k_seg = tl.load(KSeg + b * seq_k + offs_n, mask=offs_n < seq_k, other=_NO_KEY_SEGMENT)
         q_seg_base = QSeg + b * seq_q
@@ -324,7 +377,8 @@ def _bwd_dkdv_kernel(
         q_seg_base = QSeg
     k_pos = kv_offset + offs_n
 
-    # Queries [lo, full_lo) see part of this key block (causal mask); [full_lo, seq_q) see all of it.
+    # Queries [lo, full_lo) see part of this key block (causal mask); [full_lo, full_hi) see all of it and are
+    # whole tiles; [full_hi, seq_q) is the last, partial query tile (row mask).
     if CAUSAL:
         lo = tl.minimum(tl.maximum(kv_offset + start_n - q_offset, 0), seq_q)
         full_lo = tl.minimum(tl.maximum(kv_offset + start_n + BLOCK_N - 1 - q_offset, 0), seq_q)
@@ -333,72 +387,62 @@ def _bwd_dkdv_kernel(
     else:
         lo = 0
         full_lo = 0
+    full_hi = tl.maximum((seq_q // BLOCK_M) * BLOCK_M, full_lo)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for g in range(group_size):
         h = kvh * group_size + g
         bh = b * num_kv_heads * group_size + h
-        q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
-        do_ptrs = DOut + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DOut + b * stride_dob + h * stride_doh
         lse_ptr = Lse + bh * seq_q
         delta_ptr = Delta + bh * seq_q
         dk, dv = _bwd_dkdv_inner(
-            dk, dv, k, v, k_pos, k_seg, d_ok, q_ptrs, do_ptrs, lse_ptr, delta_ptr, q_seg_base, stride_qm, stride_dom,
+            dk, dv, k, v, k_pos, k_seg, d_ok, q_base, do_base, lse_ptr, delta_ptr, q_seg_base, stride_qm, stride_dom,
             lo, full_lo, seq_q, q_offset, qk_scale,
-            BLOCK_M, CAUSAL, HAS_SEG, DOT_PRECISION,
+            BLOCK_M, BLOCK_D, CAUSAL, not EVEN_M, D_MASK, HAS_SEG, DOT_PRECISION,
         )
         dk, dv = _bwd_dkdv_inner(
-            dk, dv, k, v, k_pos, k_seg, d_ok, q_ptrs, do_ptrs, lse_ptr, delta_ptr, q_seg_base, stride_qm, stride_dom,
-            full_lo, seq_q, seq_q, q_offset, qk_scale,
-            BLOCK_M, False, HAS_SEG, DOT_PRECISION,
+            dk, dv, k, v, k_pos, k_seg, d_ok, q_base, do_base, lse_ptr, delta_ptr, q_seg_base, stride_qm, stride_dom,
+            full_lo, full_hi, seq_q, q_offset, qk_scale,
+            BLOCK_M, BLOCK_D, False, False, D_MASK, HAS_SEG, DOT_PRECISION,
         )
+        if not EVEN_M:
+            dk, dv = _bwd_dkdv_inner(
+                dk, dv, k, v, k_pos, k_seg, d_ok, q_base, do_base, lse_ptr, delta_ptr, q_seg_base, stride_qm,
+                stride_dom, full_hi, seq_q, seq_q, q_offset, qk_scale,
+                BLOCK_M, BLOCK_D, False, True, D_MASK, HAS_SEG, DOT_PRECISION,
+            )
 
     dk = dk * scale
-    tl.store(DK + b * stride_dkb + kvh * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+    kv_mask = (offs_n[:, None] < seq_k) & d_ok[None, :]
+    tl.store(DK + b * stride_dkb + kvh * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + b * stride_dvb + kvh * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
+    tl.store(DV + b * stride_dvb + kvh * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
              dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
 def _bwd_dq_inner(
     dq, q, do, lse, delta, q_pos, q_seg, d_ok,
-    k_ptrs, v_ptrs, KSeg, stride_kn, stride_vn,
+    K, V, KSeg, stride_kn, stride_vn,
     lo, hi, seq_k, kv_offset, qk_scale,
-    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL_MASK: tl.constexpr, KEY_MASK: tl.constexpr,
+    D_MASK: tl.constexpr, HAS_SEG: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     offs_n = tl.arange(0, BLOCK_N)
-    k_ptrs += lo * stride_kn
-    v_ptrs += lo * stride_vn
+    offs_d = tl.arange(0, BLOCK_D)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        # As in the forward: only the MASKED loop has key tails and causally masked keys.
-        if MASKED:
-            kv_mask = (cols[:, None] < seq_k) & d_ok[None, :]
-        else:
-            kv_mask = d_ok[None, :]
-        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        k = _load_rows(K + cols[:, None] * stride_kn + offs_d[None, :], cols, seq_k, d_ok, KEY_MASK, D_MASK)
+        v = _load_rows(V + cols[:, None] * stride_vn + offs_d[None, :], cols, seq_k, d_ok, KEY_MASK, D_MASK)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        if MASKED:
-            keep = cols[None, :] < seq_k
-            if CAUSAL:
-                keep = keep & (q_pos[:, None] >= kv_offset + cols[None, :])
-            if HAS_SEG:
-                k_seg = tl.load(KSeg + cols, mask=cols < seq_k, other=_NO_KEY_SEGMENT)
-                keep = keep & (q_seg[:, None] == k_seg[None, :])
-            s = tl.where(keep, s, float("-inf"))
-        elif HAS_SEG:
-            k_seg = tl.load(KSeg + cols)
-            s = tl.where(q_seg[:, None] == k_seg[None, :], s, float("-inf"))
+        s = _mask_scores(s, q_pos, q_seg, cols, KSeg, seq_k, kv_offset, CAUSAL_MASK, KEY_MASK, HAS_SEG)
         p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-        k_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
     return dq
 
 
@@ -406,14 +450,15 @@ def _bwd_dq_inner(
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DOut, Lse, Delta, DQ, QSeg, KSeg,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dqb, stride_dqh, stride_dqm,
     num_heads, group_size, seq_q, seq_k, q_offset, kv_offset, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
 ):
     """One program per (query block, batch * head)."""
     pid_m = tl.program_id(0)
@@ -423,22 +468,24 @@ def _bwd_dq_kernel(
     kvh = h // group_size
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    row_ok = offs_m < seq_q
-    q_mask = row_ok[:, None] & d_ok[None, :]
+    D_MASK: tl.constexpr = HEAD_DIM != BLOCK_D
 
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=q_mask, other=0.0)
-    do = tl.load(DOut + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-                 mask=q_mask, other=0.0)
-    lse = tl.load(Lse + pid_bh.to(tl.int64) * seq_q + offs_m, mask=row_ok, other=0.0)
-    delta = tl.load(Delta + pid_bh.to(tl.int64) * seq_q + offs_m, mask=row_ok, other=0.0)
-    k_ptrs = K + b * stride_kb + kvh * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-    v_ptrs = V + b * stride_vb + kvh * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    q = _load_rows(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                   offs_m, seq_q, d_ok, not EVEN_M, D_MASK)
+    do = _load_rows(DOut + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
+                    offs_m, seq_q, d_ok, not EVEN_M, D_MASK)
+    if EVEN_M:
+        lse = tl.load(Lse + pid_bh.to(tl.int64) * seq_q + offs_m)
+        delta = tl.load(Delta + pid_bh.to(tl.int64) * seq_q + offs_m)
+    else:
+        lse = tl.load(Lse + pid_bh.to(tl.int64) * seq_q + offs_m, mask=offs_m < seq_q, other=0.0)
+        delta = tl.load(Delta + pid_bh.to(tl.int64) * seq_q + offs_m, mask=offs_m < seq_q, other=0.0)
+    k_base = K + b * stride_kb + kvh * stride_kh
+    v_base = V + b * stride_vb + kvh * stride_vh
     if HAS_SEG:
-        q_seg = tl.load(QSeg + b * seq_q + offs_m, mask=row_ok, other=_NO_QUERY_SEGMENT)
+        q_seg = tl.load(QSeg + b * seq_q + offs_m, mask=offs_m < seq_q, other=_NO_QUERY_SEGMENT)
         k_seg_base = KSeg + b * seq_k
     else:
         q_seg = offs_m  # unused
@@ -456,18 +503,19 @@ def _bwd_dq_kernel(
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _bwd_dq_inner(
-        dq, q, do, lse, delta, q_pos, q_seg, d_ok, k_ptrs, v_ptrs, k_seg_base, stride_kn, stride_vn,
+        dq, q, do, lse, delta, q_pos, q_seg, d_ok, k_base, v_base, k_seg_base, stride_kn, stride_vn,
         0, full_hi, seq_k, kv_offset, qk_scale,
-        BLOCK_N, False, CAUSAL, HAS_SEG, DOT_PRECISION,
+        BLOCK_N, BLOCK_D, False, False, D_MASK, HAS_SEG, DOT_PRECISION,
     )
-    dq = _bwd_dq_inner(
-        dq, q, do, lse, delta, q_pos, q_seg, d_ok, k_ptrs, v_ptrs, k_seg_base, stride_kn, stride_vn,
-        full_hi, hi, seq_k, kv_offset, qk_scale,
-        BLOCK_N, True, CAUSAL, HAS_SEG, DOT_PRECISION,
-    )
+    if CAUSAL or not EVEN_N:
+        dq = _bwd_dq_inner(
+            dq, q, do, lse, delta, q_pos, q_seg, d_ok, k_base, v_base, k_seg_base, stride_kn, stride_vn,
+            full_hi, hi, seq_k, kv_offset, qk_scale,
+            BLOCK_N, BLOCK_D, CAUSAL, not EVEN_N, D_MASK, HAS_SEG, DOT_PRECISION,
+        )
     dq = dq * scale
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
-             dq.to(DQ.dtype.element_ty), mask=q_mask)
+    _store_rows(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
+                dq.to(DQ.dtype.element_ty), offs_m, seq_q, d_ok, not EVEN_M, D_MASK)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -478,10 +526,12 @@ _MAX_INT32 = 2**31 - 1
 
 
 def _fit_int32_offsets(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Tile offsets inside one (batch, head) slice are int32 in the kernels; make sure they cannot overflow."""
+    """The kernels address (batch, head, seq, dim) tensors with a unit stride along dim (it lets them load
+    whole rows as vectors and copy them asynchronously) and int32 offsets inside one (batch, head) slice: copy
+    a tensor that breaks either, and refuse one whose slice cannot fit int32 offsets at all."""
     out = []
     for t in tensors:
-        if t.shape[2] * t.stride(2) + t.shape[3] * t.stride(3) > _MAX_INT32:
+        if (t.stride(3) != 1 and t.shape[3] > 1) or t.shape[2] * t.stride(2) + t.shape[3] > _MAX_INT32:
             t = t.contiguous()
             if t.shape[2] * t.shape[3] > _MAX_INT32:
                 raise ValueError(
@@ -526,7 +576,7 @@ def triton_attention_forward(
 
     _fwd_kernel[grid](
         q, k, v, out, lse, q_seg, k_seg,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         heads, heads // kv_heads, seq_q, seq_k, q_offset, kv_offset, scale * LOG2E,
         HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), CAUSAL=causal, HAS_SEG=has_seg,
         DOT_PRECISION=_dot_precision(q.dtype), **_launch_meta(),
@@ -564,13 +614,13 @@ def triton_attention_backward(
     )
     _bwd_dkdv_kernel[lambda meta: (triton.cdiv(seq_k, meta["BLOCK_N"]), batch * kv_heads)](
         q, k, v, dout, lse2, delta, dk, dv, q_seg, k_seg,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
         kv_heads, heads // kv_heads, seq_q, seq_k, q_offset, kv_offset, scale * LOG2E, scale,
         **common,
     )
     _bwd_dq_kernel[lambda meta: (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * heads)](
         q, k, v, dout, lse2, delta, dq, q_seg, k_seg,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *dq.stride()[:3],
         heads, heads // kv_heads, seq_q, seq_k, q_offset, kv_offset, scale * LOG2E, scale,
         **common,
     )
