@@ -44,7 +44,8 @@ What differs from RULER:
   adjectives and verbs for cwe, then made-up two-syllable words), not wonderwords or english_words.json.
 - Sentences are split by a rule (after . ! ? and white space), not nltk's punkt.
 - Lengths are exact and per sample: each sample's haystack size is the largest that fits (RULER fits one
-  size per task and length and steps down by a fixed increment when a sample does not fit).
+  size per task and length and steps down by a fixed increment when a sample does not fit), and the BOS
+  the model reads is counted.
 - The chat template wraps the prompt once: LWM's "You are a helpful assistant. USER: {task} ASSISTANT:"
   + answer prefix, with one space before the prefix (RULER's lwm-chat template ends in "ASSISTANT: "
   and the prefix starts with a space). RULER's singular rewording of single-answer needle prompts ("A
@@ -55,7 +56,8 @@ What differs from RULER:
 - Random keys are distinct within a sample: the distractor needles of niah_multikey_2 never reuse a key
   asked for (RULER draws them independently).
 - fwe uses the largest word count at which the three answers each occur more often than the fourth most
-  frequent word (RULER does not check; at small counts they can tie).
+  frequent word (RULER does not check; at small counts they can tie), and at least 4 coded words (RULER's
+  (L - 50) / 50 is fewer below 250 tokens).
 """
 
 from __future__ import annotations
@@ -472,7 +474,7 @@ def main(argv=None) -> None:
 
     parser = _parser()
     args = parser.parse_args(argv)
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    tasks = list(dict.fromkeys(t.strip() for t in args.tasks.split(",") if t.strip()))
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         parser.error(f"unknown task(s) {', '.join(unknown)}; RULER's tasks are {', '.join(TASKS)}")

@@ -533,17 +533,22 @@ class SampleMaker:
         budget = self.budget(task)
         builder = self._builder(task, length, index)
         limit = length - budget
-        cache: dict[int, tuple[Draft, str, list[int]]] = {}
+        counts: dict[int, int] = {}
+        largest: dict[int, tuple[Draft, str, list[int]]] = {}  # the largest size measured to fit (what _fit returns)
 
         def make(n: int):
-            if n not in cache:
-                draft = builder.draft(self._rng(task, length, index), n)
-                prompt = self.wrap(draft)
-                cache[n] = (draft, prompt, self.bos + self.tokenizer.encode(prompt))
-            return cache[n]
+            draft = builder.draft(self._rng(task, length, index), n)
+            prompt = self.wrap(draft)
+            return draft, prompt, self.bos + self.tokenizer.encode(prompt)
 
         def count(n: int) -> int:
-            return len(make(n)[2])
+            if n not in counts:
+                made = make(n)
+                counts[n] = len(made[2])
+                if counts[n] <= limit and n > max(largest, default=-1):
+                    largest.clear()
+                    largest[n] = made
+            return counts[n]
 
         key = (task, length)
         if key not in self._start and index != 0:
@@ -563,7 +568,7 @@ class SampleMaker:
                              "most frequent must each occur more often than the fourth); use a longer length")
         if index == 0:
             self._start[key] = n
-        draft, prompt, ids = make(n)
+        draft, prompt, ids = largest[n] if n in largest else make(n)
         if len(ids) + budget > length:  # _fit only returns sizes it measured to fit; a broken invariant stops here
             raise AssertionError(f"{task}: {len(ids)} + {budget} tokens exceed {length}")
         return Sample(task, length, index, prompt, ids, draft.references, budget, KINDS[_kind(task)].metric,
