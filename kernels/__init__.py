@@ -5,30 +5,55 @@
   gradients, the pieces a ring calls at each step; ``merge_attention`` combines partial (out, lse).
 - Backends: ``"triton"`` (FlashAttention-2 kernels, default on GPU; on CPU tensors under
   ``TRITON_INTERPRET=1``) and ``"cpu"`` (PyTorch's fused CPU flash kernel, default on CPU).
+- The block functions are the custom ops ``torch.ops.ringlwm.block_attention_forward`` / ``_backward``
+  (fake implementations, autograd registered on the forward): ``torch.compile(fullgraph=True)`` traces them,
+  and meta / ``FakeTensorMode`` tensors get outputs of the right shapes and dtypes without a kernel or device.
 """
 
-from .blockwise import (
-    Backend,
-    BlockwiseAttention,
-    block_attention_backward,
-    block_attention_forward,
-    blockwise_attention,
-    check_attention_inputs,
-    default_backend,
-    merge_attention,
-    register_backend,
-    resolve_backend,
-)
+import sys
 
-__all__ = [
-    "Backend",
-    "BlockwiseAttention",
-    "block_attention_backward",
-    "block_attention_forward",
-    "blockwise_attention",
-    "check_attention_inputs",
-    "default_backend",
-    "merge_attention",
-    "register_backend",
-    "resolve_backend",
-]
+_canonical = None
+if __name__ != "ringlwm.kernels":
+    # Workaround: with the repository root on sys.path (python -m ... or pytest run from there) this folder is
+    # also importable as a top-level ``kernels``, and transformers imports any ``kernels`` it can find (it looks
+    # for Hugging Face's kernel-hub package). A second copy of blockwise.py would register the ringlwm:: custom
+    # ops again, silently replacing the first copy's implementations and their backend table. So ``kernels`` and
+    # its submodules are made the very modules of ringlwm.kernels.
+    import importlib
+
+    try:
+        _canonical = importlib.import_module("ringlwm.kernels")
+    except ImportError:  # ringlwm is not installed: this copy is the only one
+        _canonical = None
+
+if _canonical is not None:
+    sys.modules[__name__] = _canonical
+    for _name, _module in list(sys.modules.items()):
+        if _name.startswith("ringlwm.kernels."):
+            sys.modules[__name__ + _name[len("ringlwm.kernels"):]] = _module
+else:
+    from .blockwise import (
+        Backend,
+        BlockwiseAttention,
+        block_attention_backward,
+        block_attention_forward,
+        blockwise_attention,
+        check_attention_inputs,
+        default_backend,
+        merge_attention,
+        register_backend,
+        resolve_backend,
+    )
+
+    __all__ = [
+        "Backend",
+        "BlockwiseAttention",
+        "block_attention_backward",
+        "block_attention_forward",
+        "blockwise_attention",
+        "check_attention_inputs",
+        "default_backend",
+        "merge_attention",
+        "register_backend",
+        "resolve_backend",
+    ]

@@ -2,11 +2,18 @@
 
 Three layers, as in flash-attention:
   backend forward/backward (Triton kernels, or the fused CPU kernel)
-  -> ``block_attention_forward`` / ``block_attention_backward``: validated, dispatching, one block
-  -> ``BlockwiseAttention`` (autograd Function) -> ``blockwise_attention``.
+  -> the ``torch.library`` custom ops ``ringlwm::block_attention_forward`` / ``_backward`` (one block; a
+     fake implementation gives shapes and dtypes, autograd is registered on the forward op)
+  -> ``block_attention_forward`` / ``block_attention_backward``: validated, one block
+  -> ``blockwise_attention``: the differentiable function.
 
 The block functions are what a ring calls at each step: a forward that returns (out, lse) for one
 K/V block, and a backward that takes the ring's merged (out, lse) and returns float32 gradients to sum.
+
+Because the kernels sit behind custom ops, ``torch.compile(fullgraph=True)`` records each block as one
+graph node (nothing inside a kernel launcher is traced), and ``FakeTensorMode`` / meta tensors run the
+fake implementation: no kernel, no device needed, the shapes and dtypes of a real call. The Python layer
+checks the arguments and resolves the backend before calling an op; the op takes the backend by name.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 from .cpu_flash import cpu_attention_backward, cpu_attention_forward
 
@@ -52,44 +60,149 @@ def default_backend(device: torch.device) -> str:
     return "cpu" if device.type == "cpu" else "triton"
 
 
-def _meta_attention_forward(q, k, v, *, causal, scale, segment_ids=None, kv_segment_ids=None, q_offset=0,
-                            kv_offset=0):
-    """Meta tensors hold no data, so no kernel runs: outputs with the shapes and dtypes of a real call."""
-    stat_dtype = torch.promote_types(q.dtype, torch.float32)  # as the CPU kernel: float64 stays float64
-    return torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(q.shape[:3], dtype=stat_dtype,
-                                                                             device=q.device)
+def _holds_no_data(t: torch.Tensor) -> bool:
+    """Meta and fake tensors: only shapes and dtypes exist, so no kernel runs and no device driver is needed.
+    While torch.compile traces, Dynamo answers isinstance for the real tensors the graph will run on: False
+    there, so a compiled call is checked as an eager one."""
+    return t.device.type == "meta" or isinstance(t, FakeTensor)
 
 
-def _meta_attention_backward(dout, q, k, v, out, lse, *, causal, scale, segment_ids=None, kv_segment_ids=None,
-                             q_offset=0, kv_offset=0):
-    grad_dtype = torch.promote_types(q.dtype, torch.float32)
-    return tuple(torch.empty(t.shape, dtype=grad_dtype, device=t.device) for t in (q, k, v))
+def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of lse and of the gradients: float32, or float64 for float64 inputs (as the CPU kernel)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
-_META_BACKEND = Backend(_meta_attention_forward, _meta_attention_backward)
+def _no_kernel_forward(q, k, v, *, causal, scale, segment_ids=None, kv_segment_ids=None, q_offset=0, kv_offset=0):
+    """What every backend's forward returns, without running one: out like q (contiguous) and
+    lse (batch, heads, seq_q) in the statistics dtype. The fake implementation of the forward op."""
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_stat_dtype(q.dtype))
 
 
-def resolve_backend(name: str | None, q: torch.Tensor) -> tuple[str, Backend]:
-    """(name, implementation) of the backend that runs ``q``'s attention: ``name`` checked against q's device,
-    dtype and head_dim, or the device's default; raises naming what would work."""
-    if q.device.type == "meta":
-        # Shape propagation (e.g. a model built on the meta device): whatever the backend, no kernel can run.
-        if name is not None and name not in _BACKENDS:
-            raise ValueError(f"unknown attention backend {name!r}; known: {sorted(_BACKENDS)}")
-        return "meta", _META_BACKEND
+def _no_kernel_backward(dout, q, k, v, out, lse, *, causal, scale, segment_ids=None, kv_segment_ids=None,
+                        q_offset=0, kv_offset=0):
+    """(dq, dk, dv) shaped like q, k, v (contiguous) in the statistics dtype, without running a kernel."""
+    return tuple(t.new_empty(t.shape, dtype=_stat_dtype(q.dtype)) for t in (q, k, v))
+
+
+_NO_KERNEL = Backend(_no_kernel_forward, _no_kernel_backward)
+
+
+def _checked_backend_name(name: str | None, q: torch.Tensor) -> str:
+    """The name of the backend that runs ``q``'s attention: ``name`` checked against q's device, dtype and
+    head_dim, or the device's default; raises naming what would work."""
     name = name or default_backend(q.device)
     if name not in _BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; known: {sorted(_BACKENDS)}")
+    if q.device.type == "meta":
+        return name  # shape propagation (e.g. a model built on the meta device): whatever the backend, no kernel
     if name == "cpu" and q.device.type != "cpu":
         raise ValueError(f"the 'cpu' attention backend needs CPU tensors, got tensors on {q.device}")
     if name == "triton":
-        if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        # Fake CPU tensors may stand for GPU tensors (a fake-device memory plan): no kernel runs on them, so the
+        # interpreter is not needed; dtype and head_dim are checked as a real run would.
+        if q.device.type == "cpu" and not _holds_no_data(q) and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("the 'triton' backend on CPU tensors needs TRITON_INTERPRET=1 (the Triton interpreter)")
         if q.dtype not in _TRITON_DTYPES:
             raise TypeError(f"the 'triton' backend supports {_TRITON_DTYPES}, got {q.dtype}")
         if not 16 <= q.shape[-1] <= 256:
             raise ValueError(f"the 'triton' backend supports head_dim 16..256, got {q.shape[-1]}")
-    return name, _BACKENDS[name]()
+    return name
+
+
+def resolve_backend(name: str | None, q: torch.Tensor) -> tuple[str, Backend]:
+    """(name, implementation) of the backend that runs ``q``'s attention: ``name`` checked against q's device,
+    dtype and head_dim, or the device's default; raises naming what would work.
+
+    On tensors without data no kernel runs and the implementation returns empty outputs of the right shapes
+    and dtypes: on meta tensors the name is "meta" (any known ``name`` is accepted); on fake tensors
+    (``FakeTensorMode``) it is the backend a real run would use, checked as for real tensors, except that
+    "triton" on fake CPU tensors needs no TRITON_INTERPRET."""
+    checked = _checked_backend_name(name, q)
+    if q.device.type == "meta":
+        return "meta", _NO_KERNEL
+    if _holds_no_data(q):
+        return checked, _NO_KERNEL
+    return checked, _BACKENDS[checked]()
+
+
+# ------------------------------------------------------------------------------------------------
+# The custom ops. Arguments are positional and already checked by the Python layer below; the backend comes
+# by name (resolved before the call, so the op never picks one by itself) and is checked again against the
+# real tensors here, as the ops are public too (torch.ops.ringlwm.*).
+# ------------------------------------------------------------------------------------------------
+
+_FORWARD_SCHEMA = (
+    "(Tensor q, Tensor k, Tensor v, Tensor? segment_ids, Tensor? kv_segment_ids, bool causal, float scale, "
+    "int q_offset, int kv_offset, str backend) -> (Tensor out, Tensor lse)"
+)
+_BACKWARD_SCHEMA = (
+    "(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? segment_ids, "
+    "Tensor? kv_segment_ids, bool causal, float scale, int q_offset, int kv_offset, str backend) "
+    "-> (Tensor dq, Tensor dk, Tensor dv)"
+)
+
+
+def _as_promised(backend: str, what: str, t: torch.Tensor, shape, dtype: torch.dtype) -> torch.Tensor:
+    """A backend's output as the fake implementation describes it. Compiled graphs and fake-tensor runs take
+    shapes, dtypes and strides from the fake implementation, so a real result that differed would be misread
+    silently: shape and dtype are checked, and the layout made contiguous (the CPU kernel returns lse and the
+    gradients in (batch, seq, heads) order)."""
+    if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+        raise RuntimeError(
+            f"attention backend {backend!r} returned {what} of shape {tuple(t.shape)} and dtype {t.dtype}; "
+            f"expected {tuple(shape)} and {dtype}"
+        )
+    return t.contiguous()
+
+
+@torch.library.custom_op("ringlwm::block_attention_forward", mutates_args=(), schema=_FORWARD_SCHEMA)
+def _forward_op(q, k, v, segment_ids, kv_segment_ids, causal, scale, q_offset, kv_offset, backend):
+    impl = _BACKENDS[_checked_backend_name(backend, q)]()
+    out, lse = impl.forward(q, k, v, causal=causal, scale=scale, segment_ids=segment_ids,
+                            kv_segment_ids=kv_segment_ids, q_offset=q_offset, kv_offset=kv_offset)
+    return (_as_promised(backend, "out", out, q.shape, q.dtype),
+            _as_promised(backend, "lse", lse, q.shape[:3], _stat_dtype(q.dtype)))
+
+
+@_forward_op.register_fake
+def _forward_fake(q, k, v, segment_ids, kv_segment_ids, causal, scale, q_offset, kv_offset, backend):
+    return _no_kernel_forward(q, k, v, causal=causal, scale=scale)
+
+
+@torch.library.custom_op("ringlwm::block_attention_backward", mutates_args=(), schema=_BACKWARD_SCHEMA)
+def _backward_op(dout, q, k, v, out, lse, segment_ids, kv_segment_ids, causal, scale, q_offset, kv_offset, backend):
+    impl = _BACKENDS[_checked_backend_name(backend, q)]()
+    grads = impl.backward(dout, q, k, v, out, lse, causal=causal, scale=scale, segment_ids=segment_ids,
+                          kv_segment_ids=kv_segment_ids, q_offset=q_offset, kv_offset=kv_offset)
+    return tuple(_as_promised(backend, what, g, t.shape, _stat_dtype(q.dtype))
+                 for what, g, t in zip(("dq", "dk", "dv"), grads, (q, k, v)))
+
+
+@_backward_op.register_fake
+def _backward_fake(dout, q, k, v, out, lse, segment_ids, kv_segment_ids, causal, scale, q_offset, kv_offset,
+                   backend):
+    return _no_kernel_backward(dout, q, k, v, out, lse, causal=causal, scale=scale)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, segment_ids, kv_segment_ids, causal, scale, q_offset, kv_offset, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, segment_ids, kv_segment_ids)
+    ctx.options = (causal, scale, q_offset, kv_offset, backend)
+    # lse is a statistic for merging and for the backward: a loss through it would get no gradient here, so
+    # autograd refuses it instead of returning a wrong zero.
+    ctx.mark_non_differentiable(lse)
+
+
+def _forward_op_backward(ctx, dout, _dlse):
+    """The backward recomputes the probabilities from (q, k, v, out, lse); gradients are cast to the inputs'
+    dtypes once, from float32."""
+    q, k, v, out, lse, segment_ids, kv_segment_ids = ctx.saved_tensors
+    dq, dk, dv = _backward_op(dout, q, k, v, out, lse, segment_ids, kv_segment_ids, *ctx.options)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None
+
+
+_forward_op.register_autograd(_forward_op_backward, setup_context=_setup_context)
 
 
 def _check_segment_ids(name: str, ids: torch.Tensor, batch: int, length: int, device: torch.device) -> None:
@@ -138,15 +251,11 @@ def check_attention_inputs(q, k, v, segment_ids, kv_segment_ids, q_offset, kv_of
             raise TypeError(f"{name} must be a Python int, got {type(off).__name__}")
 
 
-def _prepare(q, k, v, causal, scale, segment_ids, kv_segment_ids, q_offset, kv_offset, backend):
+def _op_arguments(q, k, v, causal, scale, segment_ids, kv_segment_ids, q_offset, kv_offset, backend) -> tuple:
+    """The custom ops' arguments after q, k, v, checked, with the scale and the backend resolved."""
     check_attention_inputs(q, k, v, segment_ids, kv_segment_ids, q_offset, kv_offset)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    _, impl = resolve_backend(backend, q)
-    kwargs = dict(
-        causal=bool(causal), scale=scale, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
-        q_offset=q_offset, kv_offset=kv_offset,
-    )
-    return impl, kwargs
+    return segment_ids, kv_segment_ids, bool(causal), scale, q_offset, kv_offset, _checked_backend_name(backend, q)
 
 
 def block_attention_forward(
@@ -162,16 +271,21 @@ def block_attention_forward(
     kv_offset: int = 0,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of one query block over one key/value block; no autograd.
+    """Attention of one query block over one key/value block: the op ``ringlwm::block_attention_forward``.
 
     q: (batch, heads, seq_q, head_dim); k, v: (batch, kv_heads, seq_k, head_dim), heads % kv_heads == 0.
     segment_ids: the queries' (batch, seq_q) and kv_segment_ids: the keys' (batch, seq_k), both or neither
     (the names of ``blockwise_attention``). Query i sees key j when ``q_offset + i >= kv_offset + j`` (if
-    ``causal``) and ``segment_ids[b, i] == kv_segment_ids[b, j]`` (if segment ids are given). Returns ``out`` (like q, contiguous) and ``lse`` (batch, heads, seq_q), float32
-    (float64 for float64 inputs on CPU), natural log. A row that sees no key gets out = 0, lse = -inf.
+    ``causal``) and ``segment_ids[b, i] == kv_segment_ids[b, j]`` (if segment ids are given). Returns ``out``
+    (like q, contiguous) and ``lse`` (batch, heads, seq_q) contiguous, float32 (float64 for float64 inputs
+    on CPU), natural log. A row that sees no key gets out = 0, lse = -inf.
+    ``out`` is differentiable (with grad enabled, the op's registered backward: this block alone); ``lse``
+    is not. A ring calls it with grad disabled and runs its own backward from the merged (out, lse).
     """
-    impl, kwargs = _prepare(q, k, v, causal, scale, segment_ids, kv_segment_ids, q_offset, kv_offset, backend)
-    return impl.forward(q, k, v, **kwargs)
+    out, lse = _forward_op(
+        q, k, v, *_op_arguments(q, k, v, causal, scale, segment_ids, kv_segment_ids, q_offset, kv_offset, backend)
+    )
+    return out, lse
 
 
 def block_attention_backward(
@@ -193,19 +307,23 @@ def block_attention_backward(
     """Gradients of one block's attention, given the upstream gradient ``dout`` and the final
     ``out`` / ``lse`` of the query rows (for a ring: merged over all blocks, not this block's own).
 
-    Shapes and masking as in ``block_attention_forward``. Returns (dq, dk, dv) shaped like q, k, v in
-    float32 (float64 for float64 inputs on CPU), ready to be summed over blocks without rounding.
+    Shapes and masking as in ``block_attention_forward``. Returns (dq, dk, dv) shaped like q, k, v,
+    contiguous, in float32 (float64 for float64 inputs on CPU), ready to be summed over blocks without
+    rounding. The op ``ringlwm::block_attention_backward``; not differentiable itself.
     """
     if dout.shape != q.shape or out.shape != q.shape:
         raise ValueError(f"dout {tuple(dout.shape)} and out {tuple(out.shape)} must have q's shape {tuple(q.shape)}")
     if tuple(lse.shape) != tuple(q.shape[:3]):
         raise ValueError(f"lse must have shape (batch, heads, seq_q) = {tuple(q.shape[:3])}, got {tuple(lse.shape)}")
-    impl, kwargs = _prepare(q, k, v, causal, scale, segment_ids, kv_segment_ids, q_offset, kv_offset, backend)
-    return impl.backward(dout.to(q.dtype), q, k, v, out.to(q.dtype), lse, **kwargs)
+    args = _op_arguments(q, k, v, causal, scale, segment_ids, kv_segment_ids, q_offset, kv_offset, backend)
+    dq, dk, dv = _backward_op(dout.to(q.dtype), q, k, v, out.to(q.dtype), lse, *args)
+    return dq, dk, dv
 
 
 class BlockwiseAttention(torch.autograd.Function):
-    """Autograd wrapper: forward saves (q, k, v, out, lse); backward recomputes the probabilities."""
+    """Autograd Function form of ``blockwise_attention`` (positional arguments as in the forward op), kept for
+    callers of ``BlockwiseAttention.apply``: forward saves (q, k, v, out, lse); backward recomputes the
+    probabilities. ``blockwise_attention`` itself uses the autograd registered on the op."""
 
     @staticmethod
     def forward(ctx, q, k, v, segment_ids, kv_segment_ids, causal, scale, q_offset, kv_offset, backend):
@@ -254,8 +372,11 @@ def blockwise_attention(
 
     Returns out (batch, heads, seq_q, head_dim) in q's dtype, and with ``return_lse`` also the
     log-sum-exp (batch, heads, seq_q) float32. Rows with no visible key give out = 0, lse = -inf.
-    On meta tensors no kernel runs: out and lse (and the gradients) are meta tensors of those shapes and
-    dtypes (lse float64 for float64 inputs, as on the CPU backend), for shape propagation.
+    On meta and fake tensors no kernel runs: out and lse (and the gradients) are meta / fake tensors of
+    those shapes and dtypes (lse float64 for float64 inputs, as on the CPU backend), for shape propagation;
+    under ``FakeTensorMode`` the backend is checked as for a real run, except that "triton" on fake CPU
+    tensors needs no TRITON_INTERPRET. ``torch.compile(fullgraph=True)`` traces it as the custom ops
+    ``ringlwm::block_attention_forward`` / ``_backward``.
     """
     if segment_ids is not None and kv_segment_ids is None:
         if q.dim() == 4 and k.dim() == 4 and q.shape[2] != k.shape[2]:
@@ -265,9 +386,9 @@ def blockwise_attention(
         kv_segment_ids = segment_ids
     if kv_segment_ids is not None and segment_ids is None:
         raise ValueError("kv_segment_ids needs segment_ids for the queries")
-    out, lse = BlockwiseAttention.apply(
-        q, k, v, segment_ids, kv_segment_ids, bool(causal), scale, q_offset, kv_offset, backend
-    )
+    out, lse = block_attention_forward(q, k, v, causal=causal, scale=scale, segment_ids=segment_ids,
+                                       kv_segment_ids=kv_segment_ids, q_offset=q_offset, kv_offset=kv_offset,
+                                       backend=backend)
     return (out, lse) if return_lse else out
 
 
