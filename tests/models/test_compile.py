@@ -85,12 +85,6 @@ def test_compiled_llama_is_one_graph_with_the_eager_loss_and_gradients():
         assert max_err(grad, eager_grads32[name]) <= 2 * baseline + 1e-7, name
 
 
-@pytest.mark.xfail(
-    strict=True, raises=torch._dynamo.exc.Unsupported,
-    reason="models/loss.py linear_cross_entropy checks the label range with `if (...).any():`, a data-dependent "
-           "branch that fullgraph cannot trace; guard it as RingLlamaForCausalLM._check_inputs does, then drop "
-           "this mark",
-)
 def test_compiled_llama_with_the_blockwise_loss():
     """The model's own loss path (targets given to forward) under fullgraph compile."""
     ids, pos, seg, targets = _packed_batch()
@@ -98,7 +92,18 @@ def test_compiled_llama_with_the_blockwise_loss():
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     loss = compiled(ids, pos, labels=targets, segment_ids=seg).loss
-    assert abs(loss - model(ids, pos, labels=targets, segment_ids=seg).loss) < 1e-12
+    loss.backward()
+    compiled_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    reference = model(ids, pos, labels=targets, segment_ids=seg).loss
+    reference.backward()
+    assert abs(loss.item() - reference.item()) < 1e-12
+    for name, p in model.named_parameters():
+        assert (compiled_grads[name] - p.grad).abs().max() < 1e-12, name
+    bad = targets.clone()
+    bad[0, 3] = model.config.vocab_size  # the label check stays in the graph
+    with pytest.raises(RuntimeError, match="labels must lie in"):
+        compiled(ids, pos, labels=bad, segment_ids=seg)
 
 
 def test_position_check_stays_in_the_compiled_graph():

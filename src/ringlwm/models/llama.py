@@ -25,7 +25,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils.checkpoint import checkpoint
 from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
 from transformers.masking_utils import AttentionMaskInterface
@@ -33,7 +32,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 from ringlwm.kernels import blockwise_attention
-from ringlwm.models.loss import IGNORE_INDEX, linear_cross_entropy, sequence_parallel_loss
+from ringlwm.models.loss import IGNORE_INDEX, can_read_values, linear_cross_entropy, sequence_parallel_loss
 from ringlwm.ring import ring_attention, sp_world
 from ringlwm.ring.decode import sharded_decode_attention
 
@@ -394,14 +393,7 @@ class RingLlamaForCausalLM(LlamaForCausalLM):
             raise ValueError("position_ids must be non-negative")
         return position_ids
 
-    @staticmethod
-    def _can_read_values(*tensors: torch.Tensor) -> bool:
-        """Whether an input check may read tensor values on the host (``int(t.max())``). Not while
-        torch.compile traces (a host read breaks the graph: an error under fullgraph), and not on meta or fake
-        tensors (FakeTensorMode), which hold no values; there the check goes through ``_assert_in_graph``."""
-        if torch.compiler.is_compiling():
-            return False
-        return not any(t.device.type == "meta" or isinstance(t, FakeTensor) for t in tensors)
+    _can_read_values = staticmethod(can_read_values)  # see models/loss.py
 
     @staticmethod
     def _assert_in_graph(ok: torch.Tensor, message: str) -> None:

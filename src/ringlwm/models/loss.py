@@ -13,8 +13,19 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch._subclasses.fake_tensor import FakeTensor
 
 IGNORE_INDEX = -100
+
+
+def can_read_values(*tensors: torch.Tensor) -> bool:
+    """Whether an input check may read tensor values on the host (``bool(t.any())``): not while torch.compile
+    traces (a host read breaks the graph, an error under fullgraph), and not on meta or fake tensors
+    (FakeTensorMode), which hold no values. Where it may not, a check goes into the graph as
+    ``torch._assert_async`` instead (RuntimeError on CPU, a device-side assert on GPU, nothing on fakes)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not any(t.device.type == "meta" or isinstance(t, FakeTensor) for t in tensors)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -90,8 +101,12 @@ def linear_cross_entropy(
         if loss_weights.shape != labels.shape:
             raise ValueError(f"loss_weights {tuple(loss_weights.shape)} must match labels {tuple(labels.shape)}")
         loss_weights1d = loss_weights.reshape(-1)
-    if labels1d.numel() and ((labels1d >= weight.shape[0]) | ((labels1d < 0) & (labels1d != IGNORE_INDEX))).any():
-        raise ValueError(f"labels must lie in [0, vocab size {weight.shape[0]}) or be {IGNORE_INDEX} (no loss)")
+    bad = (labels1d >= weight.shape[0]) | ((labels1d < 0) & (labels1d != IGNORE_INDEX))
+    message = f"labels must lie in [0, vocab size {weight.shape[0]}) or be {IGNORE_INDEX} (no loss)"
+    if not can_read_values(labels1d):
+        torch._assert_async(~bad.any(), message)  # in the compiled graph, no host read; nothing on fake tensors
+    elif labels1d.numel() and bad.any():
+        raise ValueError(message)
     loss_sum = _LinearCrossEntropy.apply(hidden2d, weight, labels1d, loss_weights1d, int(chunk_size))
     weight_sum = torch.where(labels1d != IGNORE_INDEX, loss_weights1d.to(loss_sum.dtype), 0.0).sum()
     return loss_sum, weight_sum
