@@ -188,6 +188,16 @@ def _prepare_run(config: TrainConfig, out_dir: Path, checkpointer: Checkpointer,
     return resume
 
 
+def build_optimizer(config: TrainConfig, model, lr: float) -> torch.optim.Optimizer:
+    """AdamW over the (sharded) parameters: weight decay on matrices, none on vectors (norms)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr, betas=tuple(config.optim.betas), eps=config.optim.eps,
+    )
+
+
 def _build_stage(config: TrainConfig, index: int, world: int, device: torch.device, mixed: bool, fresh: bool):
     """Mesh, model (sharded, filled), optimizer and loader of stage ``index``. ``fresh``: the first stage of
     a new run (weights from the init checkpoint or a seeded init, broadcast from rank 0)."""
@@ -203,12 +213,7 @@ def _build_stage(config: TrainConfig, index: int, world: int, device: torch.devi
         model = model_class(config)(llama)
     parallelize_llama(model, fsdp_mesh, mixed_precision=mixed)  # activation checkpointing: a model option
     materialize(model, device, initial_state_dict(config, llama) if fresh else None, broadcast=fresh)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=stage.lr, betas=tuple(config.optim.betas), eps=config.optim.eps,
-    )
+    optimizer = build_optimizer(config, model, stage.lr)
     loader = build_loader(data_cfg, stage, tokenizer=tokenizer, vocab_size=llama.vocab_size,
                           dp_rank=coords["dp_rank"], dp_size=dims.dp,
                           sp_rank=coords["sp_rank"], sp_size=dims.sp, seed=config.seed + index, device=device)

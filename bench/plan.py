@@ -1,0 +1,148 @@
+"""`make bench PART=plan`: the planner (``ringlwm.plan``) against real CPU steps, and the 8B table.
+
+    python -m bench.plan [--quick] [--validate-only | --table-only]
+
+1. Validation (bench/results/plan_validation.csv): small Llamas (widths 256-1024, 2 layers, local lengths
+   1K-16K, W = 1, 2, 4 gloo processes). For each, the planner's fake step and the same step run for real
+   on CPU, both measured by FSDPMemTracker: the peak per category must agree within 5 %, and the process's
+   RSS growth (VmHWM during the step minus VmRSS before the model is built) within 15 % of the planned
+   total.
+2. Planning table (bench/results/plan_8b.csv): bf16 Llama-3.1-8B (GQA 32/8, vocabulary 128,256), 80 GB per
+   GPU: the longest sequence that fits on 1, 8 and 32 GPUs with the options that exist, and the memory by
+   category at that length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# (name, hidden, intermediate, layers, heads, kv_heads, vocab, local_len, world, activation checkpointing,
+#  mlp_chunk_size, loss_chunk_size)
+CASES = [
+    ("h256-1k-w1", 256, 688, 2, 4, 2, 4096, 1024, 1, False, None, 1024),
+    ("h512-4k-w2-ac", 512, 1376, 2, 8, 2, 8192, 4096, 2, True, 1024, 1024),
+    ("h1024-2k-w2", 1024, 2752, 2, 8, 4, 8192, 2048, 2, False, None, 2048),
+    ("h256-16k-w1-ac", 256, 688, 2, 4, 2, 4096, 16384, 1, True, 4096, 4096),
+    ("h512-8k-w4-ac", 512, 1376, 2, 8, 2, 8192, 8192, 4, True, 2048, 2048),
+]
+QUICK = CASES[:3]
+
+# The 8B table: Llama-3.1-8B on the LWM text recipe's long stage, with the recipe's options.
+TABLE_RECIPE = "recipes/lwm_text_7b.yaml"
+TABLE_STAGE = "512k"
+TABLE_GPUS = (1, 8, 32)
+TABLE_OPTIONS = {
+    "recipe (activation checkpointing, MLP and loss in 8K chunks)": [],
+}
+VALIDATION_CSV = RESULTS / "plan_validation.csv"
+TABLE_CSV = RESULTS / "plan_8b.csv"
+
+
+def case_config(case):
+    from ringlwm.plan import load_recipe
+
+    name, h, inter, layers, heads, kv, vocab, local, world, ac, mlp, loss_chunk = case
+    overrides = [f"model.hidden_size={h}", f"model.intermediate_size={inter}", f"model.num_layers={layers}",
+                 f"model.num_heads={heads}", f"model.num_kv_heads={kv}", f"model.vocab_size={vocab}",
+                 f"model.activation_checkpointing={str(ac).lower()}",
+                 f"model.mlp_chunk_size={mlp if mlp else 'null'}", f"model.loss_chunk_size={loss_chunk}",
+                 f"stages.0.sp={world}", "stages.0.batch_size=1"]
+    config, _ = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml", overrides)
+    return config
+
+
+def validate_case(case) -> dict:
+    """Plan and run one validation case; the CSV row."""
+    from ringlwm.plan import make_setup, validate
+
+    name, h, inter, layers, heads, kv, vocab, local, world, ac, mlp, loss_chunk = case
+    setup = make_setup(case_config(case), 0, None, world, local * world, backend="cpu")
+    t0 = time.perf_counter()
+    r = validate(setup)
+    row = {"case": name, "hidden": h, "layers": layers, "heads": f"{heads}/{kv}", "vocab": vocab,
+           "local_len": local, "world": world, "activation_checkpointing": ac, "mlp_chunk": mlp or "",
+           "loss_chunk": loss_chunk}
+    for cat in ("parameters", "gradients", "optimizer", "activations", "temporaries", "communication", "total"):
+        row[f"{cat}_planned"] = r["planned"][cat]
+        row[f"{cat}_real"] = r["real"][cat]
+    row["max_category_rel_diff"] = round(max(r["rel_diff"].values()), 6)
+    row["step_growth_planned"] = r["planned"]["step_growth"]
+    row["rss_step_growth"] = r["rss_step_growth"]
+    row["rss_step_rel_diff"] = round(r["rss_step_rel_diff"], 4)
+    row["rss_process_growth"] = r["rss_growth"]
+    row["rss_process_rel_diff"] = round(r["rss_rel_diff"], 4)
+    row["seconds"] = round(time.perf_counter() - t0, 1)
+    return row
+
+
+def table_row(gpus: int, label: str, overrides: list[str], log=print) -> dict:
+    from ringlwm.plan import Budget, fmt_tokens, load_recipe, max_seq_len
+
+    config, preset = load_recipe(Path(__file__).resolve().parents[1] / TABLE_RECIPE, overrides, model="llama-3.1-8b")
+    index = [s.name for s in config.stages].index(TABLE_STAGE)
+    budget = Budget(gpu_memory=80 * 10**9)
+    t0 = time.perf_counter()
+    length, rec = max_seq_len(config, index, preset, gpus, budget, sp=gpus, log=log)
+    row = {"model": "Llama-3.1-8B", "gpus": gpus, "gpu_memory": "80 GB", "options": label,
+           "max_seq_len": length, "tokens_per_gpu": length // gpus if length else 0}
+    if rec is not None:
+        mem = rec["memory_bytes"]
+        row.update({f"{k}_gib": round(mem[k] / 2**30, 2) for k in
+                    ("parameters", "gradients", "optimizer", "activations", "temporaries", "communication", "total")})
+        row.update(gpu_gib=round(rec["gpu_bytes"] / 2**30, 2), host_gib=round(rec["host_bytes"] / 2**30, 2),
+                   step_seconds_h100_mfu40=round(rec["step_seconds"], 1),
+                   tokens_per_s_per_gpu=round(rec["tokens_per_s_per_gpu"], 1))
+    else:
+        from ringlwm.plan import make_setup, plan_step, summarize
+
+        setup = make_setup(config, index, preset, gpus, 2 * gpus * 512, sp=gpus)
+        smallest = summarize(setup, plan_step(setup), budget)
+        mem = smallest["memory_bytes"]
+        row.update({f"{k}_gib": round(mem[k] / 2**30, 2) for k in
+                    ("parameters", "gradients", "optimizer", "activations", "temporaries", "communication", "total")})
+        row.update(gpu_gib=round(smallest["gpu_bytes"] / 2**30, 2), host_gib=0.0,
+                   note=f"nothing fits: at {fmt_tokens(smallest['seq_len'])} tokens the step needs "
+                        f"{smallest['gpu_bytes'] / 2**30:.1f} GiB")
+    row["plan_seconds"] = round(time.perf_counter() - t0, 1)
+    return row
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def main(quick: bool = False, validation: bool = True, table: bool = True) -> None:
+    if validation:
+        rows = []
+        for case in QUICK if quick else CASES:
+            rows.append(validate_case(case))
+            print(json.dumps(rows[-1]), flush=True)
+        write_csv(VALIDATION_CSV, rows)
+    if table:
+        rows = []
+        for gpus in TABLE_GPUS:
+            for label, overrides in TABLE_OPTIONS.items():
+                rows.append(table_row(gpus, label, overrides))
+                print(json.dumps(rows[-1]), flush=True)
+                write_csv(TABLE_CSV, rows)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--validate-only", action="store_true")
+    parser.add_argument("--table-only", action="store_true")
+    args = parser.parse_args()
+    main(quick=args.quick, validation=not args.table_only, table=not args.validate_only)

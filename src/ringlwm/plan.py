@@ -1,0 +1,754 @@
+"""``python -m ringlwm.plan``: memory and time of one training step of a recipe at any scale, on fake devices.
+
+    python -m ringlwm.plan recipes/lwm_text_7b.yaml                       # every stage at its own sp
+    python -m ringlwm.plan recipes/tiny.yaml --world-size 8 --stage ctx1k --seq-len 65536
+    python -m ringlwm.plan recipes/lwm_text_7b.yaml --stage 1m --world-size 64 --max-seq-len
+    python -m ringlwm.plan recipes/lwm_text_7b.yaml --model llama-3.1-8b --world-size 8 --max-seq-len \\
+        model.activation_checkpointing=true
+
+One real training step (the trainer's ``train_step``, gradient clipping, AdamW step) of rank 0 of a world of
+N runs under ``FakeTensorMode`` with torch's fake process group: FSDP2 sharding, the ring, activation
+checkpointing, chunked MLP and loss and the optimizer state take their real shapes and dtypes, but no memory
+is allocated and no kernel runs. Tensors are fake CPU tensors with the GPU path's dtypes (FSDP2 bf16 compute,
+fp32 master weights, gradients and AdamW state): in a CPU-only torch, autograd on fake ``cuda`` tensors
+aborts the process. Attention goes through the block custom ops' fake implementations (``--backend``).
+
+Memory: torch's ``FSDPMemTracker`` over the step, with the optimizer state already created (a steady-state
+step, not the first one). The peak is the tracker's snapshot at the moment of the highest total, by
+category: parameters (sharded fp32 + gathered bf16), gradients, optimizer state, activations kept for the
+backward, temporaries, communication buffers (all-gather, reduce-scatter), inputs. ``--overhead`` (CUDA
+context, NCCL buffers, allocator fragmentation; default 3 GiB) is added before comparing with the GPU.
+Host memory: nothing in the step is offloaded yet, so it is 0 (the column exists for offloading options).
+
+Time: model FLOPs per token as the trainer counts them (``ringlwm.train.metrics.flops_per_token``: 6 x
+parameters + 6 x layers x hidden x seq_len), times this rank's tokens per optimizer step, divided by
+``--mfu`` x the device's dense bf16 peak (``--gpu``).
+
+What the fake run assumes, where a real step would read values:
+- the ring's cross-rank input agreement (an all_gather of signatures) is skipped, and every ring step is
+  computed: the segment-overlap plan would read gathered segment ids, so every block is assumed to share
+  a document (the most work and memory; the gathered ids are still allocated as in a real step);
+- host reads of boolean checks (``if bad.any(): raise``) read False: the inputs are taken to be valid;
+- the optimizer's host read of its step count (bias correction) reads 1;
+- a boolean selection (``mask.nonzero()``, the vision model's per-head token selection) selects every
+  element, an upper bound (each head is planned as if it saw all tokens).
+
+Validation: ``measure`` runs the same step for real on gloo processes with the same tracker (and the
+process's peak RSS); ``tests/test_plan.py`` and ``bench/plan.py`` compare the two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import math
+import os
+import re
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.utils._python_dispatch
+from transformers import LlamaConfig
+
+GiB = 2**30
+
+# Architectures for recipes whose checkpoint is not on this machine (model.init a placeholder path).
+PRESETS = {
+    "llama-3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0, rms_norm_eps=1e-5,
+                         max_position_embeddings=131072),
+    "llama-2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32, rope_theta=10000.0, rms_norm_eps=1e-5,
+                       max_position_embeddings=4096),
+}
+# model.init paths whose name says the architecture (LWM-Text and LWM-Chat are Llama-2-7B).
+_PRESET_HINTS = (("llama-3.1-8b", "llama-3.1-8b"), ("llama-3-8b", "llama-3.1-8b"), ("llama-2-7b", "llama-2-7b"),
+                 ("lwm-text", "llama-2-7b"), ("lwm-chat", "llama-2-7b"), ("lwm", "llama-2-7b"))
+
+# Dense bf16 peak FLOP/s of a device (data sheets, without sparsity).
+GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "B200": 2250e12}
+
+DEFAULT_OVERHEAD = 3 * GiB
+DEFAULT_MFU = 0.4
+
+# Report categories from FSDPMemTracker's.
+CATEGORIES = {
+    "parameters": ("Sharded Param", "Unsharded Param", "Buffer"),
+    "gradients": ("Sharded Grad", "Unsharded Grad"),
+    "optimizer": ("OptState",),
+    "activations": ("Activation",),
+    "temporaries": ("Temp",),
+    "communication": ("All Gather", "Reduce Scatter"),
+    "inputs": ("Inputs",),
+}
+
+
+def parse_bytes(text: str | int | float) -> int:
+    """'80GiB', '80GB' (decimal), '1TiB', '512MiB', or a number of bytes."""
+    if isinstance(text, (int, float)):
+        return int(text)
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
+    if not match:
+        raise ValueError(f"not a memory size: {text!r} (e.g. 80GiB, 80GB, 1TiB)")
+    number, unit, binary = match.groups()
+    power = "KMGT".find(unit.upper()) + 1 if unit else 0
+    return int(float(number) * (1024 if binary or not unit else 1000) ** power)
+
+
+def fmt_bytes(n: float) -> str:
+    return f"{n / GiB:.2f} GiB" if abs(n) >= GiB / 10 else f"{n / 2**20:.1f} MiB"
+
+
+def fmt_tokens(n: int) -> str:
+    for div, suffix in ((2**20, "M"), (2**10, "K")):
+        if n >= div and n % (div // 16) == 0:
+            return f"{n / div:g}{suffix}"
+    return str(n)
+
+
+# ------------------------------------------------------------------------------------------------
+# The recipe -> the model of a stage
+# ------------------------------------------------------------------------------------------------
+
+
+def load_recipe(path: str | Path, overrides: list[str] = (), *, model: str | None = None):
+    """The recipe as a TrainConfig, and the preset its architecture came from (None: the recipe's own).
+
+    A recipe whose ``model.init`` checkpoint is not on this machine is planned with a preset architecture
+    (``model``, else guessed from the path's name: LWM recipes are Llama-2-7B): model.init becomes
+    "random" with the preset's shape. ``model`` given replaces the recipe's architecture in any case."""
+    import yaml
+
+    from ringlwm.train.config import load_config
+
+    tree = yaml.safe_load(Path(path).read_text()) or {}
+    init = str((tree.get("model") or {}).get("init", "random"))
+    for override in overrides:
+        if override.startswith("model.init="):
+            init = override.split("=", 1)[1]
+    if model is None and init != "random" and not (Path(init) / "config.json").is_file():
+        model = next((preset for hint, preset in _PRESET_HINTS if hint in init.lower()), None)
+        if model is None:
+            raise ValueError(f"model.init {init!r} is not a checkpoint on this machine: give --model "
+                             f"({', '.join(PRESETS)}) or model.init=PATH of a Hugging Face config")
+    if model is not None:
+        if model not in PRESETS:
+            raise ValueError(f"unknown --model {model!r}; known: {', '.join(PRESETS)}")
+        p = PRESETS[model]
+        overrides = [*overrides, "model.init=random", f"model.vocab_size={p['vocab_size']}",
+                     f"model.hidden_size={p['hidden_size']}", f"model.intermediate_size={p['intermediate_size']}",
+                     f"model.num_layers={p['num_hidden_layers']}", f"model.num_heads={p['num_attention_heads']}",
+                     f"model.num_kv_heads={p['num_key_value_heads']}"]
+    return load_config(path, overrides), model
+
+
+def stage_llama(config, index: int, preset: str | None, seq_len: int) -> LlamaConfig:
+    """The model config of stage ``index`` planned at ``seq_len`` (the trainer's ``stage_model_config``;
+    a preset's RoPE theta and norm epsilon where the stage sets none)."""
+    from ringlwm.models.llama import rope_theta, set_context_length
+    from ringlwm.train.trainer import stage_model_config
+
+    vocab = config.model.vocab_size
+    if vocab is None:
+        vocab = _tokenizer_vocab(config, index)
+    llama = stage_model_config(config, index, vocab)
+    if preset is not None:
+        p = PRESETS[preset]
+        llama.rms_norm_eps = p["rms_norm_eps"]
+        stage_theta = any(s.rope_theta is not None for s in config.stages[:index + 1])
+        set_context_length(llama, max(llama.max_position_embeddings, p["max_position_embeddings"], seq_len),
+                           rope_theta=rope_theta(llama) if stage_theta else p["rope_theta"])
+    elif llama.max_position_embeddings < seq_len:
+        set_context_length(llama, seq_len)
+    return llama
+
+
+def _tokenizer_vocab(config, index: int) -> int:
+    from ringlwm.train.data import load_data_tokenizer
+
+    data = config.stage_data(config.stages[index])
+    if data.tokenizer and Path(data.tokenizer).exists():
+        return load_data_tokenizer(data).vocab_size
+    raise ValueError(f"the vocabulary comes from the tokenizer {data.tokenizer!r}, which is not on this machine: "
+                     "give model.vocab_size=N")
+
+
+def synthetic_batch(llama, batch: int, local_len: int, sp: int, vision: bool, device: torch.device, *,
+                    group=None, generator: torch.Generator | None = None, documents: int = 2) -> dict:
+    """One micro-batch as the loader yields it (this rank's zigzag shard): int64 ids, labels, positions and
+    segment ids (``documents`` 1 or 2 packed documents), float32 loss weights, and for the vision model bool
+    vision masks."""
+    from ringlwm.ring import shard_sequence
+
+    seq = local_len * sp
+    ids = torch.randint(0, llama.vocab_size, (batch, seq), generator=generator)
+    labels = torch.randint(0, llama.vocab_size, (batch, seq), generator=generator)
+    half = seq // 2 if documents == 2 else seq
+    positions = torch.cat([torch.arange(half), torch.arange(seq - half)]).expand(batch, seq).contiguous()
+    segments = (torch.arange(seq) >= half).long().expand(batch, seq).contiguous()
+    out = {"input_ids": ids, "labels": labels, "position_ids": positions, "segment_ids": segments,
+           "loss_weights": torch.ones(batch, seq)}
+    if vision:
+        mask = (torch.arange(seq) % 2 == 1).expand(batch, seq).contiguous()
+        out["vision_mask"] = mask
+        out["label_vision_mask"] = mask
+        out["input_ids"] = torch.where(mask, ids % getattr(llama, "vision_vocab_size", 8448), ids)
+        out["labels"] = torch.where(mask, labels % getattr(llama, "vision_vocab_size", 8448), labels)
+    if sp > 1:
+        out = {k: shard_sequence(v, 1, group) for k, v in out.items()}  # this rank's part in ``group``
+    return {k: v.to(device) for k, v in out.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# One step, shared by the fake plan and the real measurement
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepSetup:
+    """What a planned or measured step needs, independent of fake or real tensors."""
+
+    config: object  # TrainConfig (with the stage's seq_len as planned)
+    index: int
+    llama: LlamaConfig
+    world: int
+    mixed: bool = True
+    options: dict = field(default_factory=dict)
+
+    @property
+    def stage(self):
+        return self.config.stages[self.index]
+
+    def dims(self):
+        from ringlwm.parallel import ParallelDims
+
+        p = self.config.parallel
+        return ParallelDims(p.dp_replicate, p.dp_shard, self.stage.sp, self.world)
+
+
+def build(setup: StepSetup, device: torch.device, *, init: bool, tensors=None):
+    """Mesh, model (built on meta, FSDP2, materialised) and the trainer's optimizer; ``init``: fill the
+    parameters with small random values (a real run; the values do not change the memory). ``tensors``: the
+    mode the parameters and optimizer are made in (a FakeTensorMode; the mesh is made outside it)."""
+    from ringlwm.parallel import materialize, parallelize_llama
+    from ringlwm.train.trainer import build_optimizer, model_class
+
+    dims = setup.dims()
+    mesh, fsdp_mesh = dims.build_mesh("cpu")
+    with torch.device("meta"):
+        model = model_class(setup.config)(setup.llama)
+    parallelize_llama(model, fsdp_mesh, mixed_precision=setup.mixed)
+    with tensors or contextlib.nullcontext():
+        materialize(model, device, None, broadcast=False)
+        if init:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.normal_(0.0, 0.02)
+        optimizer = build_optimizer(setup.config, model, setup.stage.lr)
+    return dims, mesh, model, optimizer
+
+
+def prime_optimizer(model, optimizer) -> None:
+    """Create the optimizer state (AdamW's step, exp_avg, exp_avg_sq) with a step of zero gradients at lr 0,
+    so the tracked step is a steady-state one. The parameters do not change."""
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    for g in optimizer.param_groups:
+        g["lr"] = 0.0
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    for g, lr in zip(optimizer.param_groups, lrs):
+        g["lr"] = lr
+
+
+def one_step(setup: StepSetup, model, optimizer, micro: list[dict], sp_group) -> torch.Tensor:
+    """The trainer's optimizer step: train_step (forward and backward of every micro-batch), gradient
+    clipping, AdamW, zero_grad. Returns the loss tensor (not read)."""
+    from ringlwm.train.trainer import train_step
+
+    loss, _ = train_step(model, micro, sp_group, setup.world, vision=setup.config.model.vision)
+    clip = setup.config.optim.grad_clip
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+def tracked_step(setup: StepSetup, model, optimizer, micro, sp_group, on_start=lambda: None) -> dict:
+    """The step under FSDPMemTracker: {tracker category: bytes} at the peak total, with 'Total', and 'Start'
+    (the total when the step begins: parameters, optimizer state, inputs). ``on_start`` runs just before it."""
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+
+    tracker = FSDPMemTracker(model, optimizer)
+    tracker.track_inputs(tuple(micro))
+    with tracker:
+        start = tracker.get_tracker_snapshot("current")
+        on_start()
+        one_step(setup, model, optimizer, micro, sp_group)
+    snapshot = tracker.get_tracker_snapshot("peak")
+    (device_snapshot,) = snapshot.values() if snapshot else ({},)
+    (start_snapshot,) = start.values() if start else ({},)
+    raw = {str(getattr(k, "value", k)): int(v) for k, v in device_snapshot.items()}
+    raw["Start"] = int(start_snapshot.get("Total", 0))
+    return raw
+
+
+def categories(raw: dict) -> dict:
+    out = {name: sum(raw.get(k, 0) for k in keys) for name, keys in CATEGORIES.items()}
+    out["total"] = raw.get("Total", sum(out.values()))
+    out["step_growth"] = out["total"] - raw.get("Start", 0)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Fake-mode helpers
+# ------------------------------------------------------------------------------------------------
+
+
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Answers what a fake tensor cannot: a host read of a boolean (a validity check) reads False, and a
+    boolean selection (nonzero) selects every element. Every answered call site is recorded."""
+
+    def __init__(self):
+        super().__init__()
+        self.sites: dict[str, int] = {}
+
+    def _site(self, kind):
+        frames = [f for f in traceback.extract_stack()[:-2] if "/ringlwm/" in f.filename or "/kernels/" in f.filename]
+        where = f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "?"
+        key = f"{kind} at {where}"
+        self.sites[key] = self.sites.get(key, 0) + 1
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._local_scalar_dense.default:
+            if args[0].dtype == torch.bool:
+                self._site("bool read")
+                return False
+            if any("/torch/optim/" in f.filename for f in traceback.extract_stack()[-12:]):
+                self._site("optimizer step count read")  # AdamW's bias correction reads its step count
+                return 1
+            raise RuntimeError(f"a fake run read a {args[0].dtype} value on the host ({traceback.format_stack()[-3]}): "
+                               "the model or trainer has a data-dependent step that the planner cannot answer")
+        if func is torch.ops.aten.nonzero.default:
+            self._site("nonzero")
+            x = args[0]
+            return torch.empty((x.numel(), x.dim()), dtype=torch.long, device=x.device)
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def fake_world(world: int):
+    """Torch's fake process group for a world of ``world`` ranks, this process being rank 0."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise RuntimeError("the planner needs a process without a process group (it creates a fake one)")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _fake_ring():
+    """The ring's two value-dependent steps, answered for a fake run (see the module docstring)."""
+    from ringlwm.ring import attention
+
+    saved = attention._check_agreement, attention._shared_segments
+    attention._check_agreement = lambda *args, **kwargs: None
+    attention._shared_segments = lambda pairs: [True] * len(pairs)
+    try:
+        yield
+    finally:
+        attention._check_agreement, attention._shared_segments = saved
+
+
+# ------------------------------------------------------------------------------------------------
+# The plan
+# ------------------------------------------------------------------------------------------------
+
+
+def step_flops(setup: StepSetup, num_params: int) -> dict:
+    from ringlwm.train.metrics import flops_per_token
+
+    stage, dims = setup.stage, setup.dims()
+    grad_accum = stage.resolve_grad_accum(dims.dp)
+    per_token = flops_per_token(num_params, setup.llama.num_hidden_layers, setup.llama.hidden_size, stage.seq_len)
+    rank_tokens = stage.seq_len * stage.batch_size * grad_accum // stage.sp
+    return {"flops_per_token": per_token, "rank_tokens": rank_tokens, "grad_accum": grad_accum,
+            "rank_flops": per_token * rank_tokens}
+
+
+def backend_for_plan(requested: str | None) -> str:
+    """The block backend of a fake run: the recipe's or the requested one; "triton" (the GPU path) when its
+    custom ops trace on fake CPU tensors, else "cpu" (whose fake kernels have the same outputs)."""
+    if requested:
+        return requested
+    try:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        from ringlwm.kernels import block_attention_forward
+
+        with FakeTensorMode():
+            q = torch.empty(1, 2, 64, 64, dtype=torch.bfloat16)
+            block_attention_forward(q, q, q, causal=True, scale=0.125, backend="triton")
+        return "triton"
+    except Exception:  # noqa: BLE001 - any refusal means the Triton ops do not trace on fake CPU tensors
+        return "cpu"
+
+
+def plan_step(setup: StepSetup, documents: int = 2) -> dict:
+    """Run the step of rank 0 on fake tensors in a fake world; returns the plan as a dict."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    t0 = time.perf_counter()
+    host_reads = _HostReads()
+    with fake_world(setup.world), _fake_ring():
+        fake = FakeTensorMode(allow_non_fake_inputs=True)
+        dims, mesh, model, optimizer = build(setup, torch.device("cpu"), init=False, tensors=fake)
+        with fake:
+            sp_group = mesh["sp"].get_group()
+            num_params = sum(p.numel() for p in model.parameters())
+            stage = setup.stage
+            local = stage.seq_len // stage.sp
+            micro = [synthetic_batch(setup.llama, stage.batch_size, local, 1, setup.config.model.vision,
+                                     torch.device("cpu"), documents=documents)]
+            prime_optimizer(model, optimizer)
+            with host_reads:
+                raw = tracked_step(setup, model, optimizer, micro, sp_group)
+        del model, optimizer, micro
+    return {"raw": raw, "memory": categories(raw), "num_params": num_params,
+            "assumed": dict(host_reads.sites), "seconds": time.perf_counter() - t0, **step_flops(setup, num_params)}
+
+
+def make_setup(config, index: int, preset: str | None, world: int | None, seq_len: int | None,
+               backend: str | None = None, mixed: bool = True, sp: int | None = None) -> StepSetup:
+    """The StepSetup of stage ``index`` at ``seq_len`` (default the stage's) on ``world`` ranks (default the
+    stage's sp). ``sp``: the ring size (default the stage's; the whole world when the stage's does not divide
+    ``world``)."""
+    config = copy.deepcopy(config)
+    stage = config.stages[index]
+    if seq_len is not None:
+        stage.seq_len = int(seq_len)
+        if stage.batch_tokens is not None and stage.batch_tokens < stage.seq_len:
+            stage.batch_tokens = None  # one sequence per step when a sequence outgrows the step's tokens
+    if sp is not None:
+        stage.sp = int(sp)
+    elif world and world % stage.sp:
+        stage.sp = world  # planning a world the stage's ring does not divide: one ring over the world
+    world = world or stage.sp
+    if world % stage.sp:
+        raise ValueError(f"stage {stage.name!r}: world size {world} is not a multiple of its sp {stage.sp}")
+    if stage.seq_len % (2 * stage.sp):
+        raise ValueError(f"stage {stage.name!r}: seq_len {stage.seq_len} must divide by 2 x sp = {2 * stage.sp}")
+    config.model.attention_backend = backend_for_plan(backend or config.model.attention_backend)
+    if stage.batch_tokens is not None:
+        from ringlwm.parallel import ParallelDims
+
+        dp = ParallelDims(config.parallel.dp_replicate, config.parallel.dp_shard, stage.sp, world).dp
+        if stage.batch_tokens % (stage.seq_len * stage.batch_size * dp):
+            stage.batch_tokens = None  # planning another world or length: one micro-batch per step
+    llama = stage_llama(config, index, preset, stage.seq_len)
+    return StepSetup(config=config, index=index, llama=llama, world=world, mixed=mixed)
+
+
+@dataclass
+class Budget:
+    gpu_memory: int = 80 * 10**9
+    host_memory: int = 2**40
+    overhead: int = DEFAULT_OVERHEAD
+    gpu: str = "H100"
+    mfu: float = DEFAULT_MFU
+
+    @property
+    def peak_flops(self) -> float:
+        return GPU_PEAK_FLOPS[self.gpu]
+
+
+def summarize(setup: StepSetup, result: dict, budget: Budget) -> dict:
+    """The plan's JSON record."""
+    mem = result["memory"]
+    gpu_need = mem["total"] + budget.overhead
+    seconds = result["rank_flops"] / (budget.peak_flops * budget.mfu)
+    stage = setup.stage
+    return {
+        "stage": stage.name, "world_size": setup.world, "sp": stage.sp, "dp": setup.dims().dp,
+        "seq_len": stage.seq_len, "local_len": stage.seq_len // stage.sp, "batch_size": stage.batch_size,
+        "grad_accum": result["grad_accum"], "backend": setup.config.model.attention_backend,
+        "options": {k: getattr(setup.config.model, k) for k in
+                    ("activation_checkpointing", "mlp_chunk_size", "loss_chunk_size")},
+        "num_params": result["num_params"], "memory_bytes": mem, "tracker_bytes": result["raw"],
+        "gpu_bytes": gpu_need, "gpu_memory": budget.gpu_memory, "host_bytes": 0, "host_memory": budget.host_memory,
+        "fits": gpu_need <= budget.gpu_memory,
+        "flops_per_token": result["flops_per_token"], "step_flops_per_rank": result["rank_flops"],
+        "gpu": budget.gpu, "mfu": budget.mfu, "step_seconds": seconds,
+        "tokens_per_s_per_gpu": result["rank_tokens"] / seconds,
+        "assumed": result["assumed"], "plan_seconds": round(result["seconds"], 2),
+    }
+
+
+def max_seq_len(config, index: int, preset, world: int | None, budget: Budget, backend=None, *,
+                granule: int | None = None, log=None, sp: int | None = None) -> tuple[int, dict | None]:
+    """The longest seq_len (a multiple of 2 x sp x granule: 1024 tokens per rank by default) whose step fits
+    ``budget``, by secant steps over fake runs. Returns (length, its record), (0, None) when even the smallest
+    does not fit."""
+    sp = make_setup(config, index, preset, world, None, backend, sp=sp).stage.sp
+    unit = 2 * sp * (granule or 512)
+    cache: dict[int, dict] = {}
+
+    def fits(units: int) -> bool:
+        if units not in cache:
+            setup = make_setup(config, index, preset, world, units * unit, backend, sp=sp)
+            cache[units] = summarize(setup, plan_step(setup), budget)
+            if log:
+                r = cache[units]
+                log(f"  try seq_len {fmt_tokens(r['seq_len'])} ({fmt_tokens(r['local_len'])}/GPU): "
+                    f"{fmt_bytes(r['gpu_bytes'])} {'fits' if r['fits'] else 'does not fit'}")
+        return cache[units]["fits"]
+
+    # Peak memory is close to affine in the length (activations and buffers grow linearly, parameters and
+    # optimizer state do not): two probes give a secant, each further probe refines it; the answer is the
+    # longest probed length that fits with the next granule up probed and not fitting.
+    need = lambda u: cache[u]["gpu_bytes"]  # noqa: E731
+    a = max(1, config.stages[index].seq_len // unit)
+    fits(a)
+    b = a * 2 if cache[a]["fits"] else max(1, a // 2)
+    if b == a:
+        return (0, None) if not cache[a]["fits"] else (a * unit, cache[a])
+    fits(b)
+    for _ in range(12):
+        good = [u for u in cache if cache[u]["fits"]]
+        bad = [u for u in cache if not cache[u]["fits"]]
+        best = max(good, default=0)
+        if bad and min(bad) == best + 1:
+            break
+        lo_u, hi_u = sorted(cache, key=lambda u: abs(need(u) - budget.gpu_memory))[:2]
+        slope = (need(hi_u) - need(lo_u)) / (hi_u - lo_u) if hi_u != lo_u else 0
+        guess = lo_u + (budget.gpu_memory - need(lo_u)) / slope if slope > 0 else 2 * max(cache)
+        guess = int(math.floor(guess))
+        ceiling = min(bad, default=None)
+        guess = max(best + 1, guess if ceiling is None else min(guess, ceiling - 1))
+        if guess in cache:  # the secant points at a probed length: close the gap from the side that fits
+            guess = best + 1
+        if ceiling is not None and guess >= ceiling:
+            break
+        fits(guess)
+    best = max((u for u in cache if cache[u]["fits"]), default=0)
+    return (best * unit, cache[best]) if best else (0, None)
+
+
+def format_table(rec: dict) -> str:
+    mem = rec["memory_bytes"]
+    lines = [f"stage {rec['stage']!r}: seq_len {fmt_tokens(rec['seq_len'])} ({rec['local_len']} tokens per rank), "
+             f"world {rec['world_size']} (sp {rec['sp']}, dp {rec['dp']}), batch {rec['batch_size']} x accum "
+             f"{rec['grad_accum']}, backend {rec['backend']}, {rec['num_params'] / 1e9:.2f}B parameters",
+             f"  options: {', '.join(f'{k}={v}' for k, v in rec['options'].items())}",
+             "  peak memory per rank (at the step's highest total):"]
+    for name in CATEGORIES:
+        lines.append(f"    {name:<14}{fmt_bytes(mem[name]):>14}")
+    lines.append(f"    {'total':<14}{fmt_bytes(mem['total']):>14}")
+    lines.append(f"    {'+ overhead':<14}{fmt_bytes(rec['gpu_bytes'] - mem['total']):>14}   (CUDA context, NCCL, "
+                 "fragmentation)")
+    verdict = "fits" if rec["fits"] else "DOES NOT FIT"
+    lines.append(f"  GPU: {fmt_bytes(rec['gpu_bytes'])} of {fmt_bytes(rec['gpu_memory'])}: {verdict}; host (offloaded): "
+                 f"{fmt_bytes(rec['host_bytes'])} of {fmt_bytes(rec['host_memory'])}")
+    lines.append(f"  time: {rec['flops_per_token'] / 1e9:.1f} GFLOP/token, {rec['step_flops_per_rank'] / 1e12:.1f} "
+                 f"TFLOP per rank per step -> {rec['step_seconds']:.2f} s/step on {rec['gpu']} at MFU "
+                 f"{rec['mfu']:.0%} ({rec['tokens_per_s_per_gpu']:.0f} tokens/s/GPU)")
+    if rec["assumed"]:
+        lines.append("  assumed (fake run): " + "; ".join(f"{k} x{v}" for k, v in rec["assumed"].items()))
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# The real measurement (validation): the same step on gloo processes, the same tracker
+# ------------------------------------------------------------------------------------------------
+
+
+def _rss_bytes(field_name: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field_name} in /proc/self/status")
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure(rank: int, world: int, setup: StepSetup, warmup: bool = True) -> dict:
+    """Body of a gloo process (``ringlwm.distributed.run_local``): the step of ``setup`` for real on CPU with
+    the same tracker as the plan, and the process's RSS growth from before the model is built to the peak of
+    the step. Returns {"raw": tracker bytes, "memory": categories, "rss_growth": bytes}."""
+    torch.manual_seed(rank)
+    import gc
+
+    from ringlwm.kernels import register_backend
+
+    gc.collect()
+    base = _rss_bytes("VmRSS")
+    register_backend("cpu", _cpu_backend_without_uniform_masks)
+    marks = {}
+
+    def step_starts():
+        gc.collect()
+        marks["before_step"] = _rss_bytes("VmRSS")
+        marks["reset"] = _reset_peak_rss()
+
+    try:
+        with _fake_ring_agreement_only():
+            dims, mesh, model, optimizer = build(setup, torch.device("cpu"), init=True)
+            stage = setup.stage
+            micro = [synthetic_batch(setup.llama, stage.batch_size, stage.seq_len // stage.sp, stage.sp,
+                                     setup.config.model.vision, torch.device("cpu"), group=mesh["sp"].get_group(),
+                                     documents=1)]
+            prime_optimizer(model, optimizer)
+            if warmup:  # the kernels' and libraries' first-call allocations happen here, not in the measured step
+                one_step(setup, model, optimizer, micro, mesh["sp"].get_group())
+            gc.collect()
+            raw = tracked_step(setup, model, optimizer, micro, mesh["sp"].get_group(), on_start=step_starts)
+    finally:
+        register_backend("cpu", _cpu_backend)
+    peak = _rss_bytes("VmHWM") if marks["reset"] else float("nan")
+    return {"raw": raw, "memory": categories(raw), "rss_growth": peak - base,
+            "rss_step_growth": peak - marks["before_step"]}
+
+
+def _cpu_backend():
+    from ringlwm.kernels import Backend
+    from ringlwm.kernels.cpu_flash import cpu_attention_backward, cpu_attention_forward
+
+    return Backend(cpu_attention_forward, cpu_attention_backward)
+
+
+def _one_document(kwargs: dict) -> dict:
+    q_ids, kv_ids = kwargs.get("segment_ids"), kwargs.get("kv_segment_ids")
+    if q_ids is not None and kv_ids is not None:
+        first = q_ids[:, :1]
+        if bool((q_ids == first).all()) and bool((kv_ids == first).all()):
+            kwargs = {**kwargs, "segment_ids": None, "kv_segment_ids": None}
+    return kwargs
+
+
+def _cpu_backend_without_uniform_masks():
+    """The fused CPU kernel, without the dense (seq_q x seq_k) float mask it builds for segment ids when every
+    query and key is of one document (then the ids change nothing): the GPU kernels build no such mask, and
+    inside a custom op it is invisible to the tracker, so the real CPU step would hold memory that neither
+    the plan nor a GPU has. The validation batches are one document."""
+    from ringlwm.kernels import Backend
+
+    base = _cpu_backend()
+    return Backend(lambda *a, **kw: base.forward(*a, **_one_document(kw)),
+                   lambda *a, **kw: base.backward(*a, **_one_document(kw)))
+
+
+@contextlib.contextmanager
+def _fake_ring_agreement_only():
+    """The real run computes every ring step too (as the plan assumes), so both runs do the same work."""
+    from ringlwm.ring import attention
+
+    saved = attention._shared_segments
+    attention._shared_segments = lambda pairs: [True] * len(pairs)
+    try:
+        yield
+    finally:
+        attention._shared_segments = saved
+
+
+def validate(setup: StepSetup) -> dict:
+    """Plan and measure ``setup``; returns both and the relative differences (rank 0)."""
+    from ringlwm.distributed import run_local
+
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")  # freed tensors go back to the OS (RSS = live)
+    planned = plan_step(setup, documents=1)
+    real = run_local(measure, setup.world, setup)[0]
+    diffs = {}
+    for name, value in planned["memory"].items():
+        ref = real["memory"][name]
+        diffs[name] = 0.0 if value == ref else abs(value - ref) / max(ref, 1)
+    rss, step_rss = real["rss_growth"], real["rss_step_growth"]
+    return {"planned": planned["memory"], "real": real["memory"], "rel_diff": diffs,
+            "rss_growth": rss, "rss_rel_diff": abs(planned["memory"]["total"] - rss) / rss,
+            "rss_step_growth": step_rss,
+            "rss_step_rel_diff": abs(planned["memory"]["step_growth"] - step_rss) / step_rss,
+            "raw_planned": planned["raw"], "raw_real": real["raw"]}
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m ringlwm.plan", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("recipe")
+    parser.add_argument("overrides", nargs="*", help="key=value recipe overrides (as ringlwm.train)")
+    parser.add_argument("--world-size", type=int, default=None, help="GPUs (default: each stage's sp)")
+    parser.add_argument("--gpu-memory", default="80GB", help="memory per GPU (80GB = 80e9 bytes; 80GiB)")
+    parser.add_argument("--host-memory", default="1TiB", help="host memory per node")
+    parser.add_argument("--stage", default=None, help="plan this stage only (name)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--seq-len", type=int, default=None, help="plan at this sequence length")
+    group.add_argument("--max-seq-len", action="store_true", help="search the longest sequence that fits")
+    parser.add_argument("--sp", type=int, default=None, help="ring size (default: the stage's; the whole world "
+                        "when --world-size is not a multiple of it)")
+    parser.add_argument("--model", default=None, choices=sorted(PRESETS),
+                        help="architecture preset (default: the recipe's; LWM placeholder checkpoints: llama-2-7b)")
+    parser.add_argument("--backend", default=None, help="attention block backend (default: triton if it traces "
+                        "on fake tensors, else cpu)")
+    parser.add_argument("--gpu", default="H100", choices=sorted(GPU_PEAK_FLOPS), help="peak FLOP/s for the time")
+    parser.add_argument("--mfu", type=float, default=DEFAULT_MFU, help="model FLOPs utilisation for the time")
+    parser.add_argument("--overhead", default="3GiB", help="added to the tracked peak (CUDA context, NCCL, "
+                        "allocator fragmentation)")
+    parser.add_argument("--json", action="store_true", help="JSON lines only")
+    args = parser.parse_intermixed_args(argv)
+
+    budget = Budget(gpu_memory=parse_bytes(args.gpu_memory), host_memory=parse_bytes(args.host_memory),
+                    overhead=parse_bytes(args.overhead), gpu=args.gpu, mfu=args.mfu)
+    config, preset = load_recipe(args.recipe, args.overrides, model=args.model)
+    names = [s.name for s in config.stages]
+    if args.stage is not None and args.stage not in names:
+        raise SystemExit(f"no stage {args.stage!r} in {args.recipe}; stages: {names}")
+    indices = [names.index(args.stage)] if args.stage else range(len(names))
+    log = None if args.json else (lambda msg: print(msg, flush=True))
+    if preset and log:
+        log(f"architecture: {preset} (preset)")
+    for index in indices:
+        if args.max_seq_len:
+            length, rec = max_seq_len(config, index, preset, args.world_size, budget, args.backend, log=log,
+                                      sp=args.sp)
+            if rec is None:
+                msg = {"stage": names[index], "max_seq_len": 0, "fits": False}
+                print(json.dumps(msg) if args.json else f"stage {names[index]!r}: nothing fits", flush=True)
+                continue
+            rec = {**rec, "max_seq_len": length}
+        else:
+            setup = make_setup(config, index, preset, args.world_size, args.seq_len, args.backend, sp=args.sp)
+            rec = summarize(setup, plan_step(setup), budget)
+        if log:
+            if args.max_seq_len:
+                log(f"longest sequence that fits: {fmt_tokens(rec['max_seq_len'])} tokens "
+                    f"({fmt_tokens(rec['local_len'])} per GPU)")
+            log(format_table(rec))
+        print(json.dumps(rec), flush=True)
+
+
+if __name__ == "__main__":
+    main()

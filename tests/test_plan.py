@@ -1,0 +1,89 @@
+"""ringlwm.plan: the fake-device step against the same step run for real on gloo (issue 16).
+
+The planner's peak per category must equal FSDPMemTracker's peak in a real CPU run of the same step within
+5 %, and the real RSS growth of the step must be within 15 % of the planned growth. The default suite runs two
+small cases (W = 1 and W = 2); the bench cases (widths 256-1024, local lengths 1K-16K, W up to 4) are slow.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ringlwm import plan
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.plan import CASES, case_config  # noqa: E402
+
+SMALL = [
+    ("h256-1k-w1", 256, 688, 2, 4, 2, 2048, 1024, 1, False, None, 1024),
+    ("h256-4k-w2", 256, 688, 2, 4, 2, 4096, 4096, 2, False, None, 2048),
+]
+
+
+def _check(case):
+    world, local = case[8], case[7]
+    setup = plan.make_setup(case_config(case), 0, None, world, local * world, backend="cpu")
+    r = plan.validate(setup)
+    for name, diff in r["rel_diff"].items():
+        assert diff <= 0.05, (name, r["planned"], r["real"])
+    assert r["rss_step_rel_diff"] <= 0.15, (r["planned"]["step_growth"], r["rss_step_growth"])
+    return r
+
+
+@pytest.mark.parametrize("case", SMALL, ids=[c[0] for c in SMALL])
+def test_plan_matches_real_step(case):
+    _check(case)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_plan_matches_real_step_bench_cases(case):
+    _check(case)
+
+
+def test_parse_bytes():
+    assert plan.parse_bytes("80GB") == 80 * 10**9
+    assert plan.parse_bytes("80GiB") == 80 * 2**30
+    assert plan.parse_bytes("1TiB") == 2**40
+    assert plan.parse_bytes("512") == 512
+    with pytest.raises(ValueError):
+        plan.parse_bytes("lots")
+
+
+def test_cli_table_and_json():
+    out = subprocess.run([sys.executable, "-m", "ringlwm.plan", "recipes/tiny.yaml", "--stage", "ctx1k",
+                          "--world-size", "4", "--seq-len", "8192", "model.activation_checkpointing=true"],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "peak memory per rank" in out and "optimizer" in out
+    rec = json.loads(out.strip().splitlines()[-1])
+    assert rec["world_size"] == 4 and rec["sp"] == 2 and rec["dp"] == 2 and rec["seq_len"] == 8192
+    assert rec["options"]["activation_checkpointing"] is True
+    mem = rec["memory_bytes"]
+    assert mem["total"] == sum(mem[k] for k in plan.CATEGORIES)
+    assert mem["optimizer"] > 0 and mem["activations"] > 0 and rec["step_seconds"] > 0
+
+
+def test_max_seq_len_is_the_longest_that_fits():
+    config, preset = plan.load_recipe(ROOT / "recipes" / "tiny.yaml")
+    budget = plan.Budget(gpu_memory=64 * 2**20, overhead=0)
+    length, rec = plan.max_seq_len(config, 1, preset, 2, budget)
+    assert length > 0 and rec["fits"] and rec["seq_len"] == length
+    longer = plan.make_setup(config, 1, preset, 2, length + 2 * 2 * 512)
+    assert not plan.summarize(longer, plan.plan_step(longer), budget)["fits"]
+
+
+def test_lwm_recipes_plan_with_a_preset_architecture():
+    config, preset = plan.load_recipe(ROOT / "recipes" / "lwm_text_7b.yaml")
+    assert preset == "llama-2-7b"
+    setup = plan.make_setup(config, 0, preset, None, None)
+    assert setup.world == 2 and setup.llama.hidden_size == 4096 and setup.llama.vocab_size == 32000
+    config, preset = plan.load_recipe(ROOT / "recipes" / "lwm_text_7b.yaml", model="llama-3.1-8b")
+    setup = plan.make_setup(config, 4, preset, 8, 2**20)
+    assert setup.stage.sp == 8 and setup.llama.num_key_value_heads == 8 and setup.llama.vocab_size == 128256
