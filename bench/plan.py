@@ -37,7 +37,9 @@ QUICK = CASES[:3]
 # The 8B table: Llama-3.1-8B on the LWM text recipe's long stage, with the recipe's options.
 TABLE_RECIPE = "recipes/lwm_text_7b.yaml"
 TABLE_STAGE = "512k"
-TABLE_GPUS = (1, 8, 32)
+TABLE_GPUS = (8, 32, 1)
+TABLE_GRANULE = 4096  # tokens per GPU of the search: lengths are multiples of 8K per GPU
+TABLE_START = 128 * 1024  # tokens per GPU of the first probe
 TABLE_OPTIONS = {
     "recipe (activation checkpointing, MLP and loss in 8K chunks)": [],
 }
@@ -89,7 +91,11 @@ def table_row(gpus: int, label: str, overrides: list[str], log=print) -> dict:
     index = [s.name for s in config.stages].index(TABLE_STAGE)
     budget = Budget(gpu_memory=80 * 10**9)
     t0 = time.perf_counter()
-    length, rec = max_seq_len(config, index, preset, gpus, budget, sp=gpus, log=log)
+    if gpus == 1:  # the parameters and optimizer state alone: 8B x (4 + 4 + 8) bytes > 80 GB
+        length, rec = 0, None
+    else:
+        length, rec = max_seq_len(config, index, preset, gpus, budget, sp=gpus, log=lambda m: log(m, flush=True),
+                                  granule=TABLE_GRANULE, start=TABLE_START * gpus)
     row = {"model": "Llama-3.1-8B", "gpus": gpus, "gpu_memory": "80 GB", "options": label,
            "max_seq_len": length, "tokens_per_gpu": length // gpus if length else 0}
     if rec is not None:

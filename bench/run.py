@@ -1,6 +1,9 @@
 """`make bench [PART=...]`: run the benchmark parts and write bench/results/.
 
-    python -m bench.run --part kernels|ring|data|train|long [--quick]
+    python -m bench.run --part kernels|ring|data|train|long|plan [--quick]
+
+`plan` (no GPU): ringlwm.plan against real CPU steps (bench/results/plan_validation.csv) and the Llama-3.1-8B
+length table (bench/results/plan_8b.csv); tens of minutes on 2 cores (bench/plan.py).
 """
 
 from __future__ import annotations
@@ -8,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 PARTS = ("kernels", "ring", "data", "train")
-EXTRA = ("long",)  # not in the default run: minutes of compute
+EXTRA = ("long", "plan")  # not in the default run: minutes of compute
 
 
 def main(argv=None) -> None:
@@ -39,6 +42,10 @@ def main(argv=None) -> None:
             from bench import ring
 
             ring.main_long()
+        elif part == "plan":
+            from bench import plan as plan_bench
+
+            plan_bench.main(quick=args.quick)
     from bench import report
 
     report.main()

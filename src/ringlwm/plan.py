@@ -498,10 +498,11 @@ def summarize(setup: StepSetup, result: dict, budget: Budget) -> dict:
 
 
 def max_seq_len(config, index: int, preset, world: int | None, budget: Budget, backend=None, *,
-                granule: int | None = None, log=None, sp: int | None = None) -> tuple[int, dict | None]:
+                granule: int | None = None, log=None, sp: int | None = None,
+                start: int | None = None) -> tuple[int, dict | None]:
     """The longest seq_len (a multiple of 2 x sp x granule: 1024 tokens per rank by default) whose step fits
     ``budget``, by secant steps over fake runs. Returns (length, its record), (0, None) when even the smallest
-    does not fit."""
+    does not fit. ``start``: the first length probed (default the stage's)."""
     sp = make_setup(config, index, preset, world, None, backend, sp=sp).stage.sp
     unit = 2 * sp * (granule or 512)
     cache: dict[int, dict] = {}
@@ -520,7 +521,7 @@ def max_seq_len(config, index: int, preset, world: int | None, budget: Budget, b
     # optimizer state do not): two probes give a secant, each further probe refines it; the answer is the
     # longest probed length that fits with the next granule up probed and not fitting.
     need = lambda u: cache[u]["gpu_bytes"]  # noqa: E731
-    a = max(1, config.stages[index].seq_len // unit)
+    a = max(1, (start or config.stages[index].seq_len) // unit)
     fits(a)
     b = a * 2 if cache[a]["fits"] else max(1, a // 2)
     if b == a:
