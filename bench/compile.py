@@ -46,7 +46,7 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 ARCHS = {"sm80": 80, "sm90": 90}
 DTYPES = ("fp16", "bf16")
 HEAD_DIMS = (64, 128, 256)
-KERNELS = ("fwd", "dkdv", "dq")
+KERNELS = ("fwd", "dkdv", "dq")  # = ringlwm.kernels.triton_flash.KERNELS
 # (causal, segment ids): the variants training runs (causal language modelling, packed documents).
 VARIANTS = {"causal": (True, False), "causal+seg": (True, True), "full": (False, False)}
 DEFAULT_VARIANTS = ("causal", "causal+seg")
@@ -195,10 +195,12 @@ def compile_case(case: Case) -> dict:
 
 
 # A wide grid of tile shapes for choosing the autotune lists (--space candidates).
+# (BLOCK_M, BLOCK_N): for fwd and dq BLOCK_M queries per program and BLOCK_N keys per step; for dkdv BLOCK_N keys
+# per program and BLOCK_M queries per step.
 _CANDIDATE_TILES = {
     "fwd": [(128, 32), (128, 64), (128, 128), (64, 32), (64, 64), (64, 128)],
-    "dkdv": [(32, 64), (64, 64), (32, 128), (64, 128), (128, 64), (16, 64), (16, 128)],
-    "dq": [(64, 32), (64, 64), (128, 32), (128, 64), (64, 16), (128, 16)],
+    "dkdv": [(16, 64), (32, 64), (64, 64), (16, 128), (32, 128), (64, 128), (16, 32), (32, 32), (64, 32)],
+    "dq": [(64, 32), (64, 64), (64, 128), (128, 32), (128, 64), (128, 128)],
 }
 
 
@@ -209,14 +211,14 @@ def autotune_cases(kernels=KERNELS, archs=tuple(ARCHS), dtypes=DTYPES, head_dims
 
     cases = []
     for kernel, arch, dtype, head_dim, variant in itertools.product(kernels, archs, dtypes, head_dims, variants):
-        for c in tf.autotune_configs(kernel, ARCHS[arch], dtype, head_dim):
+        for c in tf.autotune_configs(kernel, ARCHS[arch], dtype, head_dim, has_seg=VARIANTS[variant][1]):
             cases.append(Case(kernel, arch, dtype, head_dim, variant, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"],
                               c.num_warps, c.num_stages))
     return cases
 
 
 def candidate_cases(kernels=KERNELS, archs=tuple(ARCHS), dtypes=DTYPES, head_dims=HEAD_DIMS,
-                    variants=("causal",), warps=(4, 8), stages=(1, 2, 3)) -> list[Case]:
+                    variants=("causal",), warps=(4, 8), stages=(2,)) -> list[Case]:
     cases = []
     for kernel, arch, dtype, head_dim, variant in itertools.product(kernels, archs, dtypes, head_dims, variants):
         for (m, n), w, s in itertools.product(_CANDIDATE_TILES[kernel], warps, stages):
@@ -274,7 +276,12 @@ def main(argv=None, *, quick: bool = False) -> list[dict]:
     parser.add_argument("--dtype", nargs="*", default=list(DTYPES), choices=DTYPES)
     parser.add_argument("--head-dim", nargs="*", type=int, default=list(HEAD_DIMS))
     parser.add_argument("--variant", nargs="*", default=None, choices=list(VARIANTS))
+    parser.add_argument("--stages", nargs="*", type=int, default=[2], help="num_stages tried (--space candidates)")
+    parser.add_argument("--warps", nargs="*", type=int, default=[4, 8], help="num_warps tried (--space candidates)")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--first", action="store_true",
+                        help="only the first configuration of each list (the fast check in tests/kernels)")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
     parser.add_argument("--no-csv", action="store_true", help="print only; do not append to bench/results")
     parser.add_argument("--all-rows", action="store_true", help="print every row, not the best per group")
     args = parser.parse_args(argv if argv is not None else [])
@@ -284,7 +291,12 @@ def main(argv=None, *, quick: bool = False) -> list[dict]:
     if args.space == "autotune":
         cases = autotune_cases(**sel, variants=args.variant or DEFAULT_VARIANTS)
     else:
-        cases = candidate_cases(**sel, variants=args.variant or ("causal",))
+        cases = candidate_cases(**sel, variants=args.variant or ("causal",), warps=args.warps, stages=args.stages)
+    if args.first:
+        firsts = {}
+        for c in cases:
+            firsts.setdefault((c.kernel, c.arch, c.dtype, c.head_dim, c.variant), c)
+        cases = list(firsts.values())
 
     # A private cache: every configuration really compiles, and compile_s is the cold compile time.
     with tempfile.TemporaryDirectory(prefix="ringlwm-compile-") as cache:
@@ -301,6 +313,11 @@ def main(argv=None, *, quick: bool = False) -> list[dict]:
         print_table(rows, show + ["error"])
     else:
         print_table(best_rows(rows), show + ["spill_free_configs"])
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump(rows, f)
     errors = [r for r in rows if r.get("error")]
     print(f"{len(rows)} configurations, {len(errors)} failed to compile, "
           f"{sum(bool(r['spill_free']) for r in rows)} spill-free; {elapsed:.0f} s with {args.jobs} processes")

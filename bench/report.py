@@ -52,6 +52,38 @@ def _plot(path: Path, series: dict[str, list[tuple[float, float]]], xlabel: str,
     plt.close(fig)
 
 
+def _compile_section(rows: list[dict]) -> list[str]:
+    """The compile report (bench/compile.py): per kernel, target, head_dim and dtype, the largest spill-free
+    configuration of the autotune list (causal; segment ids alike unless noted)."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["kernel"], r["arch"], int(r["head_dim"]), r["dtype"])].append(r)
+    order = {"fwd": 0, "dkdv": 1, "dq": 2}
+    table = []
+    for key in sorted(groups, key=lambda k: (order.get(k[0], 9), k[1], k[2], k[3])):
+        rs = groups[key]
+        ok = [r for r in rs if r["spill_free"] == "True"]
+        causal = [r for r in (ok or rs) if r["variant"] == "causal"] or ok or rs
+        best = max(causal, key=lambda r: (r["spill_free"] == "True", int(r["block_m"]) * int(r["block_n"]),
+                                          int(r["num_stages"]), -int(r["stack"] or 0)))
+        table.append({
+            "kernel": key[0], "arch": key[1], "head_dim": key[2], "dtype": key[3],
+            "config": f"{best['block_m']}x{best['block_n']} w{best['num_warps']} s{best['num_stages']}",
+            "regs": best["regs"], "stack": best["stack"], "smem_kib": f"{int(best['smem']) / 1024:.0f}",
+            "tensor_core": f"HGMMA {best['hgmma']}" if int(best["hgmma"] or 0) else f"HMMA {best['hmma']}",
+            "cp_async": best["cp_async"], "spill_free": f"{len(ok)}/{len(rs)}",
+            "errors": sum(bool(r["error"]) for r in rs),
+        })
+    first = rows[0]
+    return [f"## Kernel compile report ({first['device']}, triton {first['triton']}, {first['date']})", "",
+            "Every autotune configuration compiled for sm_80 and sm_90 on this machine (`make bench PART=compile`,",
+            "bench/compile.py). Per row: the largest spill-free configuration (causal), its registers per thread,",
+            "stack frame (bytes; > 0 means spills), shared memory, tensor-core and cp.async instruction counts;",
+            "spill_free counts the spill-free configurations over all configurations and variants compiled.", ""] + \
+        _table(table, ["kernel", "arch", "head_dim", "dtype", "config", "regs", "stack", "smem_kib", "tensor_core",
+                       "cp_async", "spill_free", "errors"]) + [""]
+
+
 def main() -> Path:
     out = ["# ringlwm benchmark results", "",
            "Every figure is measured against a reference timed in the same run; the CSVs beside this file hold",
@@ -88,6 +120,9 @@ def main() -> Path:
         out += _table(memory, ["world_size", "seqlen", "local_seqlen", "step_s", "step_mem_mb", "longest_at_12gib"])
         out += ["", "`longest_at_12gib`: extrapolated from a linear fit of the measured step memory (compute at",
                 "such lengths would take hours here).", ""]
+    compiled = _latest("compile")
+    if compiled:
+        out += _compile_section(compiled)
     for name, title, columns in (
         ("long", "One training step at 128K tokens (2 processes)",
          ["world_size", "seqlen", "local_seqlen", "step_s", "step_mem_mb", "peak_rss_mb"]),

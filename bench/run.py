@@ -1,9 +1,12 @@
 """`make bench [PART=...]`: run the benchmark parts and write bench/results/.
 
-    python -m bench.run --part kernels|ring|data|train|long|plan [--quick]
+    python -m bench.run --part kernels|ring|data|train|long|compile|plan [--quick]
 
 `plan` (no GPU): ringlwm.plan against real CPU steps (bench/results/plan_validation.csv) and the Llama-3.1-8B
 length table (bench/results/plan_8b.csv); tens of minutes on 2 cores (bench/plan.py).
+
+`compile` needs no GPU: it compiles every autotune configuration of the Triton kernels for sm_80 and sm_90 and
+reports registers, spills, shared memory and tensor-core instructions (bench/compile.py; minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 PARTS = ("kernels", "ring", "data", "train")
-EXTRA = ("long", "plan")  # not in the default run: minutes of compute
+EXTRA = ("long", "compile", "plan")  # not in the default run: minutes of compute
 
 
 def main(argv=None) -> None:
@@ -46,6 +49,10 @@ def main(argv=None) -> None:
             from bench import plan as plan_bench
 
             plan_bench.main(quick=args.quick)
+        elif part == "compile":
+            from bench import compile as compile_report
+
+            compile_report.main(quick=args.quick)
     from bench import report
 
     report.main()

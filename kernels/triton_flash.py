@@ -1,6 +1,7 @@
 """FlashAttention-2 style forward and backward kernels in Triton.
 
-Layout of every tensor argument (any strides; the launchers pass them through):
+Layout of every tensor argument (any strides, except that head_dim must have unit stride: the launchers copy
+a tensor that has not; other strides pass through):
     q, out, dout: (batch, heads, seq_q, head_dim)
     k, v:         (batch, kv_heads, seq_k, head_dim), heads % kv_heads == 0 (GQA / MQA)
     lse, delta:   (batch, heads, seq_q) float32, contiguous
@@ -20,7 +21,17 @@ Tails (query rows past seq_q, key rows past seq_k in the last tile) are loaded a
 The forward and dQ kernels mask key tails like any masked key (a zero key still scores 0, and in the
 backward p = exp2(0 - lse) overflows to inf for a row whose real scores are all below about -88, then
 inf * 0 = NaN). The dK/dV kernel never stores its key tails and leaves query tails unmasked: with
-q = dout = lse = delta = 0 there, p = exp2(0 - 0) = 1 and every product they enter is zero.
+q = dout = lse = delta = 0 there, p = exp2(0 - 0) = 1 and every product they enter is zero. When the
+lengths are whole tiles (EVEN_M, EVEN_N: heuristics per launch) there are no tails and no bounds masks.
+
+Registers. What decides whether a configuration spills (bench/compile.py measures it for sm_80 and sm_90):
+the loop state is scalar (each step rebuilds its tile of pointers from a base pointer and the step's rows; a
+tile of pointers carried through the loop costs two registers per element); each loop builds only the masks
+it needs, as compile-time choices (the head_dim mask only when head_dim is not a power of two, bounds masks
+only for partial tiles, the causal mask only on the steps that cross the diagonal); the unit stride along
+head_dim lets every row load as 16-byte vectors that stream through shared memory (cp.async, num_stages
+buffers). The dK/dV kernel keeps k, v and the two fp32 accumulators for a whole key block, so its key blocks
+of 128 pair with 16-32 queries per step (8 warps; on sm_90 each warpgroup's wgmma covers 64 of the rows).
 """
 
 from __future__ import annotations
@@ -50,43 +61,119 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _INTERPRET_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32}
 
 
-def _smem_bytes(block_m: int, block_n: int, block_d: int, stages: int, elem: int) -> int:
-    """Rough shared memory estimate: one resident (M, D) tile plus (stages) buffered pairs of (N, D) tiles."""
-    return (block_m * block_d + 2 * stages * block_n * block_d) * elem
+# Autotune lists. Per kernel, target family (80: A100-class, mma.sync and cp.async; 90: H100-class, warpgroup MMA)
+# and BLOCK_D, the (BLOCK_M, BLOCK_N, num_warps, num_stages) configurations that the compile report
+# (`make bench PART=compile`, bench/compile.py, bench/results/compile.csv) shows to compile for that target
+# with no register spills, with tensor-core instructions and with the streamed loads pipelined (num_stages >= 2:
+# cp.async into num_stages shared-memory buffers), for fp16 and bf16, causal with and without segment ids; chosen
+# from a wider sweep (`python -m bench.compile --space candidates`). For fwd and dq, BLOCK_M is the queries of a
+# program and BLOCK_N the keys of a step; for dkdv, BLOCK_N is the keys of a program and BLOCK_M the queries of a
+# step. A fifth element False/True restricts an entry to calls without/with segment ids (the segment-id masks
+# cost registers). tests/kernels/test_compile.py compiles these lists.
+_TUNED = {
+    ("fwd", 90, 64): [(128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3)],
+    ("fwd", 90, 128): [(128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3)],
+    ("fwd", 90, 256): [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 3)],
+    ("fwd", 80, 64): [(128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3)],
+    ("fwd", 80, 128): [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3)],
+    ("fwd", 80, 256): [(128, 32, 8, 2, False), (64, 64, 8, 2), (64, 32, 4, 2)],
+    ("dkdv", 90, 64): [(64, 128, 8, 2), (32, 128, 8, 3), (32, 64, 4, 3)],
+    ("dkdv", 90, 128): [(32, 128, 8, 2, False), (32, 128, 8, 3, True), (16, 128, 8, 3), (32, 64, 8, 3)],
+    ("dkdv", 90, 256): [(64, 32, 8, 2, False), (32, 32, 8, 2)],
+    ("dkdv", 80, 64): [(32, 128, 8, 2), (32, 64, 4, 3), (32, 64, 8, 3)],
+    ("dkdv", 80, 128): [(64, 64, 8, 2, False), (32, 64, 8, 3), (16, 128, 8, 2)],
+    ("dkdv", 80, 256): [(32, 32, 8, 2)],
+    ("dq", 90, 64): [(128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3)],
+    ("dq", 90, 128): [(128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3)],
+    ("dq", 90, 256): [(64, 64, 4, 2), (64, 64, 8, 2, False), (128, 32, 8, 2)],
+    ("dq", 80, 64): [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3)],
+    ("dq", 80, 128): [(128, 64, 8, 2), (64, 128, 8, 2), (128, 32, 8, 3)],
+    ("dq", 80, 256): [(64, 64, 8, 2), (64, 32, 4, 2), (64, 32, 8, 3)],
+}
+# fp32 inputs run the dots in IEEE fp32 (no tensor cores): small tiles; they are for checking, not for speed.
+_FP32 = {
+    "fwd": [(64, 32, 4, 2), (32, 32, 4, 2)],
+    "dkdv": [(32, 32, 4, 2), (16, 32, 4, 2)],
+    "dq": [(64, 32, 4, 2), (32, 32, 4, 2)],
+}
+KERNELS = ("fwd", "dkdv", "dq")
 
 
-# Leaves headroom under the 164 KiB of an A100 and 227 KiB of an H100 for the compiler's own scratch.
-_SMEM_LIMIT = 150 * 1024
+def _config(m, n, w, s):
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
 
 
-def _prune(configs, named_args, **kwargs):
-    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-    elem = named_args["Q"].element_size() if "Q" in named_args else 2
-    kept = [
-        c
-        for c in configs
-        if _smem_bytes(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], block_d, c.num_stages, elem) <= _SMEM_LIMIT
-    ]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+def _config_key(c) -> tuple:
+    return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
 
 
-def _configs(pairs, warps=(4, 8), stages=(2, 3)):
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-        for m, n in pairs
-        for w in warps
-        for s in stages
-    ]
+def _target(capability: int) -> int:
+    """The target family whose list a GPU uses: sm_90 and newer the sm_90 list, sm_8x the sm_80 one (the
+    autotuner's prune drops what does not fit the device's shared memory, e.g. on sm_86/sm_89)."""
+    return 90 if capability >= 90 else 80
 
 
-_FWD_CONFIGS = _configs([(128, 64), (128, 32), (64, 64), (128, 128)])
-_BWD_CONFIGS = _configs([(64, 64), (32, 64), (64, 128), (128, 64), (32, 32)])
+def autotune_configs(kernel: str, capability: int, dtype: str, head_dim: int, has_seg: bool | None = None):
+    """The autotune list of one kernel ("fwd", "dkdv", "dq") for a GPU of this compute capability (e.g. 90,
+    86), dtype ("fp16", "bf16", "fp32"), head_dim and (if given) with or without segment ids."""
+    if dtype == "fp32":
+        return [_config(*e) for e in _FP32[kernel]]
+    block_d = min(max(_block_d(head_dim), 64), 256)
+    entries = _TUNED[(kernel, _target(capability), block_d)]
+    return [_config(*e[:4]) for e in entries if len(e) == 4 or has_seg is None or e[4] == has_seg]
+
+
+def _all_configs(kernel: str) -> list:
+    """Every configuration any list of this kernel names: the autotuner's list, pruned per call."""
+    keys = {e[:4] for (k, _, _), entries in _TUNED.items() if k == kernel for e in entries}
+    keys |= set(_FP32[kernel])
+    return [_config(*key) for key in sorted(keys)]
+
+
+def _smem_bytes(kernel: str, config, block_d: int, elem: int) -> int:
+    """Shared memory of a configuration as the compiler lays it out for sm_90 (about the most any target
+    asks for): the tiles that stay for the whole program plus num_stages buffers of the streamed ones."""
+    m, n, _, stages = _config_key(config)
+    if kernel == "fwd":  # q resident; k, v streamed
+        return (m + 2 * stages * n) * block_d * elem
+    if kernel == "dq":  # q, do resident; k, v streamed
+        return (2 * m + 2 * stages * n) * block_d * elem
+    return (2 * n + 2 * stages * m) * block_d * elem + 8 * stages * m  # k, v resident; q, do, lse, delta streamed
+
+
+# Shared memory per block of the GPUs the lists were compiled for (sm_80: A100, sm_90: H100): within these,
+# every listed configuration fits (the compile report checks it); a GPU with less (sm_86, sm_89: 99 KiB) keeps
+# only the configurations whose estimate fits.
+_LISTED_SMEM = {80: 166912, 90: 232448}
+
+
+def _select(kernel, configs, capability, dtype, head_dim, has_seg, block_d, elem, smem_limit):
+    """The autotuner's prune, without the device queries: the listed configurations for this call."""
+    wanted = {_config_key(c) for c in autotune_configs(kernel, capability, dtype, head_dim, has_seg)}
+    listed = [c for c in configs if _config_key(c) in wanted] or list(configs)
+    if smem_limit >= _LISTED_SMEM[_target(capability)]:
+        return listed
+    fits = [c for c in listed if _smem_bytes(kernel, c, block_d, elem) <= smem_limit]
+    return fits or [min(listed, key=lambda c: _smem_bytes(kernel, c, block_d, elem))]
+
+
+_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def _pruner(kernel: str):
+    def prune(configs, named_args, **kwargs):
+        q = named_args["Q"]
+        major, minor = torch.cuda.get_device_capability(q.device)
+        props = torch.cuda.get_device_properties(q.device)
+        smem_limit = getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024
+        return _select(kernel, configs, 10 * major + minor, _DTYPE_NAMES[q.dtype], kwargs["HEAD_DIM"],
+                       bool(kwargs["HAS_SEG"]), kwargs["BLOCK_D"], q.element_size(), smem_limit)
+
+    return prune
+
+
+# What changes the best configuration: the lengths, the head dim, the masks (dtypes are added by Triton).
 _AUTOTUNE_KEY = ["seq_q", "seq_k", "HEAD_DIM", "CAUSAL", "HAS_SEG"]
-
-
-def autotune_configs(kernel: str, capability: int, dtype: str, head_dim: int):
-    """The autotune list of one kernel ("fwd", "dkdv", "dq") for a target (e.g. 90), dtype and head_dim."""
-    return _FWD_CONFIGS if kernel == "fwd" else _BWD_CONFIGS
 
 
 # Whether the sequences are whole tiles: then no load, store or score needs a bounds mask (constexpr flags,
@@ -97,16 +184,16 @@ HEURISTICS = {
 }
 
 
-def _autotuned(configs):
-    """Autotune on a GPU; under the interpreter the launcher passes fixed block sizes instead."""
+def _autotuned(kernel: str):
+    """Autotune on a GPU over the kernel's lists (pruned to this GPU, dtype, head_dim and masks); under the
+    interpreter the launcher passes fixed block sizes instead."""
 
     def wrap(fn):
         fn = triton.heuristics(HEURISTICS)(fn)
         if _INTERPRET:
             return fn
-        return triton.autotune(configs=configs, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune})(
-            fn
-        )
+        return triton.autotune(configs=_all_configs(kernel), key=_AUTOTUNE_KEY,
+                               prune_configs_by={"early_config_prune": _pruner(kernel)})(fn)
 
     return wrap
 
@@ -204,7 +291,7 @@ def _fwd_inner(
     return acc, l_i, m_i
 
 
-@_autotuned(_FWD_CONFIGS)
+@_autotuned("fwd")
 @triton.jit
 def _fwd_kernel(
     Q, K, V, Out, Lse, QSeg, KSeg,
@@ -325,13 +412,16 @@ def _bwd_dkdv_inner(
             lse = tl.load(lse_ptr + rows)
             delta = tl.load(delta_ptr + rows)
         # Work with the transposed scores (keys x queries) so that dk, dv come out without transposes.
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+        p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])
         if CAUSAL_MASK:
-            s_t = tl.where(q_offset + rows[None, :] >= k_pos[:, None], s_t, float("-inf"))
+            p_t = tl.where(q_offset + rows[None, :] >= k_pos[:, None], p_t, 0.0)
         if HAS_SEG:
-            q_seg = tl.load(QSeg + rows, mask=rows < seq_q, other=_NO_QUERY_SEGMENT)
-            s_t = tl.where(k_seg[:, None] == q_seg[None, :], s_t, float("-inf"))
-        p_t = tl.math.exp2(s_t - lse[None, :])
+            if ROW_MASK:
+                q_seg = tl.load(QSeg + rows, mask=rows < seq_q, other=_NO_QUERY_SEGMENT)
+            else:
+                q_seg = tl.load(QSeg + rows)
+            p_t = tl.where(k_seg[:, None] == q_seg[None, :], p_t, 0.0)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -339,7 +429,7 @@ def _bwd_dkdv_inner(
     return dk, dv
 
 
-@_autotuned(_BWD_CONFIGS)
+@_autotuned("dkdv")
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DOut, Lse, Delta, DK, DV, QSeg, KSeg,
@@ -446,7 +536,7 @@ def _bwd_dq_inner(
     return dq
 
 
-@_autotuned(_BWD_CONFIGS)
+@_autotuned("dq")
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DOut, Lse, Delta, DQ, QSeg, KSeg,
