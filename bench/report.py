@@ -75,7 +75,7 @@ def _compile_section(rows: list[dict]) -> list[str]:
             "errors": sum(bool(r["error"]) for r in rs),
         })
     first = rows[0]
-    return [f"## Kernel compile report ({first['device']}, triton {first['triton']}, {first['date']})", "",
+    return [f"## Kernel compile report (no GPU: triton {first['triton']} and its ptxas, {first['date']})", "",
             "Every autotune configuration compiled for sm_80 and sm_90 on this machine (`make bench PART=compile`,",
             "bench/compile.py). Per row: the largest spill-free configuration (causal), its registers per thread,",
             "stack frame (bytes; > 0 means spills), shared memory, tensor-core and cp.async instruction counts;",
