@@ -136,11 +136,10 @@ def _count(pattern: str, text: str) -> int:
 def compile_case(case: Case) -> dict:
     """Compile one case and read back what the compiler made of it."""
     import triton
+    from ringlwm.kernels import triton_flash as tf
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import JITFunction, create_function_from_signature
-
-    from ringlwm.kernels import triton_flash as tf
 
     row = asdict(case)
     causal, has_seg = VARIANTS[case.variant]
@@ -273,7 +272,7 @@ def main(argv=None, *, quick: bool = False) -> list[dict]:
     parser.add_argument("--space", choices=("autotune", "candidates"), default="autotune")
     parser.add_argument("--kernel", nargs="*", default=list(KERNELS), choices=KERNELS)
     parser.add_argument("--arch", nargs="*", default=list(ARCHS), choices=list(ARCHS))
-    parser.add_argument("--dtype", nargs="*", default=list(DTYPES), choices=DTYPES)
+    parser.add_argument("--dtype", nargs="*", default=list(DTYPES), choices=(*DTYPES, "fp32"))
     parser.add_argument("--head-dim", nargs="*", type=int, default=list(HEAD_DIMS))
     parser.add_argument("--variant", nargs="*", default=None, choices=list(VARIANTS))
     parser.add_argument("--stages", nargs="*", type=int, default=[2], help="num_stages tried (--space candidates)")
