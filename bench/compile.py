@@ -24,6 +24,10 @@ The arguments are those the launchers in ringlwm.kernels.triton_flash pass (cont
 tensors, 32 query heads over 8 KV heads, 4096 tokens), specialised the way Triton's JIT specialises a real launch
 (16-byte aligned pointers, strides and lengths divisible by 16, the unit stride a constant). ``--space
 candidates`` compiles a wider grid of tile shapes than the autotune lists (used to choose those lists).
+
+Time: the default report (3 kernels x 2 targets x 2 dtypes x 3 head dims x 2 variants, 196 configurations)
+takes about 2.5 minutes with 2 processes on 2 idle cores (each compile 1-4 s); it appends to
+bench/results/compile.csv and SUMMARY.md shows the largest spill-free configuration per kernel and target.
 """
 
 from __future__ import annotations
@@ -249,8 +253,8 @@ def run_cases(cases: list[Case], jobs: int = 1, progress: bool = True) -> list[d
 
 
 def best_rows(rows: list[dict]) -> list[dict]:
-    """Per (kernel, arch, dtype, head_dim, variant): the spill-free row with the largest tile (then fewest
-    registers), or, where none is spill-free, the row with the smallest stack frame."""
+    """Per (kernel, arch, dtype, head_dim, variant): the spill-free row with the largest tile (then the most
+    stages, then the fewest registers), or, where none is spill-free, the row with the smallest stack frame."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if not r.get("error"):
