@@ -46,7 +46,6 @@ import json
 import math
 import os
 import re
-import sys
 import time
 import traceback
 from dataclasses import dataclass, field

@@ -307,7 +307,9 @@ class RingLlamaForCausalLM(LlamaForCausalLM):
         targets = _targets(labels, shift_labels, None, check_group=False)
         valid = targets != IGNORE_INDEX
         weights = torch.ones(targets.shape, device=targets.device) if loss_weights is None else loss_weights
-        return torch.where(valid, weights.double(), 0.0).sum()[None]
+        # Summed in the weights' dtype, as linear_cross_entropy sums its weight_sum: the same normaliser bits
+        # whichever way a trainer asks (the float64 total is for the all-reduce over many ranks).
+        return torch.where(valid, weights, 0.0).sum().double()[None]
 
     def __init__(self, config: LlamaConfig):
         # A copy: the caller's config (and any other model built from it) keeps its own attention.
