@@ -44,34 +44,50 @@ def _sentences(rng: random.Random, count: int) -> list[str]:
     return [s if s.endswith(".") else s + "." for s in text.split(". ") if s]
 
 
-def needle_record(rng: random.Random, num_sentences: int) -> dict:
+def needle_record(rng: random.Random, num_sentences: int, early: bool = False) -> dict:
     """One training example: haystack of ``num_sentences`` sentences with a needle at a random sentence
-    boundary; the answer repeats the needle sentence."""
+    boundary (``early``: within the first tenth); the answer repeats the needle sentence."""
     city = rng.choice(CITIES)
     number = str(rng.randint(1_000_000, 9_999_999))
     needle = NEEDLE.format(city=city, number=number)
     sentences = _sentences(rng, num_sentences)
-    sentences.insert(rng.randint(0, len(sentences)), needle)
+    sentences.insert(rng.randint(0, len(sentences) // 10 if early else len(sentences)), needle)
     prompt = PREFIX + " ".join(sentences) + SUFFIX.format(question=QUESTION.format(city=city))
     return {"prompt": prompt, "answer": needle}
 
 
 def write_data(data_dir: Path, *, seed: int, short_examples: int, long_examples: int, long_max_tokens: int,
                short_sentences: tuple[int, int] = (0, 10)) -> None:
-    from ringlwm.data import train_sentencepiece
+    from ringlwm.data import load_tokenizer, train_sentencepiece
 
     data_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     corpus = [generated_haystack(2000, seed=seed + 1)]
     corpus += [needle_record(rng, 3)["prompt"] + " " + needle_record(rng, 3)["answer"] for _ in range(200)]
     train_sentencepiece(corpus, vocab_size=512, model_prefix=data_dir / "tokenizer")
+    tokenizer = load_tokenizer(data_dir / "tokenizer.model")
     max_sentences = max(4, (long_max_tokens - 80) // TOKENS_PER_SENTENCE)
     with open(data_dir / "needles_short.jsonl", "w") as f:
         for _ in range(short_examples):
             f.write(json.dumps(needle_record(rng, rng.randint(*short_sentences))) + "\n")
     with open(data_dir / "needles_long.jsonl", "w") as f:
+        # Stage 2's examples (drawn from their own stream, so that the short examples and the text, and with
+        # them stage 1, stay as they were). Each must fit the stage's length whole: a longer one is split by
+        # the packer into a prompt without its answer and an answer without its needle (a quarter of them did,
+        # as the sentence count came from a guessed tokens-per-sentence). Half come from the top half of the
+        # lengths and half have their needle in the first tenth: a needle ~2,000 tokens before its question was
+        # rare before (the measured run missed exactly those, at 2048 tokens, depth 0%).
+        long_rng = random.Random(seed + 2)
         for _ in range(long_examples):
-            f.write(json.dumps(needle_record(rng, rng.randint(8, max_sentences))) + "\n")
+            needle_record(rng, rng.randint(8, max_sentences))  # the draws this loop used to take from `rng`
+            low = max_sentences // 2 if long_rng.random() < 0.5 else 8
+            early = long_rng.random() < 0.5
+            count = long_rng.randint(low, max_sentences)
+            record = needle_record(long_rng, count, early=early)
+            while count > 8 and len(tokenizer.encode(record["prompt"] + " " + record["answer"])) + 8 > long_max_tokens:
+                count = count * 9 // 10
+                record = needle_record(long_rng, count, early=early)
+            f.write(json.dumps(record) + "\n")
     with open(data_dir / "text.jsonl", "w") as f:
         for i in range(400):
             f.write(json.dumps({"text": generated_haystack(rng.randint(5, 60), seed=seed + 100 + i)}) + "\n")
