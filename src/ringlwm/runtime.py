@@ -208,3 +208,22 @@ def check_provenance(previous: Mapping | None, current: Mapping, *, what: str, p
         raise ValueError(f"{path} holds {what} produced by different settings ({describe_differences(previous, current, keys)}); "
                          "pass --overwrite to replace them, or choose another --out")
     return True
+
+
+def agree_on_error(error: Exception | None, what: str) -> None:
+    """Raise on every rank when any rank raised: a rank that refused to resume ``what`` must not leave the
+    others waiting in the next collective. Re-raises this rank's own error; a rank that had none raises a
+    ValueError naming the ranks that did. Outside torch.distributed (or on one rank): raise ``error``."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        if error is not None:
+            raise error
+        return
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    flags = torch.zeros(dist.get_world_size(), dtype=torch.int32, device=device)
+    flags[dist.get_rank()] = error is not None
+    dist.all_reduce(flags)
+    if error is not None:
+        raise error
+    if flags.any():
+        failed = [r for r, f in enumerate(flags.tolist()) if f]
+        raise ValueError(f"rank(s) {failed} stopped {what} (see their error); this rank stops too")

@@ -33,11 +33,11 @@ from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from ringlwm.data.chat import CHAT_ASSISTANT, CHAT_PREFIX
 from ringlwm.runtime import (
+    agree_on_error,
     check_provenance,
     close_distributed,
     init_distributed,
@@ -203,22 +203,7 @@ def _ids_fingerprint(*id_lists) -> str:
 
 
 def _agree(error: Exception | None) -> None:
-    """Raise on every rank when any rank raised: a rank that refused a resume must not leave the others
-    waiting for it in the first collective of generation. Outside torch.distributed: raise ``error``."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        if error is not None:
-            raise error
-        return
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    flags = torch.zeros(dist.get_world_size(), dtype=torch.int32, device=device)
-    flags[dist.get_rank()] = error is not None
-    dist.all_reduce(flags)
-    if error is not None:
-        raise error
-    if flags.any():
-        failed = [r for r, f in enumerate(flags.tolist()) if f]
-        raise ValueError(f"rank(s) {failed} refused to resume the needle results (see their error); "
-                         "this rank stops too")
+    agree_on_error(error, "resuming the needle results")
 
 
 def run_needle_eval(model, tokenizer, *, haystack: str, lengths: list[int], depths: list[float], trials: int,

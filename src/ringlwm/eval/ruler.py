@@ -85,6 +85,7 @@ from ringlwm.eval.ruler_tasks import (
     definitions,
 )
 from ringlwm.runtime import (
+    agree_on_error,
     check_provenance,
     close_distributed,
     init_distributed,
@@ -273,20 +274,7 @@ def _rank0() -> bool:
 
 
 def _agree(error: Exception | None) -> None:
-    """Raise on every rank when any rank raised (no rank is left waiting in generation's collectives)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        if error is not None:
-            raise error
-        return
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    flags = torch.zeros(dist.get_world_size(), dtype=torch.int32, device=device)
-    flags[dist.get_rank()] = error is not None
-    dist.all_reduce(flags)
-    if error is not None:
-        raise error
-    if flags.any():
-        failed = [r for r, f in enumerate(flags.tolist()) if f]
-        raise ValueError(f"rank(s) {failed} stopped the RULER run (see their error); this rank stops too")
+    agree_on_error(error, "the RULER run")
 
 
 def _ids_fingerprint(*id_lists) -> str:
