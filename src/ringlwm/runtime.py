@@ -151,6 +151,15 @@ def path_fingerprint(path: str | Path, patterns: Iterable[str] = ("*",)) -> str:
     return digest.hexdigest()[:16]
 
 
+TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges*")
+
+
+def tokenizer_files_fingerprint(path: str | Path) -> str:
+    """Hash of a tokenizer file, or of the tokenizer files of a folder (not the model weights beside them)."""
+    path = Path(path)
+    return path_fingerprint(path, TOKENIZER_FILES) if path.is_dir() else path_fingerprint(path)
+
+
 def model_fingerprint(path: str | Path) -> dict:
     """What identifies a checkpoint directory: its resolved path, and hashes of its config and its weights."""
     path = Path(path)

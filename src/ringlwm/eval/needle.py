@@ -43,8 +43,8 @@ from ringlwm.runtime import (
     init_distributed,
     load_model,
     model_fingerprint,
-    path_fingerprint,
     text_fingerprint,
+    tokenizer_files_fingerprint,
 )
 
 PREFIX = CHAT_PREFIX  # LWM's prompt: PREFIX + haystack + SUFFIX, each tokenized on its own
@@ -321,15 +321,6 @@ def _floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
 
 
-def _tokenizer_files(path: str | Path) -> str:
-    """Hash of a tokenizer file, or of the tokenizer files of a folder (not the model weights beside them)."""
-    path = Path(path)
-    if path.is_dir():
-        return path_fingerprint(path, ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*",
-                                       "merges*"))
-    return path_fingerprint(path)
-
-
 def main(argv=None) -> None:
     from ringlwm.data import load_tokenizer
 
@@ -357,7 +348,7 @@ def main(argv=None) -> None:
         tokenizer_path = args.tokenizer or args.model
         tokenizer = load_tokenizer(tokenizer_path)
         model = load_model(args.model, device=device, vision=False, purpose="ringlwm.eval.needle")
-        provenance = {"model": model_fingerprint(args.model), "tokenizer": _tokenizer_files(tokenizer_path)}
+        provenance = {"model": model_fingerprint(args.model), "tokenizer": tokenizer_files_fingerprint(tokenizer_path)}
         haystack = load_haystack(args.haystack) if args.haystack else generated_haystack(seed=args.seed)
         results = run_needle_eval(model, tokenizer, haystack=haystack,
                                   lengths=[int(x) for x in _floats(args.lengths)], depths=_floats(args.depths),

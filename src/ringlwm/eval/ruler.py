@@ -92,6 +92,7 @@ from ringlwm.runtime import (
     model_fingerprint,
     path_fingerprint,
     text_fingerprint,
+    tokenizer_files_fingerprint,
 )
 
 THRESHOLD = 85.6
@@ -398,14 +399,6 @@ def dump_samples(maker: SampleMaker, path: str | Path, *, tasks: list[str], leng
 # ------------------------------------------------------------------------------------------------
 
 
-def _tokenizer_files(path: str | Path) -> str:
-    path = Path(path)
-    if path.is_dir():
-        return path_fingerprint(path, ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*",
-                                       "merges*"))
-    return path_fingerprint(path)
-
-
 def _ints(text: str, what: str) -> list[int]:
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
@@ -503,7 +496,7 @@ def main(argv=None) -> None:
         raise SystemExit(f"--backend hf runs on one process (WORLD_SIZE is {world}): start it with python -m, "
                          "not torchrun; --backend ring uses the ranks")
     stops = (tokenizer.eos_id,) if tokenizer.eos_id is not None else ()
-    provenance = {"model": model_fingerprint(args.model), "tokenizer": _tokenizer_files(tokenizer_path),
+    provenance = {"model": model_fingerprint(args.model), "tokenizer": tokenizer_files_fingerprint(tokenizer_path),
                   **suite_provenance(maker, backend=args.backend, stop_token_ids=stops, haystack=haystack,
                                      haystack_name=" ".join(args.haystack) if args.haystack else None)}
     run_kw = dict(tasks=tasks, lengths=lengths, samples=args.samples, out_path=args.out, provenance=provenance,

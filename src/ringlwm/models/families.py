@@ -1,6 +1,6 @@
 """Ring attention for Hugging Face decoder models of several families, without a ringlwm model class.
 
-    model = AutoModelForCausalLM.from_pretrained("Qwen/Qwen3-0.6B")    # or Llama 2/3, Mistral, Qwen2
+    model = AutoModelForCausalLM.from_pretrained("path/to/qwen3")      # a local Llama 2/3, Mistral, Qwen2/3 dir
     enable_ring(model, sp_group=group)                                  # attention over the ring, in place
     out = model(input_ids=ids, position_ids=pos, segment_ids=seg, labels=..., shift_labels=targets)
 

@@ -39,8 +39,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from ringlwm.data.chat import chat_prompt
-from ringlwm.qa.chunks import TOKENIZER_FILES
-from ringlwm.runtime import model_fingerprint, path_fingerprint, text_fingerprint
+from ringlwm.runtime import model_fingerprint, text_fingerprint, tokenizer_files_fingerprint
 
 
 class GenerationError(Exception):
@@ -102,7 +101,7 @@ class HFGenerator:
     def provenance(self) -> dict:
         """What decides the outputs (see the module docstring); JSON-able."""
         return {"backend": "hf", "model": model_fingerprint(self.model_dir),
-                "tokenizer": path_fingerprint(self.model_dir, TOKENIZER_FILES),
+                "tokenizer": tokenizer_files_fingerprint(self.model_dir),
                 "dtype": str(self.model.dtype).removeprefix("torch."),
                 "prompt_format": text_fingerprint(self.format("{prompt}")),
                 "max_new_tokens": self.max_new_tokens, "temperature": self.temperature,

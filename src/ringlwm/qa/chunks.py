@@ -43,7 +43,7 @@ from pathlib import Path
 
 from ringlwm.data.sources import read_jsonl, read_text_folder
 from ringlwm.data.tokenizer import Tokenizer
-from ringlwm.runtime import path_fingerprint, text_fingerprint
+from ringlwm.runtime import text_fingerprint, tokenizer_files_fingerprint
 
 _PARAGRAPH_END = re.compile(r"\n[ \t]*\n\s*")
 _SENTENCE_END = re.compile(r"[.!?\u2026]+[\"'\u201d\u2019)\]]*\s+")
@@ -194,7 +194,6 @@ def chunk_text(text: str, tokenizer: Tokenizer, max_tokens: int = 1000, *, book:
 
 
 # A tokenizer folder's own files (a model folder also holds weights, which do not decide tokens).
-TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges*")
 _PROBE = ("Chapter XII.\n\n\"Mr. O'Hara's 3 ships,\" she said — Übermut, naïve café; 東京 and 🙂!\n"
           "Q: Who sailed on 4 July 1776? A: The captain (aged 42).")
 
@@ -204,10 +203,7 @@ def tokenizer_fingerprint(tokenizer: Tokenizer) -> dict:
     or the tokenizer files of a folder; None when it has no path), its special ids, and a hash of its ids
     for a fixed probe text (so that tokenizers built in code are told apart too)."""
     path = getattr(tokenizer, "path", None)
-    files = None
-    if path:
-        path = Path(path)
-        files = path_fingerprint(path, TOKENIZER_FILES) if path.is_dir() else path_fingerprint(path)
+    files = tokenizer_files_fingerprint(path) if path else None
     return {"files": files, "vocab_size": getattr(tokenizer, "vocab_size", None),
             "bos_id": getattr(tokenizer, "bos_id", None), "eos_id": getattr(tokenizer, "eos_id", None),
             "probe": text_fingerprint(json.dumps([int(i) for i in tokenizer.encode(_PROBE)]))}
