@@ -314,3 +314,21 @@ def test_damaged_newest_checkpoint_falls_back_to_the_older_one(tmp_path):
                           timeout=300)
     assert proc.returncode != 0 and "failed verification" in proc.stderr, proc.stderr[-4000:]
     assert (out / "metrics.jsonl").read_text() == before
+
+
+def test_checkpoints_off_trains_the_same_and_writes_none(tmp_path):
+    """checkpoint.enabled: false (benchmarks, gpu-check) changes nothing but the files written."""
+    recipe = json.loads(json.dumps(RECIPE))
+    recipe["stages"][0].update(sp=1, steps=4, warmup_steps=1)
+    path = _write(tmp_path, recipe)
+    on = _train(path, tmp_path / "on", 1)
+    off = _train(path, tmp_path / "off", 1, "checkpoint.enabled=false")
+    for a, b in zip(on, off):
+        for key in ("loss", "lr", "grad_norm"):
+            assert a[key] == b[key], (key, a, b)
+    assert (tmp_path / "on" / "checkpoints").is_dir() and not (tmp_path / "off" / "checkpoints").exists()
+    assert (tmp_path / "off" / "hf" / "config.json").is_file()
+    with pytest.raises(ValueError, match="allows one stage only"):
+        two = json.loads(json.dumps(recipe))
+        two["stages"].append({**two["stages"][0], "name": "second"})
+        load_config(_write(tmp_path, two, "two.yaml"), ["checkpoint.enabled=false"])
