@@ -175,6 +175,10 @@ def _ring_attention_forward(module, query, key, value, attention_mask, scaling=N
         positions = position_ids.expand(query.shape[0], -1) if position_ids.shape[0] == 1 else position_ids
         if world_size == 1:
             segment_ids = packed_segment_ids(positions)
+            # One document (no restart): plain causal attention. On CPU, where reading the ids costs no sync,
+            # this spares the fused CPU kernel the dense (len x len) mask that segment ids make it build.
+            if query.device.type == "cpu" and can_read_values(segment_ids) and not bool(segment_ids.any()):
+                segment_ids = None
         elif getattr(module, "layer_idx", 0) == 0:  # one check per forward, not one per layer
             halves = positions.reshape(positions.shape[0], 2, -1)
             if bool((torch.diff(halves, dim=-1) != 1).any()):
