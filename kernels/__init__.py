@@ -41,6 +41,7 @@ else:
         check_attention_inputs,
         default_backend,
         merge_attention,
+        merge_attention_,
         register_backend,
         resolve_backend,
     )
@@ -54,6 +55,7 @@ else:
         "check_attention_inputs",
         "default_backend",
         "merge_attention",
+        "merge_attention_",
         "register_backend",
         "resolve_backend",
     ]

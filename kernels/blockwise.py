@@ -402,11 +402,35 @@ def merge_attention(
     with w = exp(lse - lse_new), lse_new = logaddexp(lse, block_lse). A side with lse = -inf (no keys)
     gets weight 0, and rows empty on both sides stay out = 0, lse = -inf (no NaN from -inf - -inf).
     Accumulate in float32 (float64 for float64 inputs) and cast once at the end: rounding each step to
-    16 bits compounds over a ring.
+    16 bits compounds over a ring. ``merge_attention_`` does the same in place in the accumulators.
     """
     acc = torch.promote_types(torch.promote_types(out.dtype, block_out.dtype), torch.float32)
-    out, block_out, lse, block_lse = (t.to(acc) for t in (out, block_out, lse, block_lse))
+    out, lse = out.to(acc, copy=True), lse.to(acc, copy=True)
+    merge_attention_(out, lse, block_out, block_lse)
+    return out, lse
+
+
+MERGE_CHUNK_ELEMENTS = 1 << 24  # elements of ``out`` merged per chunk: a 64 MiB fp32 temporary at most
+
+
+def merge_attention_(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor) -> None:
+    """``merge_attention`` into the accumulators ``out`` (float32/64, any strides: a ring passes slices of
+    its whole accumulator) and ``lse``, in place. The block's weighted output is formed a slice of rows at
+    a time, so no temporary of out's size exists (at 512K tokens x 32 heads x 128 an fp32 copy is 8 GiB);
+    the values are those of ``merge_attention``, bit for bit (the same elementwise operations)."""
+    acc = out.dtype
+    if acc not in (torch.float32, torch.float64) or lse.dtype != acc:
+        raise TypeError(f"merge_attention_ accumulates in place in float32/float64 out and lse, got {out.dtype} "
+                        f"and {lse.dtype}")
+    block_lse = block_lse.to(acc)
     new_lse = torch.logaddexp(lse, block_lse)
     safe = torch.where(torch.isneginf(new_lse), 0.0, new_lse)
-    merged = out * torch.exp(lse - safe).unsqueeze(-1) + block_out * torch.exp(block_lse - safe).unsqueeze(-1)
-    return merged, new_lse
+    out.mul_(torch.exp(lse - safe).unsqueeze(-1))
+    block_weight = torch.exp(block_lse - safe).unsqueeze(-1)
+    rows = out.shape[-2]
+    per_row = max(1, out.numel() // max(rows, 1))
+    step = max(1, MERGE_CHUNK_ELEMENTS // per_row)
+    for start in range(0, rows, step):
+        n = min(step, rows - start)
+        out.narrow(-2, start, n).add_(block_out.narrow(-2, start, n).to(acc) * block_weight.narrow(-2, start, n))
+    lse.copy_(new_lse)

@@ -87,3 +87,24 @@ def test_lwm_recipes_plan_with_a_preset_architecture():
     config, preset = plan.load_recipe(ROOT / "recipes" / "lwm_text_7b.yaml", model="llama-3.1-8b")
     setup = plan.make_setup(config, 4, preset, 8, 2**20)
     assert setup.stage.sp == 8 and setup.llama.num_key_value_heads == 8 and setup.llama.vocab_size == 128256
+
+
+def test_offloading_moves_the_layer_inputs_to_host_memory():
+    """model.activation_offloading: the planned host bytes are exactly the checkpointed layer inputs (layers x
+    local_len x hidden in bf16), and the device's activations shrink by all but the ones in flight."""
+    config, preset = plan.load_recipe(ROOT / "recipes" / "tiny.yaml", ["model.activation_checkpointing=true",
+                                                                      "model.num_layers=4"])
+    budget = plan.Budget(overhead=0)
+    recs = {}
+    for offload in (False, True):
+        setup = plan.make_setup(config, 1, preset, 2, 16384)
+        setup.config.model.activation_offloading = offload
+        setup.llama.ringlwm_options["activation_offloading"] = offload
+        recs[offload] = plan.summarize(setup, plan.plan_step(setup), budget)
+    layer_input = 8192 * 64 * 2  # local_len x hidden x bf16
+    assert recs[False]["host_bytes"] == 0
+    assert recs[True]["host_bytes"] == 4 * layer_input
+    assert recs[True]["host_node_bytes"] == 2 * 4 * layer_input
+    assert recs[True]["options"]["activation_offloading"] is True
+    saved = recs[False]["memory_bytes"]["activations"] - recs[True]["memory_bytes"]["activations"]
+    assert 3 * layer_input <= saved <= 4 * layer_input, saved / layer_input

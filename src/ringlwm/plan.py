@@ -18,7 +18,9 @@ step, not the first one). The peak is the tracker's snapshot at the moment of th
 category: parameters (sharded fp32 + gathered bf16), gradients, optimizer state, activations kept for the
 backward, temporaries, communication buffers (all-gather, reduce-scatter), inputs. ``--overhead`` (CUDA
 context, NCCL buffers, allocator fragmentation; default 3 GiB) is added before comparing with the GPU.
-Host memory: nothing in the step is offloaded yet, so it is 0 (the column exists for offloading options).
+Host memory: with ``model.activation_offloading`` the checkpointed layer inputs wait in pinned host memory;
+the fake run makes those copies on "meta" and the offload store counts them (peak per GPU; per node, times
+``--gpus-per-node``, against ``--host-memory``).
 
 Time: model FLOPs per token as the trainer counts them (``ringlwm.train.metrics.flops_per_token``: 6 x
 parameters + 6 x layers x hidden x seq_len), times this rank's tokens per optimizer step, divided by
@@ -293,11 +295,17 @@ def tracked_step(setup: StepSetup, model, optimizer, micro, sp_group, on_start=l
         on_start()
         one_step(setup, model, optimizer, micro, sp_group)
     snapshot = tracker.get_tracker_snapshot("peak")
-    (device_snapshot,) = snapshot.values() if snapshot else ({},)
-    (start_snapshot,) = start.values() if start else ({},)
+    device_snapshot = _device_snapshot(snapshot)
+    start_snapshot = _device_snapshot(start)
     raw = {str(getattr(k, "value", k)): int(v) for k, v in device_snapshot.items()}
     raw["Start"] = int(start_snapshot.get("Total", 0))
     return raw
+
+
+def _device_snapshot(snapshot: dict) -> dict:
+    """The tracker's snapshot of the (fake or real) compute device, "cpu"; host copies of offloaded
+    activations are made on "meta" in a fake run (``OffloadStore.host_device``) and counted apart."""
+    return next((v for k, v in (snapshot or {}).items() if torch.device(k).type == "cpu"), {})
 
 
 def categories(raw: dict) -> dict:
@@ -356,6 +364,20 @@ def fake_world(world: int):
         yield
     finally:
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _host_copies_on_meta():
+    """Offloaded activations go to "meta" in a fake run, so the tracker's compute-device total leaves them out
+    and the offload store counts them as host bytes."""
+    from ringlwm.models.offload import OffloadStore
+
+    saved = OffloadStore.host_device
+    OffloadStore.host_device = "meta"
+    try:
+        yield
+    finally:
+        OffloadStore.host_device = saved
 
 
 @contextlib.contextmanager
@@ -423,10 +445,13 @@ def plan_step(setup: StepSetup, documents: int = 2) -> dict:
             micro = [synthetic_batch(setup.llama, stage.batch_size, local, 1, setup.config.model.vision,
                                      torch.device("cpu"), documents=documents)]
             prime_optimizer(model, optimizer)
-            with host_reads:
-                raw = tracked_step(setup, model, optimizer, micro, sp_group)
+            with host_reads, _host_copies_on_meta():
+                store = getattr(model, "offload_store", None)
+                raw = tracked_step(setup, model, optimizer, micro, sp_group,
+                                   on_start=store.reset_peak if store else lambda: None)
+            host = store.peak_host_bytes if store else 0
         del model, optimizer, micro
-    return {"raw": raw, "memory": categories(raw), "num_params": num_params,
+    return {"raw": raw, "memory": categories(raw), "host_bytes": host, "num_params": num_params,
             "assumed": dict(host_reads.sites), "seconds": time.perf_counter() - t0, **step_flops(setup, num_params)}
 
 
@@ -464,7 +489,8 @@ def make_setup(config, index: int, preset: str | None, world: int | None, seq_le
 @dataclass
 class Budget:
     gpu_memory: int = 80 * 10**9
-    host_memory: int = 2**40
+    host_memory: int = 2**40  # per node
+    gpus_per_node: int = 8
     overhead: int = DEFAULT_OVERHEAD
     gpu: str = "H100"
     mfu: float = DEFAULT_MFU
@@ -478,6 +504,8 @@ def summarize(setup: StepSetup, result: dict, budget: Budget) -> dict:
     """The plan's JSON record."""
     mem = result["memory"]
     gpu_need = mem["total"] + budget.overhead
+    node_gpus = min(setup.world, budget.gpus_per_node)
+    host_node = result["host_bytes"] * node_gpus  # every GPU of a node offloads as much
     seconds = result["rank_flops"] / (budget.peak_flops * budget.mfu)
     stage = setup.stage
     return {
@@ -485,10 +513,12 @@ def summarize(setup: StepSetup, result: dict, budget: Budget) -> dict:
         "seq_len": stage.seq_len, "local_len": stage.seq_len // stage.sp, "batch_size": stage.batch_size,
         "grad_accum": result["grad_accum"], "backend": setup.config.model.attention_backend,
         "options": {k: getattr(setup.config.model, k) for k in
-                    ("activation_checkpointing", "mlp_chunk_size", "loss_chunk_size")},
+                    ("activation_checkpointing", "activation_offloading", "mlp_chunk_size",
+                     "loss_chunk_size")},
         "num_params": result["num_params"], "memory_bytes": mem, "tracker_bytes": result["raw"],
-        "gpu_bytes": gpu_need, "gpu_memory": budget.gpu_memory, "host_bytes": 0, "host_memory": budget.host_memory,
-        "fits": gpu_need <= budget.gpu_memory,
+        "gpu_bytes": gpu_need, "gpu_memory": budget.gpu_memory, "host_bytes": result["host_bytes"],
+        "host_node_bytes": host_node, "host_memory": budget.host_memory, "gpus_per_node": node_gpus,
+        "fits": gpu_need <= budget.gpu_memory and host_node <= budget.host_memory,
         "flops_per_token": result["flops_per_token"], "step_flops_per_rank": result["rank_flops"],
         "gpu": budget.gpu, "mfu": budget.mfu, "step_seconds": seconds,
         "tokens_per_s_per_gpu": result["rank_tokens"] / seconds,
@@ -560,8 +590,9 @@ def format_table(rec: dict) -> str:
     lines.append(f"    {'+ overhead':<14}{fmt_bytes(rec['gpu_bytes'] - mem['total']):>14}   (CUDA context, NCCL, "
                  "fragmentation)")
     verdict = "fits" if rec["fits"] else "DOES NOT FIT"
-    lines.append(f"  GPU: {fmt_bytes(rec['gpu_bytes'])} of {fmt_bytes(rec['gpu_memory'])}: {verdict}; host (offloaded): "
-                 f"{fmt_bytes(rec['host_bytes'])} of {fmt_bytes(rec['host_memory'])}")
+    lines.append(f"  GPU: {fmt_bytes(rec['gpu_bytes'])} of {fmt_bytes(rec['gpu_memory'])}; host (offloaded "
+                 f"activations): {fmt_bytes(rec['host_bytes'])} per GPU, {fmt_bytes(rec['host_node_bytes'])} per "
+                 f"node of {rec['gpus_per_node']} of {fmt_bytes(rec['host_memory'])}: {verdict}")
     lines.append(f"  time: {rec['flops_per_token'] / 1e9:.1f} GFLOP/token, {rec['step_flops_per_rank'] / 1e12:.1f} "
                  f"TFLOP per rank per step -> {rec['step_seconds']:.2f} s/step on {rec['gpu']} at MFU "
                  f"{rec['mfu']:.0%} ({rec['tokens_per_s_per_gpu']:.0f} tokens/s/GPU)")
@@ -702,7 +733,8 @@ def main(argv=None) -> None:
     parser.add_argument("overrides", nargs="*", help="key=value recipe overrides (as ringlwm.train)")
     parser.add_argument("--world-size", type=int, default=None, help="GPUs (default: each stage's sp)")
     parser.add_argument("--gpu-memory", default="80GB", help="memory per GPU (80GB = 80e9 bytes; 80GiB)")
-    parser.add_argument("--host-memory", default="1TiB", help="host memory per node")
+    parser.add_argument("--host-memory", default="1TiB", help="host memory per node (for offloaded activations)")
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs sharing a node's host memory")
     parser.add_argument("--stage", default=None, help="plan this stage only (name)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--seq-len", type=int, default=None, help="plan at this sequence length")
@@ -721,6 +753,7 @@ def main(argv=None) -> None:
     args = parser.parse_intermixed_args(argv)
 
     budget = Budget(gpu_memory=parse_bytes(args.gpu_memory), host_memory=parse_bytes(args.host_memory),
+                    gpus_per_node=args.gpus_per_node,
                     overhead=parse_bytes(args.overhead), gpu=args.gpu, mfu=args.mfu)
     config, preset = load_recipe(args.recipe, args.overrides, model=args.model)
     names = [s.name for s in config.stages]

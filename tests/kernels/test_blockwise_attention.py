@@ -10,7 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 from reference import assert_within_baseline, max_err, reference_attention
-from ringlwm.kernels import block_attention_backward, block_attention_forward, blockwise_attention, merge_attention
+from ringlwm.kernels import (
+    block_attention_backward,
+    block_attention_forward,
+    blockwise_attention,
+    merge_attention,
+    merge_attention_,
+)
 
 GPU = torch.cuda.is_available()
 TRITON_DEVICE = "cuda" if GPU else "cpu"
@@ -290,6 +296,36 @@ def test_merge_attention_of_disjoint_key_sets_equals_full():
     merged32, _ = merge_attention(parts[0][0].float(), parts[0][1].float(), parts[1][0].float(), parts[1][1].float())
     assert merged32.dtype == torch.float32 and max_err(merged32, ref_out) < 1e-6
     assert torch.isneginf(parts[0][1][:, :, 4:]).any()  # the case "empty on one side only" was exercised
+
+
+def test_merge_in_place_equals_the_functional_merge_bitwise(monkeypatch):
+    """merge_attention_ (the ring's accumulator update, a slice of rows at a time) gives the bits of the
+    two-product formula, on a strided slice of a larger accumulator, with bf16 block outputs and rows empty
+    on either side."""
+    import ringlwm.kernels.blockwise as blockwise
+
+    monkeypatch.setattr(blockwise, "MERGE_CHUNK_ELEMENTS", 3 * 16)  # 3 rows per chunk, a ragged last one
+    g = torch.Generator().manual_seed(3)
+    whole = torch.randn(2, 3, 40, 16, generator=g)
+    whole_lse = torch.randn(2, 3, 40, generator=g)
+    whole_lse[:, :, :5] = float("-inf")
+    block = torch.randn(2, 3, 20, 16, generator=g).bfloat16()
+    block_lse = torch.randn(2, 3, 20, generator=g)
+    block_lse[:, :, 3:8] = float("-inf")
+    rows = slice(20, 40)
+    # strided views, as the ring passes (vectorised and strided transcendental kernels may differ in the last bit)
+    out, lse = whole.clone()[:, :, rows], whole_lse.clone()[:, :, rows]
+    new_lse = torch.logaddexp(lse, block_lse)
+    safe = torch.where(torch.isneginf(new_lse), 0.0, new_lse)
+    expected = out * torch.exp(lse - safe)[..., None] + block.float() * torch.exp(block_lse - safe)[..., None]
+    rest = whole[:, :, :20].clone()
+    merge_attention_(whole[:, :, rows], whole_lse[:, :, rows], block, block_lse)
+    assert torch.equal(whole[:, :, rows], expected) and torch.equal(whole_lse[:, :, rows], new_lse)
+    assert torch.equal(whole[:, :, :20], rest)
+    functional, _ = merge_attention(out, lse, block, block_lse)  # on contiguous copies: last-bit differences
+    assert max_err(functional, expected) < 1e-6
+    with pytest.raises(TypeError, match="float32/float64"):
+        merge_attention_(out.bfloat16(), lse, block, block_lse)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

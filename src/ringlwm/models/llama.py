@@ -33,6 +33,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 
 from ringlwm.kernels import blockwise_attention
 from ringlwm.models.loss import IGNORE_INDEX, can_read_values, linear_cross_entropy, sequence_parallel_loss
+from ringlwm.models.offload import OffloadStore, offload_layer_inputs
 from ringlwm.ring import ring_attention, sp_world
 from ringlwm.ring.decode import sharded_decode_attention
 
@@ -43,6 +44,7 @@ DEFAULT_OPTIONS = {
     "loss_chunk_size": 4096,  # tokens per chunk of the blockwise cross-entropy
     "mlp_chunk_size": None,  # tokens per chunk of the blockwise feed-forward (None: whole sequence)
     "activation_checkpointing": False,  # recompute each decoder layer in the backward
+    "activation_offloading": False,  # with checkpointing: keep the layer inputs in host memory (models/offload.py)
     "attention_backend": None,  # block kernel for the ring ("triton", "cpu", ...; None: by device)
 }
 
@@ -363,8 +365,18 @@ class RingLlamaForCausalLM(LlamaForCausalLM):
         else:
             enable, disable = self.gradient_checkpointing_enable, self.gradient_checkpointing_disable
             active = self.is_gradient_checkpointing
+        if opts["activation_offloading"] and not opts["activation_checkpointing"]:
+            raise ValueError("activation_offloading moves the checkpointed layer inputs to host memory: it needs "
+                             "activation_checkpointing=True")
         if opts["activation_checkpointing"]:
             enable({"use_reentrant": False})
+            store = None
+            if opts["activation_offloading"]:
+                store = self.__dict__.get("offload_store")
+                if store is None:
+                    store = self.offload_store = OffloadStore()
+                    self.model.register_forward_pre_hook(lambda *_: store.begin())
+            offload_layer_inputs(self, store)
         elif active:
             disable()
 

@@ -16,7 +16,7 @@ documents (segment_ids), a step whose queries share no document with its keys in
 too. Both directions follow one plan, made once per call by ``_ring_plan``.
 
 The ring holds no attention math: blocks go to ``ringlwm.kernels`` (Triton on GPU, the fused CPU kernel
-on CPU, or a backend named by ``backend``), partial results are combined by ``merge_attention``.
+on CPU, or a backend named by ``backend``), partial results are combined in place by ``merge_attention_``.
 
 Inputs are checked before any communication: first locally (shapes, dtypes, devices, backend), then for
 agreement across the ranks of the group, once per distinct call signature (one all_gather of a small
@@ -40,7 +40,7 @@ from ringlwm.kernels import (
     block_attention_forward,
     blockwise_attention,
     check_attention_inputs,
-    merge_attention,
+    merge_attention_,
     resolve_backend,
 )
 from ringlwm.ring.comm import RingComm, moves_host_memory
@@ -138,7 +138,8 @@ def _ring_forward(q, k, v, plan, scale, group, backend):
                 q[:, :, qs], block[0][:, :, ks], block[1][:, :, ks], causal=work.causal, scale=scale,
                 segment_ids=work.segment_ids, kv_segment_ids=work.kv_segment_ids, backend=backend,
             )
-            out[:, :, qs], lse[:, :, qs] = merge_attention(out[:, :, qs], lse[:, :, qs], blk_out, blk_lse)
+            merge_attention_(out[:, :, qs], lse[:, :, qs], blk_out, blk_lse)
+            del blk_out, blk_lse
         if more:
             comm.wait()
             block = incoming
@@ -163,6 +164,7 @@ def _ring_backward(dout, q, k, v, out, lse, plan, scale, group, backend):
                 kv_segment_ids=work.kv_segment_ids, backend=backend,
             )
             dq[:, :, qs] += dq_blk
+            del dq_blk  # a full-size fp32 block: not held through the next step's kernel
         if step == 0:
             dk = torch.zeros(k.shape, dtype=acc, device=k.device)
             dv = torch.zeros(v.shape, dtype=acc, device=v.device)
@@ -173,6 +175,7 @@ def _ring_backward(dout, q, k, v, out, lse, plan, scale, group, backend):
         if work is not None:
             dk[:, :, ks] += dk_blk
             dv[:, :, ks] += dv_blk
+            del dk_blk, dv_blk
         grad_incoming = grad_comm.start([dk, dv])
         if more:
             kv_comm.wait()

@@ -39,6 +39,9 @@ class ModelConfig:
     mixed_precision: bool | None = None
     """bf16 compute with fp32 master weights and gradient reduction; None: on GPU yes, on CPU no."""
     activation_checkpointing: bool = False
+    activation_offloading: bool = False
+    """With activation_checkpointing: the checkpointed layer inputs wait in host memory (pinned, copied on a
+    side stream) between the forward and the backward; exact (ringlwm.models.offload)."""
     mlp_chunk_size: int | None = None
     """Blockwise feed-forward chunk (tokens); None: the whole local sequence at once."""
     loss_chunk_size: int = 4096
@@ -60,6 +63,9 @@ class ModelConfig:
         for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "loss_chunk_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.activation_offloading and not self.activation_checkpointing:
+            raise ValueError("model.activation_offloading keeps the checkpointed layer inputs in host memory: it "
+                             "needs model.activation_checkpointing: true")
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"model: hidden_size ({self.hidden_size}) must divide by num_heads ({self.num_heads}) and "
