@@ -130,3 +130,20 @@ def test_offloading_under_fsdp2_and_the_ring_is_exact():
     assert on[0] == off[0]
     for a, b in zip(on[1], off[1]):
         assert torch.equal(a, b)
+
+
+def test_chunked_norm_is_the_norm_bitwise_and_its_weight_gradient_within_rounding():
+    """norm_chunk_size: loss and every gradient but the norms' weights bitwise as without it (the norm works
+    token by token); the norms' weight gradients, summed chunk by chunk, within fp64 rounding."""
+    ids, labels = _batch(seq=30)
+    plain_loss, plain = _loss_and_grads(_model(), ids, labels)
+    model = _model(norm_chunk_size=7, activation_checkpointing=True, activation_offloading=True)
+    assert type(model.model.norm).__name__ == "ChunkedLlamaRMSNorm"
+    loss, grads = _loss_and_grads(model, ids, labels)
+    assert torch.equal(loss, plain_loss)
+    for key, ref in plain.items():
+        if "norm" in key:
+            assert (grads[key] - ref).abs().max() <= 1e-12 * ref.abs().max(), key
+            assert not torch.equal(grads[key], torch.zeros_like(ref))
+        else:
+            assert torch.equal(grads[key], ref), key

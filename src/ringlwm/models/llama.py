@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
 from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.models.llama.modeling_llama import LlamaMLP
+from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
 from ringlwm.kernels import blockwise_attention
 from ringlwm.models.loss import IGNORE_INDEX, can_read_values, linear_cross_entropy, sequence_parallel_loss
@@ -43,6 +43,7 @@ ATTN_IMPLEMENTATION = "ringlwm_ring"
 DEFAULT_OPTIONS = {
     "loss_chunk_size": 4096,  # tokens per chunk of the blockwise cross-entropy
     "mlp_chunk_size": None,  # tokens per chunk of the blockwise feed-forward (None: whole sequence)
+    "norm_chunk_size": None,  # tokens per chunk of the RMSNorms, each recomputed in the backward (None: whole)
     "activation_checkpointing": False,  # recompute each decoder layer in the backward
     "activation_offloading": False,  # with checkpointing: keep the layer inputs in host memory (models/offload.py)
     "attention_backend": None,  # block kernel for the ring ("triton", "cpu", ...; None: by device)
@@ -226,6 +227,22 @@ class ChunkedLlamaMLP(LlamaMLP):
         return torch.cat(parts, dim=1)
 
 
+class ChunkedLlamaRMSNorm(LlamaRMSNorm):
+    """RMSNorm over chunks of tokens, each recomputed in the backward. transformers' norm computes in fp32, so
+    its backward holds several fp32 copies of its input (at 512K tokens x 4096, 8 GiB each); here they exist
+    for one chunk at a time. The output and the input's gradient are those of LlamaRMSNorm bit for bit (the
+    norm is per token); the weight's gradient is summed chunk by chunk (the last bits may differ)."""
+
+    chunk_size: int | None = None
+
+    def forward(self, x):
+        chunk = self.chunk_size
+        if not chunk or x.dim() < 3 or x.shape[1] <= chunk or not (torch.is_grad_enabled() and x.requires_grad):
+            return super().forward(x)
+        norm = super().forward
+        return torch.cat([checkpoint(norm, piece, use_reentrant=False) for piece in x.split(chunk, dim=1)], dim=1)
+
+
 def set_context_length(config: LlamaConfig, max_position_embeddings: int, rope_theta: float | None = None) -> None:
     """Context extension: the stage's maximum length and RoPE base (LWM raises theta with each stage)."""
     config.max_position_embeddings = int(max_position_embeddings)
@@ -358,6 +375,11 @@ class RingLlamaForCausalLM(LlamaForCausalLM):
                 layer.mlp.__class__ = ChunkedLlamaMLP  # same parameters and state-dict keys
             if isinstance(layer.mlp, ChunkedLlamaMLP):
                 layer.mlp.chunk_size = opts["mlp_chunk_size"]
+        for norm in self.modules():
+            if type(norm) is LlamaRMSNorm:
+                norm.__class__ = ChunkedLlamaRMSNorm  # same parameters and state-dict keys
+            if isinstance(norm, ChunkedLlamaRMSNorm):
+                norm.chunk_size = opts["norm_chunk_size"]
         # transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_*; accept both.
         if hasattr(self, "activation_checkpointing_enable"):
             enable, disable = self.activation_checkpointing_enable, self.activation_checkpointing_disable

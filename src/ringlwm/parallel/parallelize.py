@@ -31,6 +31,13 @@ def apply_fsdp(model, shard_mesh: DeviceMesh, mixed_precision: bool) -> None:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for layer in model.model.layers:
         fully_shard(layer, **kwargs)
+    # The input embeddings are their own unit: gathered for the forward's first op and for the backward's
+    # last, not held through every layer's backward (a 128K x 4096 table is 1 GiB in bf16). Not when tied
+    # to the output head, whose weight the loss reads inside the root's forward.
+    output = model.get_output_embeddings()
+    for table in (model.model.embed_tokens, getattr(model, "vision_embed_tokens", None)):
+        if table is not None and (output is None or table.weight is not output.weight):
+            fully_shard(table, **kwargs)
     fully_shard(model, **kwargs)
 
 

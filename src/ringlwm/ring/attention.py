@@ -117,6 +117,47 @@ def _ring_plan(rank: int, world_size: int, causal: bool, local_len: int, segment
     return [step if keep else None for step, keep in zip(steps, shared)]
 
 
+BACKWARD_TILE = 65536
+"""Most queries and keys per block-backward call. A call returns fp32 gradients of all its queries and keys
+(at 512K tokens per rank, 32 heads: an 8 GiB dq block); above this many local tokens the backward of a step
+runs tile by tile, so those temporaries stay bounded (1 GiB at 32 heads x 128), and its sums are added tile
+by tile in fp32. At or below it (every CPU test and the demo) a step is one call, as before."""
+
+
+class _Tile(NamedTuple):
+    queries: slice
+    keys: slice
+    causal: bool
+    q_offset: int
+    kv_offset: int
+    segment_ids: torch.Tensor | None
+    kv_segment_ids: torch.Tensor | None
+
+
+def _tiles(work: _Step, limit: int) -> list[_Tile]:
+    """The (queries x keys) tiles of a step, key tiles outer, each at most ``limit`` by ``limit``; with a
+    causal step (local indices, queries and keys from 0), tiles wholly above the diagonal are dropped and
+    those below it need no mask."""
+    qs, ks = work.queries, work.keys
+    if qs.stop - qs.start <= limit and ks.stop - ks.start <= limit:
+        return [_Tile(qs, ks, work.causal, 0, 0, work.segment_ids, work.kv_segment_ids)]
+    if work.causal and (qs.start, ks.start) != (0, 0):
+        raise AssertionError("a causal ring step compares local indices of queries and keys that both start at 0")
+    tiles = []
+    for c in range(ks.start, ks.stop, limit):
+        d = min(c + limit, ks.stop)
+        for a in range(qs.start, qs.stop, limit):
+            b = min(a + limit, qs.stop)
+            if work.causal and c >= b:
+                continue  # every key after every query
+            masked = work.causal and d - 1 > a
+            seg = None if work.segment_ids is None else work.segment_ids[:, a - qs.start:b - qs.start]
+            kv_seg = None if work.kv_segment_ids is None else work.kv_segment_ids[:, c - ks.start:d - ks.start]
+            tiles.append(_Tile(slice(a, b), slice(c, d), masked, a if masked else 0, c if masked else 0, seg,
+                               kv_seg))
+    return tiles
+
+
 def _accumulator_dtype(q: torch.Tensor) -> torch.dtype:
     """fp32 for 16-bit and fp32 inputs (per-step results are never rounded to 16 bits); fp64 stays fp64."""
     return torch.promote_types(q.dtype, torch.float32)
@@ -156,26 +197,30 @@ def _ring_backward(dout, q, k, v, out, lse, plan, scale, group, backend):
         more = step + 1 < len(plan)
         if more:
             incoming = kv_comm.start(block)
-        if work is not None:
-            qs, ks = work.queries, work.keys
-            dq_blk, dk_blk, dv_blk = block_attention_backward(
-                dout[:, :, qs], q[:, :, qs], block[0][:, :, ks], block[1][:, :, ks], out[:, :, qs],
-                lse[:, :, qs], causal=work.causal, scale=scale, segment_ids=work.segment_ids,
-                kv_segment_ids=work.kv_segment_ids, backend=backend,
-            )
-            dq[:, :, qs] += dq_blk
-            del dq_blk  # a full-size fp32 block: not held through the next step's kernel
         if step == 0:
             dk = torch.zeros(k.shape, dtype=acc, device=k.device)
             dv = torch.zeros(v.shape, dtype=acc, device=v.device)
         else:
-            # The accumulated gradients of the block we now hold, from the rank that held it before.
-            grad_comm.wait()
-            dk, dv = grad_incoming
-        if work is not None:
+            dk = dv = None  # the accumulated gradients of the block we now hold: in flight from its last holder
+        for tile in _tiles(work, BACKWARD_TILE) if work is not None else ():
+            qs, ks = tile.queries, tile.keys
+            dq_blk, dk_blk, dv_blk = block_attention_backward(
+                dout[:, :, qs], q[:, :, qs], block[0][:, :, ks], block[1][:, :, ks], out[:, :, qs],
+                lse[:, :, qs], causal=tile.causal, scale=scale, segment_ids=tile.segment_ids,
+                kv_segment_ids=tile.kv_segment_ids, q_offset=tile.q_offset, kv_offset=tile.kv_offset,
+                backend=backend,
+            )
+            dq[:, :, qs] += dq_blk
+            del dq_blk  # fp32 blocks of all the tile's queries: not held through the next kernel
+            if dk is None:  # the transfer overlapped the step's first kernel
+                grad_comm.wait()
+                dk, dv = grad_incoming
             dk[:, :, ks] += dk_blk
             dv[:, :, ks] += dv_blk
             del dk_blk, dv_blk
+        if dk is None:  # nothing to compute at this step
+            grad_comm.wait()
+            dk, dv = grad_incoming
         grad_incoming = grad_comm.start([dk, dv])
         if more:
             kv_comm.wait()

@@ -44,6 +44,9 @@ class ModelConfig:
     side stream) between the forward and the backward; exact (ringlwm.models.offload)."""
     mlp_chunk_size: int | None = None
     """Blockwise feed-forward chunk (tokens); None: the whole local sequence at once."""
+    norm_chunk_size: int | None = None
+    """RMSNorm chunk (tokens), each recomputed in the backward, so its fp32 temporaries exist for one chunk;
+    None: the whole local sequence at once."""
     loss_chunk_size: int = 4096
     """Blockwise cross-entropy chunk (tokens)."""
     attention_backend: str | None = None
@@ -63,6 +66,10 @@ class ModelConfig:
         for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "loss_chunk_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+        for name in ("mlp_chunk_size", "norm_chunk_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be a positive number of tokens or null (whole sequence), got "
+                                 f"{getattr(self, name)}")
         if self.activation_offloading and not self.activation_checkpointing:
             raise ValueError("model.activation_offloading keeps the checkpointed layer inputs in host memory: it "
                              "needs model.activation_checkpointing: true")

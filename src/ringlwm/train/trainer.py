@@ -69,6 +69,7 @@ def stage_model_config(config: TrainConfig, index: int, vocab_size: int | None) 
         longest = max(longest, llama.max_position_embeddings)
     set_context_length(llama, longest, rope_theta=theta)
     llama.ringlwm_options = {"loss_chunk_size": m.loss_chunk_size, "mlp_chunk_size": m.mlp_chunk_size,
+                             "norm_chunk_size": m.norm_chunk_size,
                              "activation_checkpointing": m.activation_checkpointing,
                              "activation_offloading": m.activation_offloading,
                              "attention_backend": m.attention_backend}
