@@ -77,13 +77,26 @@ def time_fn(fn, device: torch.device, *, warmup: int = 2, reps: int = 5, min_sec
 
 
 def append_csv(name: str, rows: list[dict]) -> Path:
-    """Append rows to bench/results/<name>.csv (header written once; columns from the first row)."""
+    """Append rows to bench/results/<name>.csv. Columns: the file's, then any new ones the rows bring (the
+    file is rewritten with the wider header; older rows get empty cells there)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.csv"
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-        if new:
+    old_rows, fields = [], []
+    if path.exists():
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            fields = list(reader.fieldnames or [])
+            old_rows = list(reader)
+    new_fields = [k for row in rows for k in row if k not in fields]
+    fields += list(dict.fromkeys(new_fields))
+    if new_fields and old_rows:
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(old_rows)
+    with path.open("a" if path.exists() and (old_rows or not new_fields) else "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        if f.tell() == 0:
             writer.writeheader()
         writer.writerows(rows)
     return path

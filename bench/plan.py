@@ -7,9 +7,11 @@
    on CPU, both measured by FSDPMemTracker: the peak per category must agree within 5 %, and the process's
    RSS growth (VmHWM during the step minus VmRSS before the model is built) within 15 % of the planned
    total.
-2. Planning table (bench/results/plan_8b.csv): bf16 Llama-3.1-8B (GQA 32/8, vocabulary 128,256), 80 GB per
-   GPU: the longest sequence that fits on 1, 8 and 32 GPUs with the options that exist, and the memory by
-   category at that length.
+2. Checks (bench/results/plan_checks.csv): fixed lengths against 80 GB per GPU, with the headroom: LWM-Text
+   7B's 1M stage on 8 GPUs, Llama-3.1-8B at 4M on 8 and 16M on 32.
+3. Planning table (bench/results/plan_8b.csv): bf16 Llama-3.1-8B (GQA 32/8, vocabulary 128,256), 80 GB per
+   GPU, 2 TiB host memory per node of 8: the longest sequence that fits on 1, 8 and 32 GPUs with each set
+   of memory options, and the memory by category at that length.
 """
 
 from __future__ import annotations
@@ -33,15 +35,32 @@ CASES = [
 ]
 QUICK = CASES[:3]
 
-# The 8B table: Llama-3.1-8B on the LWM text recipe's long stage, with the recipe's options.
+# The 8B table: Llama-3.1-8B on the LWM text recipe's long stage, one ring over all GPUs, with option sets
+# from the recipe's own (activation checkpointing, MLP and loss in 8K chunks) to every memory option.
 TABLE_RECIPE = "recipes/lwm_text_7b.yaml"
 TABLE_STAGE = "512k"
 TABLE_GPUS = (8, 32, 1)
 TABLE_GRANULE = 4096  # tokens per GPU of the search: lengths are multiples of 8K per GPU
 TABLE_START = 128 * 1024  # tokens per GPU of the first probe
+HOST_MEMORY = "2TiB"  # per node of 8 GPUs (a DGX H100 has 2 TiB)
+RECIPE_OPTIONS = "recipe: checkpointing, MLP and loss in 8K chunks"
+OFFLOAD = ["model.activation_offloading=true"]
+ALL_OPTIONS = [*OFFLOAD, "model.norm_chunk_size=8192", "model.loss_chunk_size=2048"]
 TABLE_OPTIONS = {
-    "recipe (activation checkpointing, MLP and loss in 8K chunks)": [],
+    RECIPE_OPTIONS: [],
+    "+ layer inputs offloaded to host": OFFLOAD,
+    "+ offloaded, RMSNorm in 8K chunks, loss in 2K chunks": ALL_OPTIONS,
 }
+TABLE_RUNS = [(8, name) for name in TABLE_OPTIONS] + [(32, RECIPE_OPTIONS), (32, list(TABLE_OPTIONS)[-1]),
+                                                       (1, list(TABLE_OPTIONS)[-1])]
+# Fixed-length checks: (label, model preset, stage, GPUs, sequence length, options).
+CHECKS = [
+    ("LWM-Text 7B (Llama-2-7B), its 1M stage on 8 GPUs", "llama-2-7b", "1m", 8, 2**20, RECIPE_OPTIONS),
+    ("Llama-3.1-8B, 4M on 8 GPUs (goal: beat ALST's 3.7M)", "llama-3.1-8b", TABLE_STAGE, 8, 4 * 2**20,
+     list(TABLE_OPTIONS)[-1]),
+    ("Llama-3.1-8B, 16M on 32 GPUs (goal)", "llama-3.1-8b", TABLE_STAGE, 32, 16 * 2**20, list(TABLE_OPTIONS)[-1]),
+]
+CHECKS_CSV = RESULTS / "plan_checks.csv"
 VALIDATION_CSV = RESULTS / "plan_validation.csv"
 TABLE_CSV = RESULTS / "plan_8b.csv"
 
@@ -83,39 +102,63 @@ def validate_case(case) -> dict:
     return row
 
 
-def table_row(gpus: int, label: str, overrides: list[str], log=print) -> dict:
-    from ringlwm.plan import Budget, fmt_tokens, load_recipe, max_seq_len
+_CATEGORIES = ("parameters", "gradients", "optimizer", "activations", "temporaries", "communication", "total")
 
-    config, preset = load_recipe(Path(__file__).resolve().parents[1] / TABLE_RECIPE, overrides, model="llama-3.1-8b")
-    index = [s.name for s in config.stages].index(TABLE_STAGE)
-    budget = Budget(gpu_memory=80 * 10**9)
+
+def _memory_columns(rec: dict) -> dict:
+    mem = rec["memory_bytes"]
+    row = {f"{k}_gib": round(mem[k] / 2**30, 2) for k in _CATEGORIES}
+    row.update(gpu_gib=round(rec["gpu_bytes"] / 2**30, 2), gpu_limit_gib=round(rec["gpu_memory"] / 2**30, 2),
+               host_per_gpu_gib=round(rec["host_bytes"] / 2**30, 2),
+               host_per_node_gib=round(rec["host_node_bytes"] / 2**30, 2), fits=rec["fits"],
+               step_seconds_h100_mfu40=round(rec["step_seconds"], 1),
+               tokens_per_s_per_gpu=round(rec["tokens_per_s_per_gpu"], 1))
+    return row
+
+
+def _table_config(label: str, model: str = "llama-3.1-8b", stage: str = TABLE_STAGE):
+    from ringlwm.plan import Budget, load_recipe, parse_bytes
+
+    config, preset = load_recipe(Path(__file__).resolve().parents[1] / TABLE_RECIPE, TABLE_OPTIONS[label],
+                                 model=model)
+    index = [s.name for s in config.stages].index(stage)
+    return config, preset, index, Budget(gpu_memory=80 * 10**9, host_memory=parse_bytes(HOST_MEMORY))
+
+
+def table_row(gpus: int, label: str, log=print) -> dict:
+    from ringlwm.plan import fmt_tokens, make_setup, max_seq_len, plan_step, summarize
+
+    config, preset, index, budget = _table_config(label)
     t0 = time.perf_counter()
-    if gpus == 1:  # the parameters and optimizer state alone: 8B x (4 + 4 + 8) bytes > 80 GB
-        length, rec = 0, None
-    else:
-        length, rec = max_seq_len(config, index, preset, gpus, budget, sp=gpus, log=lambda m: log(m, flush=True),
-                                  granule=TABLE_GRANULE, start=TABLE_START * gpus)
-    row = {"model": "Llama-3.1-8B", "gpus": gpus, "gpu_memory": "80 GB", "options": label,
-           "max_seq_len": length, "tokens_per_gpu": length // gpus if length else 0}
-    if rec is not None:
-        mem = rec["memory_bytes"]
-        row.update({f"{k}_gib": round(mem[k] / 2**30, 2) for k in
-                    ("parameters", "gradients", "optimizer", "activations", "temporaries", "communication", "total")})
-        row.update(gpu_gib=round(rec["gpu_bytes"] / 2**30, 2), host_gib=round(rec["host_bytes"] / 2**30, 2),
-                   step_seconds_h100_mfu40=round(rec["step_seconds"], 1),
-                   tokens_per_s_per_gpu=round(rec["tokens_per_s_per_gpu"], 1))
-    else:
-        from ringlwm.plan import make_setup, plan_step, summarize
-
+    row = {"model": "Llama-3.1-8B", "gpus": gpus, "gpu_memory": "80 GB", "options": label}
+    # One GPU: the parameters and optimizer state alone (8B x (4 + 4 + 8) bytes = 128 GB) exceed 80 GB.
+    length, rec = (0, None) if gpus == 1 else max_seq_len(
+        config, index, preset, gpus, budget, sp=gpus, log=lambda m: log(m, flush=True), granule=TABLE_GRANULE,
+        start=TABLE_START * gpus)
+    row.update(max_seq_len=length, max_seq_len_human=fmt_tokens(length) if length else "0",
+               tokens_per_gpu=length // gpus if length else 0)
+    if rec is None:
         setup = make_setup(config, index, preset, gpus, 2 * gpus * 512, sp=gpus)
-        smallest = summarize(setup, plan_step(setup), budget)
-        mem = smallest["memory_bytes"]
-        row.update({f"{k}_gib": round(mem[k] / 2**30, 2) for k in
-                    ("parameters", "gradients", "optimizer", "activations", "temporaries", "communication", "total")})
-        row.update(gpu_gib=round(smallest["gpu_bytes"] / 2**30, 2), host_gib=0.0,
-                   note=f"nothing fits: at {fmt_tokens(smallest['seq_len'])} tokens the step needs "
-                        f"{smallest['gpu_bytes'] / 2**30:.1f} GiB")
+        rec = summarize(setup, plan_step(setup), budget)
+        row["note"] = (f"nothing fits: at {fmt_tokens(rec['seq_len'])} tokens the step needs "
+                       f"{rec['gpu_bytes'] / 2**30:.1f} GiB, parameters and optimizer state "
+                       f"{(rec['memory_bytes']['parameters'] + rec['memory_bytes']['optimizer']) / 2**30:.1f} GiB")
+    row.update(_memory_columns(rec))
     row["plan_seconds"] = round(time.perf_counter() - t0, 1)
+    return row
+
+
+def check_row(label: str, model: str, stage: str, gpus: int, seq_len: int, options: str) -> dict:
+    from ringlwm.plan import make_setup, plan_step, summarize
+
+    config, preset, index, budget = _table_config(options, model, stage)
+    t0 = time.perf_counter()
+    setup = make_setup(config, index, preset, gpus, seq_len, sp=gpus)
+    rec = summarize(setup, plan_step(setup), budget)
+    row = {"check": label, "model": model, "stage": stage, "gpus": gpus, "seq_len": seq_len, "tokens_per_gpu": seq_len // gpus,
+           "options": options, **_memory_columns(rec),
+           "headroom_gib": round((rec["gpu_memory"] - rec["gpu_bytes"]) / 2**30, 2),
+           "plan_seconds": round(time.perf_counter() - t0, 1)}
     return row
 
 
@@ -137,11 +180,15 @@ def main(quick: bool = False, validation: bool = True, table: bool = True) -> No
         write_csv(VALIDATION_CSV, rows)
     if table:
         rows = []
-        for gpus in TABLE_GPUS:
-            for label, overrides in TABLE_OPTIONS.items():
-                rows.append(table_row(gpus, label, overrides))
-                print(json.dumps(rows[-1]), flush=True)
-                write_csv(TABLE_CSV, rows)
+        for label, model, stage, gpus, seq_len, options in CHECKS:
+            rows.append(check_row(label, model, stage, gpus, seq_len, options))
+            print(json.dumps(rows[-1]), flush=True)
+            write_csv(CHECKS_CSV, rows)
+        rows = []
+        for gpus, label in TABLE_RUNS:
+            rows.append(table_row(gpus, label))
+            print(json.dumps(rows[-1]), flush=True)
+            write_csv(TABLE_CSV, rows)
 
 
 if __name__ == "__main__":

@@ -332,3 +332,32 @@ def test_checkpoints_off_trains_the_same_and_writes_none(tmp_path):
         two = json.loads(json.dumps(recipe))
         two["stages"].append({**two["stages"][0], "name": "second"})
         load_config(_write(tmp_path, two, "two.yaml"), ["checkpoint.enabled=false"])
+
+
+def test_breakdown_and_profile_change_nothing_and_account_for_the_step(tmp_path):
+    """logging.breakdown: phases that add up to the step's wall time; logging.profile_steps: a per-category
+    summary per rank, attention and communication among them (sp=2); the losses are bitwise those of a run
+    without either."""
+    recipe = json.loads(json.dumps(RECIPE))
+    recipe["stages"][0].update(steps=5, warmup_steps=1)
+    path = _write(tmp_path, recipe)
+    plain = _train(path, tmp_path / "plain", 2)
+    timed = _train(path, tmp_path / "timed", 2, "logging.breakdown=true", "logging.profile_steps=[3, 4]")
+    for a, b in zip(plain, timed):
+        for key in ("loss", "lr", "grad_norm"):
+            assert a[key] == b[key], (key, a, b)
+        assert "breakdown" not in a
+    for row in timed:
+        phases = row["breakdown"]
+        assert set(phases) == {"data", "forward", "backward", "grad_norm", "optimizer", "other"}
+        step_seconds = row["tokens"] / row["tokens_per_s"]
+        assert abs(sum(phases.values()) - step_seconds) <= 0.05 * step_seconds + 2e-3, (phases, step_seconds)
+        assert phases["forward"] > 0 and phases["backward"] > 0
+    for rank in (0, 1):
+        summary = json.loads((tmp_path / "timed" / "profile" / f"rank{rank}.json").read_text())
+        assert summary["steps"] == 2
+        cpu = summary["cpu_seconds_per_step"]
+        assert cpu["attention"] > 0 and cpu["communication"] > 0 and cpu["matmul"] > 0, cpu
+        assert summary["top_ops"]
+    with pytest.raises(ValueError, match="profile_steps"):
+        load_config(path, ["logging.profile_steps=[4, 2]"])

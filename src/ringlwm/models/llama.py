@@ -520,7 +520,8 @@ class RingLlamaForCausalLM(LlamaForCausalLM):
                 hidden, self.lm_head.weight, labels, loss_weights,
                 chunk_size=self.config.ringlwm_options["loss_chunk_size"],
             )
-            loss_sums, loss_weight_sums = loss_sum[None], weight_sum[None]
+            # New tensors, not views: FSDP2 hooks the outputs, and an in-place op on a view would drop its hook.
+            loss_sums, loss_weight_sums = torch.stack([loss_sum]), torch.stack([weight_sum])
             if loss_reduction not in ("mean", "sum"):
                 raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
             if loss_reduction == "sum":

@@ -230,6 +230,19 @@ class LoggingConfig:
     """offline unless you say otherwise (WANDB_MODE in the environment wins)."""
     progress: bool = True
     """A progress bar on rank 0."""
+    breakdown: bool = False
+    """Time each step's phases (data, forward, backward, gradient norm, optimizer) into the metrics line as
+    ``breakdown``; on GPU each phase ends with a device synchronisation, which costs a little overlap."""
+    profile_steps: list[int] | None = None
+    """[first, last] (1-based, inclusive): profile those steps with torch.profiler and write rank r's time by
+    category (matmuls, attention kernels, communication, FSDP bookkeeping, host reads, optimizer, ...) to
+    OUT/profile/rank{r}.json."""
+
+    def __post_init__(self):
+        steps = self.profile_steps
+        if steps is not None and (len(steps) != 2 or not all(isinstance(x, int) and x >= 1 for x in steps)
+                                  or steps[0] > steps[1]):
+            raise ValueError(f"logging.profile_steps must be [first, last] with 1 <= first <= last, got {steps}")
 
 
 @dataclass

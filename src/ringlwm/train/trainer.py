@@ -28,6 +28,7 @@ from ringlwm.models import RingLlamaForCausalLM, RingLwmForCausalLM, set_context
 from ringlwm.models.lwm import lwm_config_from_text
 from ringlwm.parallel import ParallelDims, materialize, parallelize_llama
 from ringlwm.runtime import init_distributed, load_model, read_model_config
+from ringlwm.train.breakdown import PhaseTimer, StepProfiler
 from ringlwm.train.checkpoint import Checkpointer, export_hf, rng_state, set_rng_state
 from ringlwm.train.config import StageConfig, TrainConfig, to_dict
 from ringlwm.train.data import build_loader, load_data_tokenizer
@@ -114,7 +115,8 @@ def _model_inputs(batch: dict, vision: bool) -> dict:
     return inputs
 
 
-def train_step(model, micro: list[dict], sp_group, world: int, *, vision: bool) -> tuple[torch.Tensor, dict]:
+def train_step(model, micro: list[dict], sp_group, world: int, *, vision: bool,
+               timer: PhaseTimer | None = None) -> tuple[torch.Tensor, dict]:
     """Forward and backward of one optimizer step over its micro-batches, for any ringlwm model.
 
     The loss of the global batch is ``sum_h c_h * S_h / W_h`` over the model's loss heads (``loss_heads``:
@@ -124,19 +126,24 @@ def train_step(model, micro: list[dict], sp_group, world: int, *, vision: bool) 
     (``loss_reduction="sum"``); FSDP averages the gradients over the world, which makes the update the
     gradient of the global loss, whatever the dp/sp/accumulation split. Everything stays on the device: a
     second all-reduce sums the loss for the metrics, read by the caller once per step.
-    Returns (the global loss as a 0-d tensor, per-head global means when the model has several heads)."""
+    Returns (the global loss as a 0-d tensor, per-head global means when the model has several heads).
+    ``timer``: a ``PhaseTimer`` that gets the forward and backward phases."""
+    timer = timer or PhaseTimer(torch.device("cpu"), enabled=False)
     heads = model.loss_heads
     first = micro[0]["labels"]
     coefficients = torch.tensor(list(heads.values()), dtype=torch.float64, device=first.device)
     weights = torch.stack([model.label_weight_sums(**_model_inputs(b, vision)) for b in micro]).sum(0)
     dist.all_reduce(weights)
+    timer.mark("other")
     # Empty heads (no token of that kind in the whole batch) contribute nothing instead of 0/0.
     scale = (world * coefficients / weights.clamp(min=1e-30)).float()
     sums = torch.zeros(len(heads), dtype=torch.float64, device=first.device)
     for batch in micro:
         out = model(**_model_inputs(batch, vision), sp_group=sp_group, loss_reduction="sum")
+        timer.mark("forward")
         (out.loss_sums * scale).sum().backward()
         sums += out.loss_sums.detach().double()
+        timer.mark("backward")
     dist.all_reduce(sums)
     means = torch.where(weights > 0, sums / weights.clamp(min=1e-30), 0.0)
     loss = (coefficients * means).sum()
@@ -295,22 +302,31 @@ def _train_stage(config, index, start, dims, sp_group, llama, model, optimizer, 
     tokens_per_step = stage.seq_len * stage.batch_size * dims.dp * grad_accum
     iterator = iter(loader)
     model.train()
+    timer = PhaseTimer(device, config.logging.breakdown)
+    profiler = StepProfiler(checkpointer.root.parent, dist.get_rank(), config.logging.profile_steps, device)
     for step in range(start, stage.steps):
+        profiler.before(offset + step + 1)
         t0 = time.perf_counter()
+        timer.take()  # the step starts here
         lr = lr_at(stage, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
         micro = [next(iterator) for _ in range(grad_accum)]
-        loss, parts = train_step(model, micro, sp_group, world, vision=config.model.vision)
+        timer.mark("data")
+        loss, parts = train_step(model, micro, sp_group, world, vision=config.model.vision, timer=timer)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             model.parameters(), config.optim.grad_clip if config.optim.grad_clip > 0 else float("inf")
         )
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        timer.mark("grad_norm")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        timer.mark("optimizer")
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - t0
+        breakdown = timer.take()
+        profiler.after(offset + step + 1)
         tokens_per_s = tokens_per_step / seconds
         # The step's one read of device values (the loss, and the heads' means for the metrics).
         loss, parts = float(loss), {k: None if math.isnan(float(v)) else float(v) for k, v in parts.items()}
@@ -321,6 +337,7 @@ def _train_stage(config, index, start, dims, sp_group, llama, model, optimizer, 
             "mfu": tokens_per_s * step_flops / (peak * world) if peak else None,
             "max_memory_gb": max_memory_gb(device), "seq_len": stage.seq_len, "sp": dims.sp,
             "rope_theta": rope.get("rope_theta"), "rope": rope, **parts,
+            **({"breakdown": breakdown} if breakdown is not None else {}),
         })
         done = step + 1 == stage.steps
         if config.checkpoint.enabled and (done or (save_every and (step + 1) % save_every == 0)):
