@@ -10,8 +10,11 @@ ringlwm runs ``torchrun -m ringlwm.train`` with 2 processes of 1 thread: sp = 1 
 sp = 2 (the ring), with ``logging.breakdown`` (phase times: data, forward, backward, grad_norm, optimizer,
 other) and ``logging.profile_steps`` (rank 0's self CPU time per category: matmul, attention, ring,
 communication, fsdp, dtensor, host_read, ...). Two references train plain ``LlamaForCausalLM`` (SDPA) on the
-same batches with a minimal loop: one process with 2 threads (``hf-sdpa``), and two processes of 1 thread
-with DDP (``hf-ddp``: the same split of the machine into processes as ringlwm). Tokens/s is the median over
+same batches with a minimal loop: one process with 2 threads (``hf-sdpa``, transformers' default call, whose
+attention crosses the packed documents: it builds no document mask while a KV cache is on, and
+``use_cache`` defaults to on), the same with ``use_cache=False`` (``hf-sdpa documents``: the document mask
+ringlwm applies, so the same model), and two processes of 1 thread with DDP (``hf-ddp``: the same split of
+the machine into processes as ringlwm). Tokens/s is the median over
 the steps after a warmup; ratios are against both references measured in the same run. MFU: model FLOPs
 (6 N + attention, PaLM's count) per second over the fp32 matmul peak of this machine measured in the same run.
 """
@@ -99,13 +102,17 @@ def _hf_batches(shape: dict, steps: int, dp_rank: int, dp_size: int):
     return loader
 
 
-def _hf_loop(model, loader, steps: int, weight_total=None) -> list[float]:
-    """Plain training steps; returns each step's seconds. ``weight_total``: all-reduce the token count (DDP)."""
+def _hf_loop(model, loader, steps: int, weight_total=None, documents: bool = False) -> list[float]:
+    """Plain training steps; returns each step's seconds. ``weight_total``: all-reduce the token count (DDP).
+    ``documents``: keep attention inside packed documents. transformers derives that mask from position_ids
+    only without a KV cache; with its default ``use_cache`` (a cache is made in training too) the attention
+    is plain causal over the packed row, across documents (cheaper, and not the model ringlwm trains)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95))
     times = []
     for _, batch in zip(range(steps), loader):
         t0 = time.perf_counter()
-        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                       use_cache=False if documents else None).logits
         ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1),
                              ignore_index=-100, reduction="none")
         weights = batch["loss_weights"].sum()
@@ -129,14 +136,14 @@ def _hf_model(shape: dict):
     return model
 
 
-def _hf_tokens_per_s(shape: dict, steps: int, warmup: int) -> float:
+def _hf_tokens_per_s(shape: dict, steps: int, warmup: int, documents: bool = False) -> float:
     """Plain LlamaForCausalLM (SDPA) on the same packed batches, one process, 2 threads."""
     loader = _hf_batches(shape, steps, 0, 1)
     model = _hf_model(shape)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        times = _hf_loop(model, loader, steps)
+        times = _hf_loop(model, loader, steps, documents=documents)
     finally:
         torch.set_num_threads(threads)
     return BATCH * shape["seq"] / statistics.median(times[warmup:])
@@ -190,16 +197,23 @@ def run_shape(name: str, shape: dict, base: dict, peak: float, quick: bool) -> l
     params = sum(p.numel() for p in LlamaForCausalLM(_llama_config(shape)).parameters())
     per_token = flops_per_token(params, shape["model"]["num_layers"], shape["model"]["hidden_size"], shape["seq"])
     reference = _hf_tokens_per_s(shape, steps, warmup)
+    masked = _hf_tokens_per_s(shape, steps, warmup, documents=True)
     ddp = _hf_ddp_tokens_per_s(shape, steps, warmup)
-    rows = [dict(base, shape=name, impl="hf-sdpa (1 process, 2 threads)", sp=1, tokens_per_s=round(reference),
-                 vs_hf=1.0, vs_hf_ddp=round(reference / ddp, 3)),
-            dict(base, shape=name, impl="hf-ddp (2 processes, 1 thread each)", sp=1, tokens_per_s=round(ddp),
-                 vs_hf=round(ddp / reference, 3), vs_hf_ddp=1.0)]
+    rows = [dict(base, shape=name, impl="hf-sdpa (1 process, 2 threads; HF default: causal across documents)", sp=1,
+                 tokens_per_s=round(reference), vs_hf=1.0, vs_hf_ddp=round(reference / ddp, 3),
+                 vs_hf_documents=round(reference / masked, 3)),
+            dict(base, shape=name, impl="hf-sdpa documents (1 process, 2 threads; use_cache=False)", sp=1,
+                 tokens_per_s=round(masked), vs_hf=round(masked / reference, 3), vs_hf_ddp=round(masked / ddp, 3),
+                 vs_hf_documents=1.0),
+            dict(base, shape=name, impl="hf-ddp (2 processes, 1 thread each; causal across documents)", sp=1,
+                 tokens_per_s=round(ddp), vs_hf=round(ddp / reference, 3), vs_hf_ddp=1.0,
+                 vs_hf_documents=round(ddp / masked, 3))]
     for sp in (1, 2):
         run = _ringlwm_run(shape, sp, steps + 2, warmup)  # +2: the profiled steps, left out of the median
         tps = run["tokens_per_s"]
         row = dict(base, shape=name, impl=f"ringlwm (2 processes, sp={sp})", sp=sp, tokens_per_s=round(tps),
                    vs_hf=round(tps / reference, 3), vs_hf_ddp=round(tps / ddp, 3),
+                   vs_hf_documents=round(tps / masked, 3),
                    max_memory_gb=round(run["max_memory_gb"], 3))
         row.update({f"t_{p}": round(run["breakdown"][p], 4) for p in PHASES})
         row.update({f"cpu_{k}": round(v, 4) for k, v in run["profile"].items()})
@@ -219,7 +233,8 @@ def main(quick: bool = False, shapes=("tiny", "compute")) -> list[dict]:
         rows += run_shape(name, SHAPES[name], base, peak, quick)
     path = append_csv("train", rows)
     print(f"\ntrain on {base['device']} ({base['date']}, {base['git']}); rows appended to {path}")
-    print_table(rows, ["shape", "impl", "tokens_per_s", "vs_hf", "vs_hf_ddp", "mfu", "max_memory_gb"])
+    print_table(rows, ["shape", "impl", "tokens_per_s", "vs_hf", "vs_hf_ddp", "vs_hf_documents", "mfu",
+                       "max_memory_gb"])
     phase_rows = [r for r in rows if "t_forward" in r]
     print_table(phase_rows, ["shape", "impl", *[f"t_{p}" for p in PHASES]])
     cpu_keys = sorted({k for r in phase_rows for k in r if k.startswith("cpu_")},

@@ -6,11 +6,14 @@ given (out, lse), so it also serves one ring step with the merged statistics of 
 handle GQA natively (k/v with fewer heads) and accept any strides.
 
 What we add on top: the masks (causal with position offsets, segment ids) as an additive float mask,
-built only when is_causal alone cannot express them; lse = -inf for rows whose keys are all masked
+built only when is_causal alone cannot express them (documents on a diagonal block: is_causal plus a mask of
+the documents, so the kernel still skips the key blocks above the diagonal); lse = -inf for rows whose keys are all masked
 (the kernel returns out = 0 and lse = 0 for those); skipping blocks that nobody can see.
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import torch
 
@@ -22,7 +25,8 @@ class _MaskPlan:
     """How to express one block's mask to the fused kernel.
 
     mode: "none" (every key visible), "causal" (the kernel's own is_causal), "mask" (additive float mask
-    of shape (batch or 1, 1, seq_q, seq_k)), or "empty" (no query sees any key).
+    of shape (batch or 1, 1, seq_q, seq_k)), "causal_mask" (the kernel's is_causal, which skips the key
+    blocks above the diagonal, plus a float mask of the documents), or "empty" (no query sees any key).
     """
 
     __slots__ = ("mode", "float_mask", "dead_rows")
@@ -33,7 +37,39 @@ class _MaskPlan:
         self.dead_rows = dead_rows  # (batch or 1, 1, seq_q) bool: rows with no visible key, or None
 
 
+_PLAN_CACHE: OrderedDict = OrderedDict()
+_PLAN_CACHE_SIZE = 8
+_PLAN_CACHE_BYTES = 256 * 2**20  # masks kept in all; a larger one is rebuilt at each call
+
+
+def _ids_key(ids: torch.Tensor) -> tuple:
+    return (ids.untyped_storage().data_ptr(), ids.storage_offset(), tuple(ids.shape), ids.stride(), ids._version,
+            ids.dtype, ids.device)
+
+
 def _plan(q, k, causal, segment_ids, kv_segment_ids, q_offset, kv_offset) -> _MaskPlan:
+    """The block's mask plan. With segment ids the float mask costs seq_q x seq_k work and memory; every layer
+    of a model (and the backward) asks for the same one, so the last few are kept. The key holds the ids'
+    memory, layout and version counter, and the entry holds the ids themselves (their memory cannot be
+    reused by other ids while cached; an in-place change bumps the version)."""
+    if segment_ids is None:
+        return _build_plan(q, k, causal, segment_ids, kv_segment_ids, q_offset, kv_offset)
+    key = (_ids_key(segment_ids), _ids_key(kv_segment_ids), causal, q_offset, kv_offset, q.shape[2], k.shape[2],
+           q.dtype, q.device)
+    hit = _PLAN_CACHE.get(key)
+    if hit is not None:
+        _PLAN_CACHE.move_to_end(key)
+        return hit[0]
+    plan = _build_plan(q, k, causal, segment_ids, kv_segment_ids, q_offset, kv_offset)
+    size = lambda p: 0 if p.float_mask is None else p.float_mask.nbytes  # noqa: E731
+    if size(plan) <= _PLAN_CACHE_BYTES // 2:
+        _PLAN_CACHE[key] = (plan, segment_ids, kv_segment_ids)
+        while len(_PLAN_CACHE) > _PLAN_CACHE_SIZE or sum(size(v[0]) for v in _PLAN_CACHE.values()) > _PLAN_CACHE_BYTES:
+            _PLAN_CACHE.popitem(last=False)
+    return plan
+
+
+def _build_plan(q, k, causal, segment_ids, kv_segment_ids, q_offset, kv_offset) -> _MaskPlan:
     seq_q, seq_k = q.shape[2], k.shape[2]
     causal_needed = causal and q_offset - kv_offset < seq_k - 1  # else every query sees every key
     if causal and q_offset + seq_q - 1 < kv_offset:
@@ -43,6 +79,25 @@ def _plan(q, k, causal, segment_ids, kv_segment_ids, q_offset, kv_offset) -> _Ma
             return _MaskPlan("none")
         if q_offset == kv_offset and seq_q == seq_k:
             return _MaskPlan("causal")
+    if segment_ids is not None and bool((segment_ids == segment_ids[:, :1]).all()) and bool(
+            (kv_segment_ids == segment_ids[:, :1]).all()):
+        segment_ids = kv_segment_ids = None  # one document on both sides: the ids change nothing
+        if not causal_needed:
+            return _MaskPlan("none")
+        if q_offset == kv_offset and seq_q == seq_k:
+            return _MaskPlan("causal")
+    if causal_needed and segment_ids is not None and q_offset == kv_offset and seq_q == seq_k:
+        # The kernel's own causal mask is aligned like this block's (top left): it skips the key blocks above
+        # the diagonal (half the work) and the float mask only separates documents. With the same ids on both
+        # sides every row sees itself; otherwise a row may see nothing.
+        same = (segment_ids[:, :, None] == kv_segment_ids[:, None, :])[:, None]
+        float_mask = torch.zeros(same.shape, dtype=q.dtype, device=q.device)
+        float_mask.masked_fill_(~same, float("-inf"))
+        dead = None
+        if not torch.equal(segment_ids, kv_segment_ids):
+            dead = ~(same & torch.ones(seq_q, seq_k, dtype=torch.bool, device=q.device).tril()).any(dim=-1)
+            dead = dead if bool(dead.any()) else None
+        return _MaskPlan("causal_mask", float_mask, dead)
     visible = None
     if causal_needed:
         q_pos = torch.arange(seq_q, device=q.device) + q_offset
@@ -67,7 +122,7 @@ def cpu_attention_forward(
     if plan.mode == "empty":
         out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
         return out, torch.full(q.shape[:3], float("-inf"), dtype=stat_dtype, device=q.device)
-    out, lse = _fwd_op(q, k, v, 0.0, plan.mode == "causal", attn_mask=plan.float_mask, scale=scale)
+    out, lse = _fwd_op(q, k, v, 0.0, plan.mode in ("causal", "causal_mask"), attn_mask=plan.float_mask, scale=scale)
     lse = lse.to(stat_dtype)
     if plan.dead_rows is not None:
         dead = plan.dead_rows.expand(lse.shape)
@@ -93,5 +148,6 @@ def cpu_attention_backward(
     # Rows that attended nothing carry lse = -inf; their scores are all -inf too, so any finite lse
     # gives them zero probabilities (and no NaN from -inf - -inf).
     lse = torch.where(torch.isneginf(lse), 0.0, lse).to(grad_dtype)
-    dq, dk, dv = _bwd_op(dout, q, k, v, out, lse, 0.0, plan.mode == "causal", attn_mask=mask, scale=scale)
+    dq, dk, dv = _bwd_op(dout, q, k, v, out, lse, 0.0, plan.mode in ("causal", "causal_mask"), attn_mask=mask,
+                         scale=scale)
     return dq, dk, dv

@@ -149,6 +149,22 @@ def test_packed_segments(backend, causal):
     assert not torch.equal(out2[0][:, ~other].cpu(), got[0][0][:, ~other].cpu())
 
 
+def test_cpu_mask_cache_follows_the_ids():
+    """The CPU kernel keeps the last few document masks (every layer asks for the same one). Ids changed in
+    place, or new ids in memory that held old ones, must give their own mask: the fp64 reference holds."""
+    q, k, v, dout = _inputs(1, 2, 2, 48, 48, 16, torch.float32, seed=7)
+    seg = torch.zeros(1, 48, dtype=torch.long)
+    seg[:, 20:] = 1
+    for _ in range(2):  # the second call is served from the cache
+        check_against_reference("cpu", q, k, v, dout, causal=True, segment_ids=seg, kv_segment_ids=seg)
+    seg[:, 30:] = 2  # in place: the version counter changes
+    check_against_reference("cpu", q, k, v, dout, causal=True, segment_ids=seg, kv_segment_ids=seg)
+    for cut in (5, 40, 12):  # fresh ids of one size (the cache holds the ids, so no new ids take their memory)
+        fresh = torch.tensor([[0] * cut + [1] * (48 - cut)])
+        check_against_reference("cpu", q, k, v, dout, causal=True, segment_ids=fresh, kv_segment_ids=fresh)
+        del fresh
+
+
 RING_CASES = [  # (seq_q, seq_k, q_offset, kv_offset, causal)
     pytest.param(64, 64, 64, 64, True, id="diagonal"),
     pytest.param(64, 64, 128, 0, True, id="below-diagonal-full"),

@@ -49,13 +49,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
             valid = y != IGNORE_INDEX
             w = torch.where(valid, w, 0.0)
             y = torch.where(valid, y, 0)
-            logits = (h @ weight.t()).to(acc)
-            lse = torch.logsumexp(logits, dim=-1)
-            target = logits.gather(1, y[:, None]).squeeze(1)
-            total += ((lse - target) * w).sum()
+            # One fused pass (max, exp, sum, log) from the 16-bit logits straight to fp32 log-probabilities.
+            logp = torch.log_softmax(h @ weight.t(), dim=-1, dtype=acc)
+            total -= (logp.gather(1, y[:, None]).squeeze(1) * w).sum()
             if need_hidden or need_weight:
-                # d/dlogits of w * CE = w * (softmax - onehot), formed in place in the logits' memory.
-                grad_logits = logits.sub_(lse[:, None]).exp_()
+                # d/dlogits of w * CE = w * (softmax - onehot), formed in place in the log-probabilities' memory.
+                grad_logits = logp.exp_()
                 grad_logits[torch.arange(end - start, device=y.device), y] -= 1.0
                 grad_logits *= w[:, None]
                 if need_hidden:
