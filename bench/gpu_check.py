@@ -71,7 +71,8 @@ def _write_csv(name: str, rows: list[dict]) -> Path:
 
 
 def part_tests(limit: float) -> dict:
-    code, out = _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/kernels"], limit)
+    code, out = _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/kernels",
+                         "tests/models/test_offload.py"], limit)
     last = [line for line in out.splitlines() if " passed" in line or " failed" in line]
     return {"status": "ok" if code == 0 else f"exit {code}", "result": last[-1] if last else out[-300:]}
 

@@ -147,3 +147,31 @@ def test_chunked_norm_is_the_norm_bitwise_and_its_weight_gradient_within_roundin
             assert not torch.equal(grads[key], torch.zeros_like(ref))
         else:
             assert torch.equal(grads[key], ref), key
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the side-stream copies run on a CUDA GPU (make gpu-check)")
+def test_offloading_on_a_gpu_is_bitwise_plain_checkpointing():
+    """On CUDA the copies are asynchronous (a side stream, pinned host memory, prefetch one layer ahead):
+    losses and gradients must still be those of plain checkpointing, bit for bit, and the device must hold
+    less at the end of the forward."""
+    torch.manual_seed(0)
+    config = tiny_llama_config(num_hidden_layers=6, hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                               num_key_value_heads=2, max_position_embeddings=4096)
+    ids = torch.randint(0, 64, (2, 2048), device="cuda")
+    results = {}
+    for offload in (False, True):
+        torch.manual_seed(0)
+        model = RingLlamaForCausalLM(config).cuda().train()
+        model.apply_options(activation_checkpointing=True, activation_offloading=offload)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        loss = model(ids, labels=ids).loss
+        torch.cuda.synchronize()
+        held = torch.cuda.memory_allocated() - before
+        loss.backward()
+        results[offload] = (loss.detach(), [p.grad.clone() for p in model.parameters()], held)
+    assert torch.equal(results[True][0], results[False][0])
+    for a, b in zip(results[True][1], results[False][1]):
+        assert torch.equal(a, b)
+    layer_inputs = 6 * 2 * 2048 * 256 * 4
+    assert results[False][2] - results[True][2] >= 0.9 * layer_inputs, (results[False][2], results[True][2])

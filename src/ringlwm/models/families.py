@@ -44,7 +44,8 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
 def enable_ring(model: nn.Module, *, sp_group: dist.ProcessGroup | None = None, **options) -> nn.Module:
     """Switch ``model`` (a transformers decoder of a supported family, or a ringlwm model) to ring attention
     over ``sp_group``, in place, and return it. options: ``ringlwm_options`` (``attention_backend`` for any
-    family; ring models also take ``mlp_chunk_size``, ``loss_chunk_size``, ``activation_checkpointing``).
+    family; ring models also take ``mlp_chunk_size``, ``norm_chunk_size``, ``loss_chunk_size``,
+    ``activation_checkpointing``, ``activation_offloading``).
 
     sp_group: the ranks that share one sequence. None is only accepted on one process: in a world of several
     processes pass the group explicitly (``dist.group.WORLD`` when every rank holds part of one sequence;

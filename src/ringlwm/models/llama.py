@@ -13,9 +13,11 @@ Attention goes through transformers' attention interface under the name ``"ringl
 at import; transformers' own modules are not patched). Checkpoints stay plain Llama checkpoints:
 ``save_pretrained`` output loads in ``LlamaForCausalLM``.
 
-Long-sequence memory: the loss is blockwise (``models/loss.py``: no (tokens x vocab) logits), the MLP can
-run in chunks of tokens with rematerialisation (``mlp_chunk_size``), and each decoder layer can be
-checkpointed (``activation_checkpointing``), all set on the config (``ringlwm_options``).
+Long-sequence memory: the loss is blockwise (``models/loss.py``: no (tokens x vocab) logits), the MLP and
+the RMSNorms can run in chunks of tokens with rematerialisation (``mlp_chunk_size``, ``norm_chunk_size``),
+each decoder layer can be checkpointed (``activation_checkpointing``) and its checkpointed input kept in
+host memory until the backward (``activation_offloading``, ``models/offload.py``), all set on the config
+(``ringlwm_options``).
 """
 
 from __future__ import annotations
