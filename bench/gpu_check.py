@@ -181,10 +181,22 @@ def part_train(limit: float) -> dict:
         if code != 0:
             return {"status": f"exit {code}", "result": out[-300:]}
         rows = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+        # The planner's peak for the same recipe (fake devices, on this machine's CPU), against the allocator's.
+        code, plan_out = _run([sys.executable, "-m", "ringlwm.plan", str(recipe), "--json", "--overhead", "0",
+                               "--world-size", "1"], max(30.0, limit / 4))
+    planned = None
+    if code == 0:
+        plan = json.loads(plan_out.strip().splitlines()[-1])
+        planned = plan["memory_bytes"]["total"] / 2**30
+    for row in rows:
+        row["planned_peak_gib"] = planned
     _write_csv("train_8b_layers", rows)
     last = rows[-1]  # the first step compiles and autotunes
+    real = max(r["max_memory_gb"] for r in rows)
+    versus = (f", planner {planned:.1f} GiB ({planned / real - 1:+.1%} vs max_memory_allocated {real:.1f})"
+              if planned else f", planner failed: {plan_out[-200:]}")
     return {"status": "ok", "result": f"{last['tokens_per_s']:.0f} tok/s, MFU {last['mfu'] or 0:.3f}, "
-                                      f"peak {last['max_memory_gb']:.1f} GiB"}
+                                      f"peak {last['max_memory_gb']:.1f} GiB{versus}"}
 
 
 def main(argv=None) -> None:
