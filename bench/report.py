@@ -126,7 +126,8 @@ def main() -> Path:
     for name, title, columns in (
         ("long", "One training step at 128K tokens (2 processes)",
          ["world_size", "seqlen", "local_seqlen", "step_s", "step_mem_mb", "peak_rss_mb"]),
-        ("train", "Training throughput", ["impl", "tokens_per_s", "vs_hf", "mfu", "matmul_peak_gflops"]),
+        ("train", "Training throughput", ["shape", "impl", "tokens_per_s", "vs_hf", "vs_hf_documents", "vs_hf_ddp",
+                                          "mfu", "matmul_peak_gflops"]),
         ("data", "Data pipeline", None),
     ):
         rows = _latest(name)
@@ -134,6 +135,16 @@ def main() -> Path:
             out += [f"## {title} ({rows[0]['device']}, {rows[0]['date']})", ""]
             out += _table(rows, columns or [c for c in rows[0] if c not in ("date", "device", "git", "ringlwm",
                                                                             "torch", "triton")]) + [""]
+    train = [r for r in (_latest("train") or []) if r.get("t_forward")]
+    if train:
+        out += ["### Where a ringlwm step's time goes (seconds per step)", "",
+                "Phases (`logging.breakdown`, wall time) and rank 0's self CPU time by profiler category",
+                "(`logging.profile_steps`, over two steps after the timed ones).", ""]
+        phases = [c for c in train[0] if c.startswith("t_")]
+        cpu = sorted({c for r in train for c in r if c.startswith("cpu_") and r[c]},
+                     key=lambda c: -max(float(r[c] or 0) for r in train))
+        out += _table(train, ["shape", "impl", *phases]) + [""]
+        out += _table(train, ["shape", "impl", *cpu[:10]]) + [""]
     path = RESULTS / "SUMMARY.md"
     path.write_text("\n".join(out) + "\n")
     print(f"wrote {path}")
