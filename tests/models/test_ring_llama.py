@@ -110,6 +110,25 @@ def _matches_hf(rank, world_size, path):
                segment_ids=shard_sequence(seg, 1))
     assert abs(out.loss.item() - total / count) < 1e-5, (out.loss.item(), total / count)
 
+    # The layers share one gather of the segment ids per forward (checkpointed recomputes included), and the
+    # result is the one computed with a gather per layer.
+    from ringlwm.ring import attention
+
+    gathers = []
+    original = attention._gather_segment_ids
+    attention._gather_segment_ids = lambda *a: gathers.append(1) or original(*a)
+    try:
+        ring.apply_options(activation_checkpointing=True)
+        ring.train()
+        again = ring(shard_sequence(ids, 1), shard_sequence(pos, 1), shift_labels=shard_sequence(labels, 1),
+                     segment_ids=shard_sequence(seg, 1))
+        again.loss.backward()
+        assert len(gathers) == 1, f"{len(gathers)} gathers of the segment ids for one forward and backward"
+        assert again.loss.item() == out.loss.item()
+    finally:
+        attention._gather_segment_ids = original
+        ring.apply_options(activation_checkpointing=False)
+
     with pytest.raises(ValueError, match="position_ids are required"):
         ring(shard_sequence(ids, 1))
 

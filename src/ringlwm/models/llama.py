@@ -125,7 +125,7 @@ def _resolve_sp_group(module, sp_group):
 
 def _ring_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                             segment_ids=None, sp_group=_UNSET, ringlwm_cache=None, position_ids=None,
-                            sliding_window=None, **_kwargs):
+                            sliding_window=None, ring_plans=None, **_kwargs):
     """transformers attention-interface function. query: (batch, heads, local_len, head_dim); key/value:
     (batch, kv_heads, kv_seq, head_dim). Returns ((batch, local_len, heads, head_dim), None).
 
@@ -191,7 +191,7 @@ def _ring_attention_forward(module, query, key, value, attention_mask, scaling=N
                                  "segment_ids were given; with sequence parallelism pass segment_ids (batch, "
                                  "local_len), sharded like the positions (ringlwm.hf.RingCollator makes both)")
     out = ring_attention(query, key, value, causal=True, segment_ids=segment_ids, scale=scaling,
-                         group=sp_group, backend=backend)
+                         group=sp_group, backend=backend, plan_cache=ring_plans)
     return out.transpose(1, 2), None
 
 
@@ -513,8 +513,9 @@ class RingLlamaForCausalLM(LlamaForCausalLM):
         if attention_mask is not None:
             segment_ids = padding_segment_ids(attention_mask, segment_ids)
         position_ids = self._check_inputs(input_ids, inputs_embeds, position_ids, labels, segment_ids, sp_group)
+        # ring_plans: the layers share one gather of the segment ids and one skip plan per forward.
         outputs = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, position_ids=position_ids,
-                             segment_ids=segment_ids, sp_group=sp_group, use_cache=False, **kwargs)
+                             segment_ids=segment_ids, sp_group=sp_group, use_cache=False, ring_plans={}, **kwargs)
         hidden = outputs.last_hidden_state
         loss = loss_sums = loss_weight_sums = None
         if labels is not None:

@@ -236,7 +236,7 @@ class RingLwmForCausalLM(RingLlamaForCausalLM):
         elif vision_mask is not None:
             raise ValueError("vision_mask selects the embedding table of input_ids; inputs_embeds are used as given")
         outputs = self.model(inputs_embeds=inputs_embeds, position_ids=position_ids, segment_ids=segment_ids,
-                             sp_group=sp_group, use_cache=False, **kwargs)
+                             sp_group=sp_group, use_cache=False, ring_plans={}, **kwargs)
         hidden = outputs.last_hidden_state
 
         loss = vision_loss = text_loss = loss_sums = loss_weight_sums = None

@@ -233,9 +233,9 @@ def _ring_backward(dout, q, k, v, out, lse, plan, scale, group, backend):
 
 class _RingAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, segment_ids, causal, scale, group, backend):
+    def forward(ctx, q, k, v, segment_ids, causal, scale, group, backend, plan_cache=None):
         rank, world_size = sp_world(group)
-        plan = _ring_plan(rank, world_size, causal, q.shape[2], segment_ids, group)
+        plan = _cached_plan(plan_cache, rank, world_size, causal, q.shape[2], segment_ids, group)
         out, lse = _ring_forward(q, k, v, plan, scale, group, backend)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
@@ -247,7 +247,22 @@ class _RingAttentionFunction(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = _ring_backward(dout, q, k, v, out, lse, ctx.plan, *ctx.args)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
+
+
+def _cached_plan(cache: dict | None, rank: int, world_size: int, causal: bool, local_len: int,
+                 segment_ids: torch.Tensor | None, group) -> list[_Step | None]:
+    """``_ring_plan``, reused from ``cache`` for the same segment ids object (held by the entry, so its
+    identity cannot pass to other ids) with the same version, group, causality and length."""
+    if cache is None or segment_ids is None:
+        return _ring_plan(rank, world_size, causal, local_len, segment_ids, group)
+    key = (id(segment_ids), segment_ids._version, id(group), causal, local_len)
+    hit = cache.get(key)
+    if hit is not None and hit[0] is segment_ids:
+        return hit[1]
+    plan = _ring_plan(rank, world_size, causal, local_len, segment_ids, group)
+    cache[key] = (segment_ids, plan)
+    return plan
 
 
 def _check_local_inputs(q, k, v, segment_ids, world_size, scale, backend) -> float:
@@ -443,6 +458,7 @@ def ring_attention(
     scale: float | None = None,
     group: dist.ProcessGroup | None = None,
     backend: str | None = None,
+    plan_cache: dict | None = None,
 ) -> torch.Tensor:
     """Exact attention over a sequence sharded across ``group`` in the zigzag layout, differentiable.
 
@@ -452,6 +468,10 @@ def ring_attention(
     once (one all_gather, one host sync) to skip the ring steps that share no document.
     group: the sequence-parallel process group (default: the world).
     backend: the block kernel ("triton", "cpu", ...; default by device).
+    plan_cache: a dict shared by calls that every rank makes in the same order with the same ``segment_ids``
+    object (a model's layers within one forward, ``RingLlamaForCausalLM`` passes one): the first call's
+    gather of the ids and its skip plan serve the others, so a forward costs one all_gather and one host
+    sync instead of one per layer.
     Returns (batch, heads, local_len, head_dim) in q's dtype. With one rank (or no process group) this
     is ``blockwise_attention``.
 
@@ -464,7 +484,7 @@ def ring_attention(
     resolved_scale = _validate(q, k, v, segment_ids, causal, scale, group, backend, world_size)
     if world_size == 1:
         return blockwise_attention(q, k, v, causal=causal, scale=scale, segment_ids=segment_ids, backend=backend)
-    return _RingAttentionFunction.apply(q, k, v, segment_ids, bool(causal), resolved_scale, group, backend)
+    return _RingAttentionFunction.apply(q, k, v, segment_ids, bool(causal), resolved_scale, group, backend, plan_cache)
 
 
 class RingAttention(nn.Module):
