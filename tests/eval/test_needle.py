@@ -281,6 +281,6 @@ def test_every_rank_refuses_together(model_dirs, tmp_path):
                                                            str(out))
     assert first0 == first1 and len(first0) == 1
     assert len(errors0) == len(errors1) == 2
-    assert all("model.weights" in e for e in (errors0[0], errors1[0]))
+    assert all("model.weights" in e for e in (errors0[0], errors1[0])), (errors0[0], errors1[0])
     assert "node" in errors0[1] and "node" in errors1[1]
     assert json.loads(out.read_text())["results"] == first0

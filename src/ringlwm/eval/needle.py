@@ -280,6 +280,8 @@ def run_needle_eval(model, tokenizer, *, haystack: str, lengths: list[int], dept
             tmp.write_text(json.dumps({"provenance": current, "settings": settings, "results": list(done.values())},
                                       indent=1))
             os.replace(tmp, out_path)
+    if out_path is not None and dist.is_initialized():
+        dist.barrier()  # rank 0 has written the file: a next call on any rank reads these results, not older ones
     # The file keeps every cell run so far; the caller gets (and plots) the grid it asked for.
     return [done[t.key] for t in grid]
 

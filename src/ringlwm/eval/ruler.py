@@ -377,6 +377,8 @@ def run_ruler_eval(generate_fn, maker: SampleMaker, *, tasks: list[str], lengths
                 tmp.write_text(json.dumps({"provenance": current, "settings": settings, "skipped": skipped,
                                            "results": list(done.values())}, indent=1))
                 os.replace(tmp, out_path)
+    if out_path is not None and dist.is_initialized():
+        dist.barrier()  # rank 0 has written the file: a next call on any rank reads these results, not older ones
     return [done[f"{t}/{n}/{i}"] for t, n, i in grid]
 
 
