@@ -69,47 +69,44 @@ def _plan(q, k, causal, segment_ids, kv_segment_ids, q_offset, kv_offset) -> _Ma
     return plan
 
 
+def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool visibility mask as the kernel's additive float mask (0 visible, -inf not)."""
+    float_mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+    return float_mask.masked_fill_(~visible, float("-inf"))
+
+
 def _build_plan(q, k, causal, segment_ids, kv_segment_ids, q_offset, kv_offset) -> _MaskPlan:
     seq_q, seq_k = q.shape[2], k.shape[2]
     causal_needed = causal and q_offset - kv_offset < seq_k - 1  # else every query sees every key
+    aligned = q_offset == kv_offset and seq_q == seq_k  # the kernel's is_causal is this block's causality
     if causal and q_offset + seq_q - 1 < kv_offset:
         return _MaskPlan("empty")
-    if segment_ids is None:
-        if not causal_needed:
-            return _MaskPlan("none")
-        if q_offset == kv_offset and seq_q == seq_k:
-            return _MaskPlan("causal")
     if segment_ids is not None and bool((segment_ids == segment_ids[:, :1]).all()) and bool(
             (kv_segment_ids == segment_ids[:, :1]).all()):
         segment_ids = kv_segment_ids = None  # one document on both sides: the ids change nothing
+    if segment_ids is None:
         if not causal_needed:
             return _MaskPlan("none")
-        if q_offset == kv_offset and seq_q == seq_k:
+        if aligned:
             return _MaskPlan("causal")
-    if causal_needed and segment_ids is not None and q_offset == kv_offset and seq_q == seq_k:
-        # The kernel's own causal mask is aligned like this block's (top left): it skips the key blocks above
-        # the diagonal (half the work) and the float mask only separates documents. With the same ids on both
-        # sides every row sees itself; otherwise a row may see nothing.
-        same = (segment_ids[:, :, None] == kv_segment_ids[:, None, :])[:, None]
-        float_mask = torch.zeros(same.shape, dtype=q.dtype, device=q.device)
-        float_mask.masked_fill_(~same, float("-inf"))
+    same = None if segment_ids is None else (segment_ids[:, :, None] == kv_segment_ids[:, None, :])[:, None]
+    if causal_needed and same is not None and aligned:
+        # The kernel's own causal mask skips the key blocks above the diagonal (half the work); the float mask
+        # only separates documents. With the same ids on both sides every row sees itself; otherwise a row
+        # may see nothing.
         dead = None
         if not torch.equal(segment_ids, kv_segment_ids):
             dead = ~(same & torch.ones(seq_q, seq_k, dtype=torch.bool, device=q.device).tril()).any(dim=-1)
             dead = dead if bool(dead.any()) else None
-        return _MaskPlan("causal_mask", float_mask, dead)
-    visible = None
+        return _MaskPlan("causal_mask", _additive(same, q.dtype), dead)
+    visible = same
     if causal_needed:
         q_pos = torch.arange(seq_q, device=q.device) + q_offset
         k_pos = torch.arange(seq_k, device=q.device) + kv_offset
-        visible = (q_pos[:, None] >= k_pos[None, :])[None, None]
-    if segment_ids is not None:
-        same = (segment_ids[:, :, None] == kv_segment_ids[:, None, :])[:, None]
-        visible = same if visible is None else visible & same
-    float_mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device)
-    float_mask.masked_fill_(~visible, float("-inf"))
+        causal_visible = (q_pos[:, None] >= k_pos[None, :])[None, None]
+        visible = causal_visible if visible is None else visible & causal_visible
     dead = ~visible.any(dim=-1)
-    return _MaskPlan("mask", float_mask, dead if bool(dead.any()) else None)
+    return _MaskPlan("mask", _additive(visible, q.dtype), dead if bool(dead.any()) else None)
 
 
 def cpu_attention_forward(

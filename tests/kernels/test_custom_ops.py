@@ -15,6 +15,7 @@ import textwrap
 
 import pytest
 import torch
+from op_recorder import BACKWARD_OP, FORWARD_OP, RecordOps
 from reference import max_err, reference_attention
 from ringlwm.kernels import (
     block_attention_backward,
@@ -25,12 +26,9 @@ from ringlwm.kernels import (
 )
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 GPU = torch.cuda.is_available()
 TRITON_DEVICE = "cuda" if GPU else "cpu"
-FORWARD_OP = torch.ops.ringlwm.block_attention_forward.default
-BACKWARD_OP = torch.ops.ringlwm.block_attention_backward.default
 
 
 def _device(backend):
@@ -187,19 +185,6 @@ def test_compiled_block_functions_as_a_ring_step():
 # ------------------------------------------------------------------------------------------------
 
 
-class _RecordOps(TorchDispatchMode):
-    """The ringlwm ops called below it, with their backend argument."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in (FORWARD_OP, BACKWARD_OP):
-            self.calls.append((func, args[-1]))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("interpret", ["1", None], ids=["interpreter-set", "no-interpreter"])
 def test_fake_cpu_tensors_run_the_triton_path(dtype, interpret, monkeypatch):
@@ -210,7 +195,7 @@ def test_fake_cpu_tensors_run_the_triton_path(dtype, interpret, monkeypatch):
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     else:
         monkeypatch.setenv("TRITON_INTERPRET", interpret)
-    with FakeTensorMode(), _RecordOps() as record:
+    with FakeTensorMode(), RecordOps() as record:
         q = torch.empty(2, 8, 4096, 128, dtype=dtype, requires_grad=True)
         k, v = (torch.empty(2, 2, 4096, 128, dtype=dtype, requires_grad=True) for _ in range(2))
         seg = torch.zeros(2, 4096, dtype=torch.long)

@@ -11,17 +11,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from op_recorder import BACKWARD_OP, FORWARD_OP, RecordOps
 from reference import max_err
 from tiny_models import tiny_llama_config
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from ringlwm.models import RingLlamaForCausalLM
 from ringlwm.models.lwm import RingLwmForCausalLM
 
-FORWARD_OP = torch.ops.ringlwm.block_attention_forward.default
-BACKWARD_OP = torch.ops.ringlwm.block_attention_backward.default
 VOCAB = 64  # tiny_llama_config's
 
 
@@ -128,19 +126,6 @@ def test_position_check_stays_in_the_compiled_graph():
             compiled(ids, bad, segment_ids=seg)
 
 
-class _RecordOps(TorchDispatchMode):
-    """The ringlwm attention ops called below it, with their backend argument."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in (FORWARD_OP, BACKWARD_OP):
-            self.calls.append((func, args[-1]))
-        return func(*args, **(kwargs or {}))
-
-
 def test_fake_llama_step_runs_the_triton_path_on_fake_cpu_tensors(monkeypatch):
     """A bf16 model with attention_backend="triton" built and run under FakeTensorMode on CPU: forward and
     backward go through the Triton ops' fake implementation (no GPU, no interpreter) and every gradient has
@@ -159,7 +144,7 @@ def test_fake_llama_step_runs_the_triton_path_on_fake_cpu_tensors(monkeypatch):
         ids = torch.zeros(2, seqlen, dtype=torch.long)
         pos = torch.arange(seqlen).expand(2, seqlen)
         seg = torch.zeros(2, seqlen, dtype=torch.long)
-        with _RecordOps() as record:
+        with RecordOps() as record:
             logits = model(ids, pos, segment_ids=seg).logits
             F.cross_entropy(logits.flatten(0, 1).float(), ids.flatten()).backward()
     assert isinstance(logits, FakeTensor) and logits.shape == (2, seqlen, VOCAB)
