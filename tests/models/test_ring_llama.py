@@ -180,6 +180,15 @@ def test_single_process_is_an_ordinary_model(checkpoint_dir):
     assert (ring(ids).logits - ref_logits).abs().max() < 1e-5, "without labels, logits as in transformers"
 
 
+def test_loss_outputs_are_not_views(checkpoint_dir):
+    """FSDP2 hooks a model's outputs for its backward; an in-place op on an output that is a view drops that
+    hook. loss_sums and loss_weight_sums used to be views of the loss (loss_sum[None])."""
+    ring = RingLlamaForCausalLM.from_pretrained(checkpoint_dir)
+    ids, labels = _batch(16, seed=4)
+    out = ring(ids, shift_labels=labels, loss_reduction="sum")
+    assert not out.loss_sums._is_view() and not out.loss_weight_sums._is_view()
+
+
 def test_hf_generate_with_and_without_cache_equals_llama(checkpoint_dir):
     """generate(use_cache=False) died on a None logits; both ways must give LlamaForCausalLM's tokens."""
     hf, ring = _hf(checkpoint_dir), RingLlamaForCausalLM.from_pretrained(checkpoint_dir)
