@@ -2,7 +2,8 @@
 
     collator = RingCollator(sp, seq_len=4096)           # sp: ringlwm.hf.setup_sequence_parallel(...)
     batch = collator([{"input_ids": [...]}, {"input_ids": [...], "labels": [...]}])
-    # input_ids, position_ids, segment_ids, shift_labels, labels: (rows, seq_len // sp_size), this rank's shard
+    # input_ids, position_ids, segment_ids, shift_labels, labels: (rows, seq_len // sp_size), this rank's shard;
+    # sequence_fingerprint: (rows,), a hash of each full row, which the model compares across its sequence group
 
 Each example is one document: ``input_ids`` and optionally ``labels`` (transformers' meaning: unshifted,
 -100 for tokens without loss; default: the input ids). Documents are placed greedily, in order, into rows of
@@ -22,6 +23,7 @@ import torch
 
 from ringlwm.data.loader import shard_batch
 from ringlwm.models.loss import IGNORE_INDEX
+from ringlwm.ring.agreement import FINGERPRINT_KEY, sequence_fingerprint
 
 PAD_SEGMENT = -1
 
@@ -80,6 +82,8 @@ class RingCollator:
                 out["segment_ids"][r, start:end] = d
                 out["shift_labels"][r, start:end] = targets
                 start = end
+        fingerprint = sequence_fingerprint(out)
         out = shard_batch(out, self.sp_rank, self.sp_size)
         out["labels"] = out["shift_labels"]  # see the module docstring
+        out[FINGERPRINT_KEY] = fingerprint  # the ring checks that its ranks cut one batch (ringlwm.ring.agreement)
         return out

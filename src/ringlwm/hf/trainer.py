@@ -14,13 +14,14 @@ What it changes, and why (everything else is the stock Trainer, DDP included):
     rank (the Trainer gathers it; ``average_tokens_across_devices`` must stay True), times the world size;
     DDP averages the gradients over the world. The update is the gradient of the exact token mean of the
     global batch, whatever the dp/sp/accumulation split.
-  * Logging: a ringlwm model's loss is the same number on every rank of its sequence group (the group's
-    sum), so the logged value is divided by sp_size: the Trainer's mean over the world is then the true
-    mean loss of the step. A plain transformers model (``enable_ring``) returns each rank's own part and
-    needs no correction.
+  * Logging: every model on the ring (``RingLlamaForCausalLM``, or a transformers model through
+    ``enable_ring``) returns its sequence group's loss, the same number on every rank of the group, so the
+    value ``compute_loss`` returns is divided by sp_size (its gradient is not): the Trainer's mean over the
+    world is then the true mean loss of the step, in training and in ``evaluate()`` alike.
+  * Batch agreement: at sp_size > 1 every batch must come from ``RingCollator`` (it carries
+    ``sequence_fingerprint``, which the model compares across the sequence group once per forward).
 
-Evaluation uses the same data-parallel loader (unshuffled). FSDP through accelerate is not covered here
-(see the README: CPU runs use DDP).
+Evaluation uses the same data-parallel loader (unshuffled).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from transformers import Trainer
 
 from ringlwm.hf.parallel import SequenceParallel
+from ringlwm.ring.agreement import FINGERPRINT_KEY
 
 
 class _EpochLoader(DataLoader):
@@ -47,6 +49,11 @@ class RingTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.sequence_parallel = sp = sequence_parallel
         if sp.world_size != self.args.world_size:
+            if self.args.world_size == 1 and not self.args.use_cpu and not torch.cuda.is_available():
+                raise ValueError(f"sequence_parallel covers {sp.world_size} processes but the Trainer sees one: on a "
+                                 "machine without a GPU, accelerate runs the Trainer as a single process unless "
+                                 "TrainingArguments(..., use_cpu=True) is given (then it uses the gloo world that "
+                                 "torchrun started)")
             raise ValueError(f"sequence_parallel covers {sp.world_size} ranks (dp {sp.dp_size} x sp {sp.sp_size}) "
                              f"but the Trainer runs on {self.args.world_size}; build it after TrainingArguments, "
                              "in the same processes")
@@ -57,14 +64,13 @@ class RingTrainer(Trainer):
         if getattr(model.config, "_attn_implementation", None) != "ringlwm_ring":
             raise ValueError("the model's attention is not on the ring: call setup_sequence_parallel(sp_size, "
                              "model=model) or ringlwm.models.enable_ring(model, sp_group=sp.sp_group) first")
-        from ringlwm.models import RingLlamaForCausalLM
         from ringlwm.models.families import attention_modules
+        from ringlwm.models.llama import bound_group
 
-        if any(getattr(m, "ringlwm_sp_group", None) is not sp.sp_group for m in attention_modules(model)):
+        missing = object()
+        if any(bound_group(m, missing) is not sp.sp_group for m in attention_modules(model)):
             raise ValueError("the model's ring runs over another group than sequence_parallel.sp_group; call "
                              "setup_sequence_parallel(sp_size, model=model) or enable_ring with sp.sp_group")
-        # A ringlwm model's loss is its whole sequence group's (see the module docstring).
-        self._group_loss = isinstance(model, RingLlamaForCausalLM)
 
     def _unwrapped(self):
         model = self.accelerator.unwrap_model(self.model)
@@ -95,6 +101,18 @@ class RingTrainer(Trainer):
             raise ValueError("RingTrainer: evaluation requires an eval_dataset")
         return self._dp_loader(dataset, self.args.eval_batch_size, False, self.args.dataloader_drop_last)
 
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        return loss / self.sequence_parallel.sp_size if self._group_loss else loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        sp_size = self.sequence_parallel.sp_size
+        if sp_size > 1 and FINGERPRINT_KEY not in inputs:
+            raise ValueError(
+                f"RingTrainer at sp_size={sp_size} got a batch without {FINGERPRINT_KEY!r} (keys: {sorted(inputs)}): "
+                "it was not cut by ringlwm.hf.RingCollator. The ring needs every rank's zigzag shard of one packed "
+                "batch with shift_labels, position_ids and segment_ids; a usual Hugging Face collator gives every "
+                "rank the whole batch. Pass data_collator=RingCollator(sp, seq_len=...)"
+            )
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                      num_items_in_batch=num_items_in_batch)
+        loss, outputs = result if return_outputs else (result, None)
+        if sp_size > 1:  # the group's loss on each of its sp_size ranks: the value once, the gradient as it is
+            loss = loss + (loss.detach() / sp_size - loss.detach())
+        return (loss, outputs) if return_outputs else loss

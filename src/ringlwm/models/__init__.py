@@ -2,10 +2,10 @@
 
     llama.py  RingLlamaForCausalLM (text)     lwm.py    RingLwmForCausalLM (vision + text, LWM's layout)
     loss.py   blockwise cross-entropy          vqgan.py  the VQGAN image tokenizer (ringlwm.models.vqgan)
-    families.py  enable_ring: Llama, Mistral, Qwen2, Qwen3 from transformers over the ring
+    families.py  enable_ring / disable_ring: Llama, Mistral, Qwen2, Qwen3 from transformers on and off the ring
 """
 
-from ringlwm.models.families import SUPPORTED_FAMILIES, enable_ring
+from ringlwm.models.families import SUPPORTED_FAMILIES, disable_ring, enable_ring
 from ringlwm.models.llama import (
     ATTN_IMPLEMENTATION,
     ChunkedLlamaMLP,
@@ -26,6 +26,7 @@ __all__ = [
     "RingLlamaForCausalLM",
     "RingLwmForCausalLM",
     "SUPPORTED_FAMILIES",
+    "disable_ring",
     "enable_ring",
     "linear_cross_entropy",
     "rope_theta",

@@ -7,10 +7,10 @@
 Every family whose attention goes through transformers' attention interface takes the ring by switching its
 ``attn_implementation`` to ``"ringlwm_ring"`` (registered by ``ringlwm.models.llama``); nothing is patched.
 The tensors are this rank's zigzag shards, as for ``RingLlamaForCausalLM``; ``segment_ids`` reach the
-attention through transformers' keyword arguments, and the model's own loss takes ``shift_labels`` and
-``num_items_in_batch`` (transformers' ``ForCausalLMLoss``). Its loss is this rank's part: the Trainer path
-(``ringlwm.hf``) sums the group's parts through the gradient reduction; a plain loop divides by the group's
-target count itself.
+attention through transformers' keyword arguments. On a ring of several ranks the model keeps
+``RingLlamaForCausalLM``'s contract (``enable_ring``): ``shift_labels`` and ``position_ids`` required, no KV
+cache, and a ``loss`` that is the sequence group's (its mean, or its sum over ``num_items_in_batch``), the same
+on every rank. ``disable_ring`` takes a model off the ring (generation, export on one process).
 
 ``from_pretrained(..., attn_implementation="ringlwm_ring")`` works as well (the options take their
 defaults), on one process or with a group set by ``enable_ring``.
@@ -22,9 +22,20 @@ call whose sequence is longer than the window raises; shorter ones are exact (th
 from __future__ import annotations
 
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
-from ringlwm.models.llama import ATTN_IMPLEMENTATION, DEFAULT_OPTIONS, RingLlamaForCausalLM
+from ringlwm.models.llama import (
+    ATTN_IMPLEMENTATION,
+    DEFAULT_OPTIONS,
+    RingLlamaForCausalLM,
+    SharedGroup,
+    bound_group,
+    check_ring_call,
+    local_group,
+)
+from ringlwm.models.loss import IGNORE_INDEX, items_loss, sequence_parallel_loss
+from ringlwm.ring.layout import sp_world
 
 # model_type -> what is checked for it (logits and gradients against eager on 1, 2 and 4 gloo ranks)
 SUPPORTED_FAMILIES = {
@@ -50,7 +61,16 @@ def enable_ring(model: nn.Module, *, sp_group: dist.ProcessGroup | None = None, 
     sp_group: the ranks that share one sequence. None is only accepted on one process: in a world of several
     processes pass the group explicitly (``dist.group.WORLD`` when every rank holds part of one sequence;
     ``ringlwm.hf.setup_sequence_parallel`` builds the dp x sp groups), because data-parallel ranks hold
-    different sequences and must not be attended as one."""
+    different sequences and must not be attended as one.
+
+    A transformers model then follows ``RingLlamaForCausalLM``'s contract on a ring of several ranks: it
+    refuses ``labels`` without ``shift_labels`` (a zigzag shard cannot be shifted locally), a call without
+    ``position_ids`` and KV-cache calls (generation: ``disable_ring`` first), checks ``sequence_fingerprint``
+    when the batch carries one (``ringlwm.ring.agreement``), and its ``loss`` is the sequence group's: the
+    group's target sum over ``num_items_in_batch``, or the group's mean, the same on every rank, with gradients
+    that add up over the group to the single-process ones. On one process it is transformers' own loss.
+    Nothing is patched: the attention goes through transformers' attention interface, the checks are a forward
+    pre-hook on the decoder, the loss is the model's ``loss_function``; ``disable_ring`` undoes all three."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_FAMILIES:
@@ -63,18 +83,115 @@ def enable_ring(model: nn.Module, *, sp_group: dist.ProcessGroup | None = None, 
         raise ValueError(f"enable_ring in a world of {dist.get_world_size()} processes needs sp_group (the ranks "
                          "that share one sequence): dist.group.WORLD for all of them, or the groups of "
                          "ringlwm.hf.setup_sequence_parallel(sp_size) for data x sequence parallelism")
-    if isinstance(model, RingLlamaForCausalLM):
-        model.apply_options(**options)
-    else:
-        if set(options) - {"attention_backend"}:
-            raise ValueError(f"{type(model).__name__} takes only the attention_backend option; "
-                             f"{sorted(set(options) - {'attention_backend'})} need RingLlamaForCausalLM")
-        config.ringlwm_options = {**DEFAULT_OPTIONS, **(getattr(config, "ringlwm_options", None) or {}), **options}
-        model.set_attn_implementation(ATTN_IMPLEMENTATION)
-    model.ringlwm_sp_group = sp_group
     modules = attention_modules(model)
     if not modules:
         raise ValueError(f"found no self-attention modules in {type(model).__name__}")
-    for module in modules:
-        module.ringlwm_sp_group = sp_group
+    holder = SharedGroup(sp_group)
+    base = _transformers_model(model)
+    if isinstance(base, RingLlamaForCausalLM):
+        base.apply_options(**options)
+    else:
+        if set(options) - {"attention_backend"}:
+            raise ValueError(f"{type(base).__name__} takes only the attention_backend option; "
+                             f"{sorted(set(options) - {'attention_backend'})} need RingLlamaForCausalLM")
+        state = base.__dict__.get("_ringlwm_ring")
+        if state is None:  # what disable_ring restores
+            previous = config._attn_implementation
+            state = base._ringlwm_ring = {
+                "attn_implementation": "sdpa" if previous in (None, ATTN_IMPLEMENTATION) else previous,
+                "loss_function": base.__dict__.get("_loss_function"),
+                "hook": base.get_decoder().register_forward_pre_hook(check_ring_call, with_kwargs=True),
+            }
+        ring_options = {**DEFAULT_OPTIONS, **(state.get("options") or {}), **options}
+        state["options"] = ring_options
+        for module in modules:  # on the modules, not the config: a saved config stays the model's own
+            module.ringlwm_options = ring_options
+        base.set_attn_implementation(ATTN_IMPLEMENTATION)
+        base.loss_function = RingCausalLMLoss(state["loss_function"] or type(base).loss_function.fget(base), holder)
+    for module in {id(m): m for m in (model, base, base.get_decoder(), *modules)}.values():
+        module.ringlwm_group = holder
     return model
+
+
+def disable_ring(model: nn.Module) -> _RingOff:
+    """Take ``model`` off the ring, in place: a transformers model gets back its own attention implementation,
+    loss and forward (for ``generate`` or export on one process); a ringlwm model attends on this process alone
+    (a group of one rank). ``enable_ring`` puts it back, and so does leaving the returned context manager:
+
+        disable_ring(model); model.generate(...)              # for good
+        with disable_ring(model): model.generate(...)         # back on its ring afterwards
+    """
+    base = _transformers_model(model)
+    modules = attention_modules(model)
+    restore = _RingOff(model, bound_group(model, bound_group(base)), dict(base.__dict__.get("_ringlwm_ring", {})
+                                                                         .get("options") or {}))
+    if isinstance(base, RingLlamaForCausalLM):
+        holder = SharedGroup(local_group())
+        for module in {id(m): m for m in (model, base, base.get_decoder(), *modules)}.values():
+            module.ringlwm_group = holder
+        return restore
+    state = base.__dict__.pop("_ringlwm_ring", None)
+    if state is None:
+        raise ValueError(f"{type(base).__name__} is not on the ring (enable_ring was not called on it)")
+    state["hook"].remove()
+    base.set_attn_implementation(state["attn_implementation"])
+    if state["loss_function"] is None:
+        base.__dict__.pop("_loss_function", None)
+    else:
+        base.loss_function = state["loss_function"]
+    for module in {id(m): m for m in (model, base, base.get_decoder(), *modules)}.values():
+        module.__dict__.pop("ringlwm_group", None)
+        module.__dict__.pop("ringlwm_options", None)
+    return restore
+
+
+class _RingOff:
+    """What ``disable_ring`` returns: used as a context manager, it puts the model back on its ring on exit."""
+
+    def __init__(self, model: nn.Module, group, options: dict):
+        self.model, self.group, self.options = model, group, options
+
+    def __enter__(self) -> nn.Module:
+        return self.model
+
+    def __exit__(self, *exc) -> None:
+        options = {} if isinstance(_transformers_model(self.model), RingLlamaForCausalLM) else self.options
+        enable_ring(self.model, sp_group=self.group, **{k: v for k, v in options.items()
+                                                          if k == "attention_backend" and v is not None})
+
+
+def _transformers_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT wrapper (PeftModel -> LoraModel -> model), else ``model``."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+class RingCausalLMLoss:
+    """A transformers model's ``loss_function`` on the ring. One process: the model's own loss, as it is. A ring
+    of several ranks: ``shift_labels`` are required (labels are refused: a shard cannot be shifted), and the loss
+    is the sequence group's, as ``RingLlamaForCausalLM``'s: the group's target sum over ``num_items_in_batch``,
+    or the group's mean; the gradient flows through this rank's own sum."""
+
+    def __init__(self, own_loss, holder: SharedGroup):
+        self.own_loss, self.holder = own_loss, holder
+
+    def __call__(self, logits, labels, vocab_size: int, num_items_in_batch=None, ignore_index: int = IGNORE_INDEX,
+                 shift_labels=None, **kwargs):
+        group = self.holder.group
+        _, world_size = sp_world(group)
+        if world_size == 1:
+            return self.own_loss(logits, labels, vocab_size, num_items_in_batch=num_items_in_batch,
+                                 ignore_index=ignore_index, shift_labels=shift_labels, **kwargs)
+        if shift_labels is None:
+            raise ValueError(
+                f"labels (unshifted, transformers' meaning) on a ring of {world_size} ranks: a zigzag shard cannot be "
+                "shifted locally (its last token's target lives on another rank). Pass shift_labels, the next-token "
+                "targets shifted over the whole sequence before sharding: ringlwm.hf.RingCollator makes them (with "
+                "position_ids and segment_ids); a usual Hugging Face collator does not shard and cannot feed the ring"
+            )
+        targets = shift_labels.to(logits.device).reshape(-1)
+        loss_sum = F.cross_entropy(logits.float().reshape(-1, vocab_size), targets, ignore_index=ignore_index,
+                                   reduction="sum")
+        if num_items_in_batch is not None:
+            return items_loss(loss_sum, num_items_in_batch, group)
+        return sequence_parallel_loss(loss_sum, (targets != ignore_index).sum().to(loss_sum.dtype), group)

@@ -23,7 +23,11 @@ host memory until the backward (``activation_offloading``, ``models/offload.py``
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -34,9 +38,11 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
 from ringlwm.kernels import blockwise_attention
-from ringlwm.models.loss import IGNORE_INDEX, can_read_values, linear_cross_entropy, sequence_parallel_loss
+from ringlwm.models.loss import IGNORE_INDEX, can_read_values, items_loss, linear_cross_entropy, sequence_parallel_loss
 from ringlwm.models.offload import OffloadStore, offload_layer_inputs
 from ringlwm.ring import ring_attention, sp_world
+from ringlwm.ring.agreement import FINGERPRINT_KEY, check_batch_agreement
+from ringlwm.ring.attention import autocast_dtype
 from ringlwm.ring.decode import sharded_decode_attention
 
 ATTN_IMPLEMENTATION = "ringlwm_ring"
@@ -105,6 +111,44 @@ def _check_window(sliding_window, module, seq_len: int) -> None:
 _UNSET = object()
 
 
+class SharedGroup:
+    """The sequence-parallel group a module is bound to (``enable_ring``). Deep copies of the module share it:
+    a ProcessGroup cannot be copied, and a copy of a model (``copy.deepcopy``) runs on the same ranks."""
+
+    __slots__ = ("group",)
+
+    def __init__(self, group: dist.ProcessGroup | None):
+        self.group = group
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def bind_group(module: torch.nn.Module, group: dist.ProcessGroup | None) -> None:
+    """Bind ``module`` to ``group`` (None: one process, or the world)."""
+    module.ringlwm_group = SharedGroup(group)
+
+
+def bound_group(module: torch.nn.Module, default=None):
+    """The group ``bind_group`` bound ``module`` to, else ``default``."""
+    holder = getattr(module, "ringlwm_group", None)
+    return default if holder is None else holder.group
+
+
+_LOCAL_GROUPS: dict[int, dist.ProcessGroup] = {}
+
+
+def local_group() -> dist.ProcessGroup | None:
+    """A group of this rank alone (None without torch.distributed): attention on it is one process's. Made
+    without the other ranks (``use_local_synchronization``), once per rank."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    rank = dist.get_rank()
+    if rank not in _LOCAL_GROUPS:
+        _LOCAL_GROUPS[rank] = dist.new_group([rank], use_local_synchronization=True)
+    return _LOCAL_GROUPS[rank]
+
+
 def _resolve_sp_group(module, sp_group):
     """The call's group (a ring model always passes one; None: the world), else the one ``enable_ring`` put
     on the module. A plain transformers model in a world of several processes must say which ranks share a
@@ -112,8 +156,8 @@ def _resolve_sp_group(module, sp_group):
     attend them as one."""
     if sp_group is not _UNSET:
         return sp_group
-    if hasattr(module, "ringlwm_sp_group"):
-        return module.ringlwm_sp_group
+    if hasattr(module, "ringlwm_group"):
+        return bound_group(module)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         raise ValueError(
             f"attn_implementation={ATTN_IMPLEMENTATION!r} in a world of {dist.get_world_size()} processes without "
@@ -123,6 +167,66 @@ def _resolve_sp_group(module, sp_group):
     return None
 
 
+def generation_refused(world_size: int) -> ValueError:
+    """The error for a KV-cache (generation) forward on a ring of several ranks: raised at once, on the rank
+    that calls, instead of waiting for ranks that are not in this forward."""
+    return ValueError(
+        f"a KV-cache forward (generate, use_cache=True or past_key_values) on a model on a ring of {world_size} "
+        "ranks: the ring would wait for the other ranks of its group, which are not in this call. To generate on "
+        "one process call ringlwm.models.disable_ring(model) first (or `with disable_ring(model): ...`); for "
+        "sequence-parallel decoding on every rank use ringlwm.generate"
+    )
+
+
+def check_ring_call(decoder: torch.nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook of a transformers decoder on the ring: the checks ``RingLlamaForCausalLM`` makes, once
+    per forward and before any collective (see ``enable_ring``)."""
+    fingerprint = kwargs.pop(FINGERPRINT_KEY, None)
+    if "ringlwm_cache" in kwargs or "ring_plans" in kwargs:
+        return args, kwargs  # ringlwm.generate's sharded decoding, or a ringlwm model's forward (checked there)
+    group = kwargs.get("sp_group", bound_group(decoder))
+    _, world_size = sp_world(group)
+    if world_size == 1:
+        return args, kwargs
+    bound = dict(inspect.signature(decoder.forward).bind_partial(*args, **kwargs).arguments)
+    bound.update(bound.pop("kwargs", None) or {})  # what a **kwargs parameter took
+    if bound.get("past_key_values") is not None or bound.get("cache") is not None or bound.get("use_cache"):
+        raise generation_refused(world_size)
+    if bound.get("position_ids") is None:
+        raise ValueError(f"{type(decoder).__name__} on a ring of {world_size} ranks was called without "
+                         "position_ids: each rank holds a zigzag shard, whose global positions it cannot guess. Pass "
+                         "position_ids (and segment_ids, shift_labels), sharded like input_ids: ringlwm.hf.RingCollator "
+                         "makes them")
+    if fingerprint is None and bound.get("segment_ids") is None and bound.get("shift_labels") is None:
+        raise ValueError(f"{type(decoder).__name__} on a ring of {world_size} ranks got a batch with no ringlwm "
+                         "sharding (no segment_ids, shift_labels or sequence_fingerprint): a usual Hugging Face "
+                         "collator gives every rank the whole batch, which the ring would attend as one longer "
+                         "sequence. Use ringlwm.hf.RingCollator (a sequence sharded by hand passes its segment_ids, "
+                         "zeros for one document)")
+    if "use_cache" not in bound:
+        kwargs["use_cache"] = False  # no KV cache built in a training forward
+    if fingerprint is not None:
+        check_batch_agreement(fingerprint, group)
+    return args, kwargs
+
+
+def _as_sdpa_under_autocast(attention):
+    """Mixed precision (fp32 weights, autocast): the attention function gets q, k and v in the autocast dtype,
+    as autocast gives scaled_dot_product_attention its inputs (RoPE leaves q and k in fp32 while v comes from
+    a 16-bit matmul), and runs with autocast off: the kernels accumulate in fp32 themselves."""
+
+    @functools.wraps(attention)
+    def wrapper(module, query, key, value, *args, **kwargs):
+        dtype = autocast_dtype(query.device.type)
+        if dtype is None:
+            return attention(module, query, key, value, *args, **kwargs)
+        with torch.autocast(query.device.type, enabled=False):
+            return attention(module, query.to(dtype), key.to(dtype), value.to(dtype), *args, **kwargs)
+
+    return wrapper
+
+
+@_as_sdpa_under_autocast
 def _ring_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                             segment_ids=None, sp_group=_UNSET, ringlwm_cache=None, position_ids=None,
                             sliding_window=None, ring_plans=None, **_kwargs):
@@ -149,7 +253,7 @@ def _ring_attention_forward(module, query, key, value, attention_mask, scaling=N
             "segment_ids (batch, local_len) for packed documents"
         )
     sp_group = _resolve_sp_group(module, sp_group)
-    options = getattr(module.config, "ringlwm_options", None) or {}
+    options = getattr(module, "ringlwm_options", None) or getattr(module.config, "ringlwm_options", None) or {}
     backend = options.get("attention_backend")
     _, world_size = sp_world(sp_group)
     if ringlwm_cache is not None and not ringlwm_cache.prefilling:
@@ -259,6 +363,17 @@ def rope_theta(config: LlamaConfig) -> float:
     return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
 
 
+RINGLWM_CONFIG_KEYS = ("ringlwm_options",)
+
+
+def plain_config_dict(config: dict, architecture: str | None = None) -> dict:
+    """A config dict as a checkpoint keeps it: no ringlwm key, ``architectures`` = [architecture] if given."""
+    plain = {key: value for key, value in config.items() if key not in RINGLWM_CONFIG_KEYS}
+    if architecture is not None:
+        plain["architectures"] = [architecture]
+    return plain
+
+
 def _refuse_attn_implementation(cls, attn_implementation) -> None:
     if attn_implementation not in (None, ATTN_IMPLEMENTATION):
         raise ValueError(
@@ -284,18 +399,6 @@ def _targets(labels, shift_labels, sp_group, *, check_group: bool = True) -> tor
             "sharding (ringlwm.hf.RingCollator and ringlwm.data.PackedLoader make them)"
         )
     return torch.nn.functional.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
-
-
-def items_loss(loss_sum: torch.Tensor, num_items_in_batch, sp_group) -> torch.Tensor:
-    """transformers' gradient-accumulation loss: the weighted loss sum of the whole sequence group's
-    micro-batch divided by ``num_items_in_batch`` (the target count of the whole accumulated batch). The value
-    is the same on every rank of the group; the gradient flows through the local sum only, so the ranks'
-    gradients add up to the single-process one."""
-    total = loss_sum.detach().float().clone()
-    if dist.is_available() and dist.is_initialized() and sp_world(sp_group)[1] > 1:
-        dist.all_reduce(total, group=sp_group)
-    items = torch.as_tensor(num_items_in_batch, device=loss_sum.device).to(loss_sum.dtype)
-    return (loss_sum + (total.to(loss_sum.dtype) - loss_sum.detach())) / items
 
 
 @dataclass
@@ -347,8 +450,28 @@ class RingLlamaForCausalLM(LlamaForCausalLM):
         config.ringlwm_options = options
         config._attn_implementation = ATTN_IMPLEMENTATION
         super().__init__(config)
-        self.ringlwm_sp_group = None  # the default sequence-parallel group (ringlwm.models.enable_ring sets it)
+        bind_group(self, None)  # the default sequence-parallel group (ringlwm.models.enable_ring binds another)
+        bind_group(self.model, None)
+        # Checks for callers that run the decoder without this class's forward (TRL's fused head calls base_model).
+        self.model.register_forward_pre_hook(check_ring_call, with_kwargs=True)
         self.apply_options()
+
+    plain_architecture: str | None = "LlamaForCausalLM"
+    """What a saved checkpoint's ``architectures`` names: the transformers class that loads it without ringlwm."""
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' ``save_pretrained``, writing a plain checkpoint: config.json names
+        ``plain_architecture`` and holds no ringlwm key (``ringlwm_options`` are run-time options: a loaded model
+        takes the defaults unless given), so that serving tools that read ``architectures`` and a process without
+        ringlwm load it."""
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            path = Path(save_directory) / "config.json"
+            if path.exists():
+                saved = json.loads(path.read_text())
+                path.write_text(json.dumps(plain_config_dict(saved, self.plain_architecture), indent=2,
+                                           sort_keys=True) + "\n")
+        return result
 
     @classmethod
     def _check_and_adjust_attn_implementation(cls, attn_implementation, is_init_check: bool = False, **kwargs):
@@ -498,15 +621,19 @@ class RingLlamaForCausalLM(LlamaForCausalLM):
 
         With ``past_key_values``/``use_cache`` (generation on one process) it behaves as LlamaForCausalLM.
         """
+        if sp_group is None:
+            sp_group = bound_group(self)
+        fingerprint = kwargs.pop(FINGERPRINT_KEY, None)
         if past_key_values is not None or use_cache:
+            if sp_world(sp_group)[1] > 1:
+                raise generation_refused(sp_world(sp_group)[1])
             if attention_mask is not None and not bool(attention_mask.all()):
                 raise ValueError("padded batches are not supported in cached generation; pass prompts of one length")
             return super().forward(input_ids=input_ids, position_ids=position_ids, inputs_embeds=inputs_embeds,
                                    past_key_values=past_key_values, use_cache=use_cache,
-                                   logits_to_keep=logits_to_keep,
-                                   sp_group=sp_group if sp_group is not None else self.ringlwm_sp_group, **kwargs)
-        if sp_group is None:
-            sp_group = getattr(self, "ringlwm_sp_group", None)
+                                   logits_to_keep=logits_to_keep, sp_group=sp_group, **kwargs)
+        if fingerprint is not None:
+            check_batch_agreement(fingerprint, sp_group)
         check_padding_mask(attention_mask, input_ids if input_ids is not None else inputs_embeds)
         labels = self._mask_padding(_targets(labels, shift_labels, sp_group), attention_mask,
                                     shifted=shift_labels is not None)

@@ -126,3 +126,15 @@ def sequence_parallel_loss(
     global_loss, global_weight = totals[0], totals[1]
     denominator = torch.clamp(global_weight, min=torch.finfo(torch.float32).tiny)
     return (loss_sum + (global_loss - loss_sum.detach())) / denominator
+
+
+def items_loss(loss_sum: torch.Tensor, num_items_in_batch, sp_group) -> torch.Tensor:
+    """transformers' gradient-accumulation loss: the weighted loss sum of the whole sequence group's
+    micro-batch divided by ``num_items_in_batch`` (the target count of the whole accumulated batch). The value
+    is the same on every rank of the group; the gradient flows through the local sum only, so the ranks'
+    gradients add up to the single-process one."""
+    total = loss_sum.detach().float().clone()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(sp_group) > 1:
+        dist.all_reduce(total, group=sp_group)
+    items = torch.as_tensor(num_items_in_batch, device=loss_sum.device).to(loss_sum.dtype)
+    return (loss_sum + (total.to(loss_sum.dtype) - loss_sum.detach())) / items

@@ -51,10 +51,12 @@ from ringlwm.models.llama import (
     RingCausalLMOutput,
     RingLlamaForCausalLM,
     _targets,
+    bound_group,
     check_padding_mask,
     padding_segment_ids,
 )
 from ringlwm.models.loss import IGNORE_INDEX, linear_cross_entropy, sequence_parallel_loss
+from ringlwm.ring.agreement import FINGERPRINT_KEY, check_batch_agreement
 
 VISION_VOCAB_SIZE = 8448  # LWM's vision_vocab_size: 8192 codes + 256 special ids
 
@@ -119,6 +121,7 @@ class RingLwmForCausalLM(RingLlamaForCausalLM):
     """LWM's vision-language model running sequence-parallel over the ring (see the module docstring)."""
 
     config_class = LwmConfig
+    plain_architecture = None  # its own class: LwmConfig is registered with transformers' Auto classes
 
     @property
     def loss_heads(self) -> dict[str, float]:
@@ -219,7 +222,10 @@ class RingLwmForCausalLM(RingLlamaForCausalLM):
                              "ringlwm's trainer (train_step), or call it with loss_reduction='sum' and normalise "
                              "each head by label_weight_sums")
         if sp_group is None:
-            sp_group = getattr(self, "ringlwm_sp_group", None)
+            sp_group = bound_group(self)
+        fingerprint = kwargs.pop(FINGERPRINT_KEY, None)
+        if fingerprint is not None:
+            check_batch_agreement(fingerprint, sp_group)
         check_padding_mask(attention_mask, input_ids if input_ids is not None else inputs_embeds)
         labels, label_vision_mask = _lwm_targets(labels, shift_labels, label_vision_mask, vision_mask, sp_group)
         labels = self._mask_padding(labels, attention_mask, shifted=shift_labels is not None)

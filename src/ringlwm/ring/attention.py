@@ -448,6 +448,13 @@ def _validate(q, k, v, segment_ids, causal, scale, group, backend, world_size) -
     return scale
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype where autocast is on for ``device_type``, else None."""
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
 def ring_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -479,7 +486,15 @@ def ring_attention(
     combination (shapes, dtype, causal, scale, segment ids given or not, backend, grad needed or not) first
     checks that all ranks agree (one small all_gather), and raises the same error on every rank otherwise;
     later calls with that combination add no collective.
+
+    Under autocast (fp32 weights, mixed precision) q, k and v are cast to the autocast dtype, as autocast
+    casts the inputs of ``scaled_dot_product_attention``; the blocks accumulate in fp32 as always.
     """
+    dtype = autocast_dtype(q.device.type) if isinstance(q, torch.Tensor) else None
+    if dtype is not None:
+        with torch.autocast(q.device.type, enabled=False):
+            return ring_attention(q.to(dtype), k.to(dtype), v.to(dtype), causal=causal, segment_ids=segment_ids,
+                                  scale=scale, group=group, backend=backend, plan_cache=plan_cache)
     _, world_size = sp_world(group)
     resolved_scale = _validate(q, k, v, segment_ids, causal, scale, group, backend, world_size)
     if world_size == 1:

@@ -243,10 +243,11 @@ def export_hf(model, llama, path: Path, tokenizer_path: str | Path | None = None
     from transformers import LlamaForCausalLM
 
     from ringlwm.models import RingLwmForCausalLM
+    from ringlwm.models.llama import plain_config_dict
 
     state = full_model_state_dict(model)
     if _rank() == 0:
-        config = type(llama).from_dict(llama.to_dict())
+        config = type(llama).from_dict(plain_config_dict(llama.to_dict()))
         config._attn_implementation = None
         # A text model becomes a plain LlamaForCausalLM; a vision-language one keeps its class (LwmConfig is
         # registered with AutoConfig / AutoModelForCausalLM).
