@@ -31,6 +31,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from transformers import Trainer
 
 from ringlwm.hf.parallel import SequenceParallel
+from ringlwm.models.families import attention_modules, transformers_model
+from ringlwm.models.llama import bound_group
 from ringlwm.ring.agreement import FINGERPRINT_KEY
 
 
@@ -41,13 +43,17 @@ class _EpochLoader(DataLoader):
         self.sampler.set_epoch(epoch)
 
 
-class RingTrainer(Trainer):
-    """``transformers.Trainer`` for a model on the ring (module docstring). sequence_parallel: the groups from
-    ``setup_sequence_parallel`` (the model's attention must already use its sp group)."""
+class RingTrainerMixin:
+    """What every trainer feeding the ring needs on top of transformers' Trainer (or a subclass of it, such as
+    TRL's SFTTrainer): loaders per data-parallel rank, checks that the model's ring is the sequence group's, and
+    at sp_size > 1 batches cut by ``RingCollator``. Put it first among the bases; pass ``sequence_parallel``."""
 
     def __init__(self, *args, sequence_parallel: SequenceParallel, **kwargs):
         super().__init__(*args, **kwargs)
-        self.sequence_parallel = sp = sequence_parallel
+        self._check_ring(sequence_parallel)
+
+    def _check_ring(self, sp: SequenceParallel) -> None:
+        self.sequence_parallel = sp
         if sp.world_size != self.args.world_size:
             if self.args.world_size == 1 and not self.args.use_cpu and not torch.cuda.is_available():
                 raise ValueError(f"sequence_parallel covers {sp.world_size} processes but the Trainer sees one: on a "
@@ -58,29 +64,48 @@ class RingTrainer(Trainer):
                              f"but the Trainer runs on {self.args.world_size}; build it after TrainingArguments, "
                              "in the same processes")
         if sp.world_size > 1 and not self.args.average_tokens_across_devices:
-            raise ValueError("RingTrainer needs average_tokens_across_devices=True: the loss divides by the target "
-                             "count of the whole step over every rank")
-        model = self._unwrapped()
+            raise ValueError(f"{type(self).__name__} needs average_tokens_across_devices=True: the loss divides by "
+                             "the target count of the whole step over every rank")
+        model = transformers_model(self.accelerator.unwrap_model(self.model))
         if getattr(model.config, "_attn_implementation", None) != "ringlwm_ring":
             raise ValueError("the model's attention is not on the ring: call setup_sequence_parallel(sp_size, "
                              "model=model) or ringlwm.models.enable_ring(model, sp_group=sp.sp_group) first")
-        from ringlwm.models.families import attention_modules
-        from ringlwm.models.llama import bound_group
 
         missing = object()
         if any(bound_group(m, missing) is not sp.sp_group for m in attention_modules(model)):
             raise ValueError("the model's ring runs over another group than sequence_parallel.sp_group; call "
                              "setup_sequence_parallel(sp_size, model=model) or enable_ring with sp.sp_group")
 
-    def _unwrapped(self):
-        model = self.accelerator.unwrap_model(self.model)
-        base = getattr(model, "base_model", None)  # PEFT: PeftModel -> LoraModel -> the transformers model
-        return getattr(base, "model", model) if base is not None and base is not model else model
+    def train(self, *args, **kwargs):
+        if self.args.fsdp and not self.is_fsdp_enabled:
+            raise ValueError(
+                f"TrainingArguments ask for FSDP (fsdp={self.args.fsdp!r}) but accelerate did not enable it: it runs "
+                f"FSDP on accelerators only (distributed type here: {self.accelerator.distributed_type}), and the "
+                "Trainer would silently train with DDP instead. On CPU drop the fsdp arguments (DDP is exact, "
+                "unsharded); on GPUs launch with torchrun as usual and accelerate uses FSDP2 (fsdp_config="
+                "{'fsdp_version': 2})"
+            )
+        self._undo_evaluation_prepare()
+        return super().train(*args, **kwargs)
+
+    def _undo_evaluation_prepare(self) -> None:
+        """transformers 5 (with accelerate 1.x): ``evaluate()`` before ``train()`` prepares the model for
+        evaluation (no DDP) and marks it prepared, so ``train()`` never wraps it in DDP and no gradient is reduced
+        across ranks: each rank steps on its own part (on the ring, a sequence group's gradients are never summed)
+        while the logged loss looks right. Undo that preparation so that ``train()`` wraps the model."""
+        model = self.model
+        if (self.args.world_size == 1 or self.is_fsdp_enabled or self.is_deepspeed_enabled
+                or self.model_wrapped is not model or not getattr(model, "_is_accelerate_prepared", False)):
+            return
+        del model._is_accelerate_prepared
+        if "_original_forward" in model.__dict__:  # the mixed-precision wrapper of the evaluation preparation
+            model.forward = model.__dict__.pop("_original_forward")
+        self.accelerator._models[:] = [m for m in self.accelerator._models if m is not model]
 
     def _dp_loader(self, dataset, batch_size: int, shuffle: bool, drop_last: bool) -> DataLoader:
         sp = self.sequence_parallel
         if isinstance(dataset, torch.utils.data.IterableDataset):
-            raise ValueError("RingTrainer reads map-style datasets (it samples them per data-parallel rank); "
+            raise ValueError(f"{type(self).__name__} reads map-style datasets (it samples them per data-parallel rank); "
                              "materialise an IterableDataset first")
         sampler = DistributedSampler(dataset, num_replicas=sp.dp_size, rank=sp.dp_rank, shuffle=shuffle,
                                      seed=self.args.seed, drop_last=drop_last)
@@ -90,26 +115,36 @@ class RingTrainer(Trainer):
 
     def get_train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
-            raise ValueError("RingTrainer: training requires a train_dataset")
+            raise ValueError(f"{type(self).__name__}: training requires a train_dataset")
         return self._dp_loader(self.train_dataset, self._train_batch_size, True, self.args.dataloader_drop_last)
 
     def get_eval_dataloader(self, eval_dataset=None) -> DataLoader:
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if isinstance(dataset, dict):
-            raise ValueError("RingTrainer evaluates one dataset at a time")
+            raise ValueError(f"{type(self).__name__} evaluates one dataset at a time")
         if dataset is None:
-            raise ValueError("RingTrainer: evaluation requires an eval_dataset")
+            raise ValueError(f"{type(self).__name__}: evaluation requires an eval_dataset")
         return self._dp_loader(dataset, self.args.eval_batch_size, False, self.args.dataloader_drop_last)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         sp_size = self.sequence_parallel.sp_size
         if sp_size > 1 and FINGERPRINT_KEY not in inputs:
             raise ValueError(
-                f"RingTrainer at sp_size={sp_size} got a batch without {FINGERPRINT_KEY!r} (keys: {sorted(inputs)}): "
-                "it was not cut by ringlwm.hf.RingCollator. The ring needs every rank's zigzag shard of one packed "
-                "batch with shift_labels, position_ids and segment_ids; a usual Hugging Face collator gives every "
-                "rank the whole batch. Pass data_collator=RingCollator(sp, seq_len=...)"
+                f"{type(self).__name__} at sp_size={sp_size} got a batch without {FINGERPRINT_KEY!r} (keys: "
+                f"{sorted(inputs)}): it was not cut by ringlwm.hf.RingCollator. The ring needs every rank's zigzag "
+                "shard of one packed batch with shift_labels, position_ids and segment_ids; a usual Hugging Face "
+                "collator gives every rank the whole batch. Pass data_collator=RingCollator(sp, seq_len=...)"
             )
+        return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
+
+
+class RingTrainer(RingTrainerMixin, Trainer):
+    """``transformers.Trainer`` for a model on the ring (module docstring). sequence_parallel: the groups from
+    ``setup_sequence_parallel`` (the model's attention must already use its sp group)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        sp_size = self.sequence_parallel.sp_size
         result = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                       num_items_in_batch=num_items_in_batch)
         loss, outputs = result if return_outputs else (result, None)

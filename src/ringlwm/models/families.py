@@ -87,7 +87,7 @@ def enable_ring(model: nn.Module, *, sp_group: dist.ProcessGroup | None = None, 
     if not modules:
         raise ValueError(f"found no self-attention modules in {type(model).__name__}")
     holder = SharedGroup(sp_group)
-    base = _transformers_model(model)
+    base = transformers_model(model)
     if isinstance(base, RingLlamaForCausalLM):
         base.apply_options(**options)
     else:
@@ -121,7 +121,7 @@ def disable_ring(model: nn.Module) -> _RingOff:
         disable_ring(model); model.generate(...)              # for good
         with disable_ring(model): model.generate(...)         # back on its ring afterwards
     """
-    base = _transformers_model(model)
+    base = transformers_model(model)
     modules = attention_modules(model)
     restore = _RingOff(model, bound_group(model, bound_group(base)), dict(base.__dict__.get("_ringlwm_ring", {})
                                                                          .get("options") or {}))
@@ -155,12 +155,12 @@ class _RingOff:
         return self.model
 
     def __exit__(self, *exc) -> None:
-        options = {} if isinstance(_transformers_model(self.model), RingLlamaForCausalLM) else self.options
+        options = {} if isinstance(transformers_model(self.model), RingLlamaForCausalLM) else self.options
         enable_ring(self.model, sp_group=self.group, **{k: v for k, v in options.items()
                                                           if k == "attention_backend" and v is not None})
 
 
-def _transformers_model(model: nn.Module) -> nn.Module:
+def transformers_model(model: nn.Module) -> nn.Module:
     """The transformers model inside a PEFT wrapper (PeftModel -> LoraModel -> model), else ``model``."""
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
