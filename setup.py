@@ -39,8 +39,9 @@ setup(
     extras_require={
         # lm-evaluation-harness for short-context quality (its HF backend needs accelerate)
         "eval": ["lm-eval>=0.4", "accelerate"],
-        # ringlwm.hf: transformers' Trainer (needs accelerate); PEFT for LoRA over the ring
-        "hf": ["accelerate>=1.0", "peft>=0.13"],
-        "dev": ["pytest>=8", "ruff>=0.6", "lm-eval>=0.4", "accelerate>=1.0", "peft>=0.13"],
+        # ringlwm.hf: transformers' Trainer (needs accelerate); PEFT for LoRA over the ring; TRL for RingSFTTrainer
+        # (1.16: its fused loss scores pre-shifted shift_labels)
+        "hf": ["accelerate>=1.0", "peft>=0.13", "trl>=1.16"],
+        "dev": ["pytest>=8", "ruff>=0.6", "lm-eval>=0.4", "accelerate>=1.0", "peft>=0.13", "trl>=1.16"],
     },
 )

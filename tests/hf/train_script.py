@@ -149,6 +149,7 @@ def main():
     parser.add_argument("--trainer", default="ring", choices=["ring", "stock", "sft", "trl"])
     parser.add_argument("--collator", default="ring", choices=["ring", "hf"])
     parser.add_argument("--data", default="chat", choices=["text", "chat", "prompt_completion"])
+    parser.add_argument("--seq-len", type=int, default=None, help="RingCollator's row length (None: per batch)")
     parser.add_argument("--eval", action="store_true")
     parser.add_argument("--padding-free", action="store_true", help="TRL packing (bfd, padding-free; --trainer trl)")
     parser.add_argument("--bf16", action="store_true")
@@ -194,11 +195,12 @@ def run(opts) -> dict:
     if true is not None:
         callbacks.append(true)
     if opts.collator == "ring":
-        collator = RingCollator(sp, seq_len=None)
+        collator = RingCollator(sp, seq_len=opts.seq_len)
     else:
         from transformers import DataCollatorForLanguageModeling
 
-        collator = DataCollatorForLanguageModeling(tokenizer=tiny_chat_tokenizer(), mlm=False)
+        # lengths that split into zigzag chunks: the ring would run, on whole batches as if they were shards
+        collator = DataCollatorForLanguageModeling(tokenizer=tiny_chat_tokenizer(), mlm=False, pad_to_multiple_of=4)
     eval_data = dataset(seed=7, count=8) if opts.eval else None
     if opts.trainer == "sft":
         from ringlwm.hf import RingSFTTrainer

@@ -114,6 +114,8 @@ def _contract(rank, world_size):
     # copy.deepcopy shares the group and computes the same loss.
     twin = copy.deepcopy(model)
     assert abs(twin(**batch).loss.item() - out.loss.item()) < 1e-6
+    ring_loss = ring(**batch).loss.item()
+    assert abs(copy.deepcopy(ring)(**batch).loss.item() - ring_loss) < 1e-6
 
     # disable_ring: the model's own attention, generation equal to a model never put on the ring.
     prompt = torch.tensor([examples[1]["input_ids"][:5]])

@@ -22,11 +22,17 @@ prompt-completion with ``completion_only_loss``, LoRA through ``peft_config``): 
 
 from __future__ import annotations
 
+import trl
+from packaging.version import Version
 from trl import SFTConfig, SFTTrainer
 
 from ringlwm.hf.collator import RingCollator
 from ringlwm.hf.parallel import SequenceParallel
 from ringlwm.hf.trainer import RingTrainerMixin
+
+if Version(trl.__version__) < Version("1.16"):
+    raise ImportError(f"RingSFTTrainer needs trl >= 1.16 (its fused loss scores pre-shifted shift_labels), found "
+                      f"{trl.__version__}: pip install 'trl>=1.16'")
 
 
 class RingSFTTrainer(RingTrainerMixin, SFTTrainer):
