@@ -102,8 +102,8 @@ def enable_ring(model: nn.Module, *, sp_group: dist.ProcessGroup | None = None, 
                 "loss_function": base.__dict__.get("_loss_function"),
                 "hook": base.get_decoder().register_forward_pre_hook(check_ring_call, with_kwargs=True),
             }
-        ring_options = {**DEFAULT_OPTIONS, **(state.get("options") or {}), **options}
-        state["options"] = ring_options
+        state["options"] = {**state.get("options", {}), **options}
+        ring_options = {**DEFAULT_OPTIONS, **state["options"]}
         for module in modules:  # on the modules, not the config: a saved config stays the model's own
             module.ringlwm_options = ring_options
         base.set_attn_implementation(ATTN_IMPLEMENTATION)
@@ -155,9 +155,7 @@ class _RingOff:
         return self.model
 
     def __exit__(self, *exc) -> None:
-        options = {} if isinstance(transformers_model(self.model), RingLlamaForCausalLM) else self.options
-        enable_ring(self.model, sp_group=self.group, **{k: v for k, v in options.items()
-                                                          if k == "attention_backend" and v is not None})
+        enable_ring(self.model, sp_group=self.group, **self.options)
 
 
 def transformers_model(model: nn.Module) -> nn.Module:

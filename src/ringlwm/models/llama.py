@@ -629,9 +629,10 @@ class RingLlamaForCausalLM(LlamaForCausalLM):
                 raise generation_refused(sp_world(sp_group)[1])
             if attention_mask is not None and not bool(attention_mask.all()):
                 raise ValueError("padded batches are not supported in cached generation; pass prompts of one length")
+            if past_key_values is not None:  # transformers 5 calls it ``cache`` (in kwargs) and warns on both
+                kwargs["past_key_values"] = past_key_values
             return super().forward(input_ids=input_ids, position_ids=position_ids, inputs_embeds=inputs_embeds,
-                                   past_key_values=past_key_values, use_cache=use_cache,
-                                   logits_to_keep=logits_to_keep, sp_group=sp_group, **kwargs)
+                                   use_cache=use_cache, logits_to_keep=logits_to_keep, sp_group=sp_group, **kwargs)
         if fingerprint is not None:
             check_batch_agreement(fingerprint, sp_group)
         check_padding_mask(attention_mask, input_ids if input_ids is not None else inputs_embeds)
