@@ -182,6 +182,15 @@ def test_bf16_mixed_precision_over_the_ring(runs):
     assert all(abs(a - b) <= 2e-3 * b for a, b in zip(got["grad_norms"], ref["grad_norms"], strict=True))
 
 
+@pytest.mark.slow
+def test_bf16_after_evaluate(runs):
+    """evaluate() first prepares the model with accelerate's autocast wrapper and no DDP; training after it (the
+    wrapper undone, DDP wrapped) equals training without it, bitwise."""
+    plain = runs(2, "--sp", "2", "--bf16")
+    got = runs(2, "--sp", "2", "--bf16", "--eval")
+    assert got["losses"] == plain["losses"] and got["grad_norms"] == plain["grad_norms"], (got, plain)
+
+
 def test_fsdp_through_accelerate(runs):
     """accelerate runs FSDP on accelerators only: on CPU the Trainer would train with DDP while asked for FSDP,
     so it is refused with the reason. Its FSDP2 preparation itself, switched on over gloo, equals one process."""

@@ -155,17 +155,19 @@ def _loss_and_grads(model, ids, dtype=None):
     return loss.detach().double(), {n: p.grad.double().clone() for n, p in model.named_parameters()}
 
 
-def test_mixed_precision_runs_as_sdpa():
-    """fp32 weights under bf16 autocast (the Trainer's bf16=True): the ring casts q, k, v to bf16 as autocast
-    casts SDPA's inputs; its loss and gradients are off fp64 by no more than SDPA's own (it failed with "q, k
-    and v must have one dtype" before)."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mixed_precision_runs_as_sdpa(dtype):
+    """fp32 weights under autocast (the Trainer's bf16=True / fp16=True): the ring casts q, k, v to the autocast
+    dtype as autocast casts SDPA's inputs; its loss and gradients are off fp64 by no more than SDPA's own (it
+    failed with "q, k and v must have one dtype" before). Measured (bf16): loss 1.4e-5 for both, worst relative
+    gradient error 0.0096 (ring) vs 0.0090 (SDPA)."""
     ids = torch.randint(0, VOCAB, (2, 48), generator=torch.Generator().manual_seed(1))
     exact = _plain()
     exact.double()
     ref_loss, ref_grads = _loss_and_grads(exact, ids)
-    sdpa_loss, sdpa_grads = _loss_and_grads(_plain(), ids, torch.bfloat16)
+    sdpa_loss, sdpa_grads = _loss_and_grads(_plain(), ids, dtype)
     for ring in (enable_ring(_plain()), _ring_model()):
-        loss, grads = _loss_and_grads(ring, ids, torch.bfloat16)
+        loss, grads = _loss_and_grads(ring, ids, dtype)
         sdpa_err = abs(sdpa_loss - ref_loss).item()
         assert abs(loss - ref_loss).item() <= 2 * sdpa_err + 1e-4, (loss, sdpa_loss, ref_loss)
         for name, g in grads.items():
