@@ -108,3 +108,36 @@ def test_offloading_moves_the_layer_inputs_to_host_memory():
     assert recs[True]["options"]["activation_offloading"] is True
     saved = recs[False]["memory_bytes"]["activations"] - recs[True]["memory_bytes"]["activations"]
     assert 3 * layer_input <= saved <= 4 * layer_input, saved / layer_input
+
+
+def _private_ringlwm_names(source: str) -> list[str]:
+    """Private names (a leading underscore) of ringlwm modules that ``source`` imports or reaches through an
+    imported ringlwm module."""
+    import ast
+
+    tree = ast.parse(source)
+    modules, found = set(), []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("ringlwm"):
+            for alias in node.names:
+                if alias.name.startswith("_"):
+                    found.append(f"{node.module}.{alias.name}")
+                modules.add(alias.asname or alias.name)  # may be a module (``from ringlwm.ring import attention``)
+        elif isinstance(node, ast.Import):
+            modules.update(alias.asname or alias.name for alias in node.names if alias.name.startswith("ringlwm"))
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                and isinstance(node.value, ast.Name) and node.value.id in modules):
+            found.append(f"{node.value.id}.{node.attr}")
+    return found
+
+
+def test_the_planner_reaches_no_private_ringlwm_name():
+    """The planner goes through public seams (``ring_settings``, ``optimizer_step``, ``train_step``), so a change
+    inside the ring or the trainer cannot silently break it (it used to replace the ring's _check_agreement and
+    _shared_segments)."""
+    import ringlwm.plan
+
+    assert _private_ringlwm_names(Path(ringlwm.plan.__file__).read_text()) == []
+    old = "from ringlwm.ring import attention\nattention._check_agreement = None\n"
+    assert _private_ringlwm_names(old) == ["attention._check_agreement"]

@@ -28,8 +28,9 @@ parameters + 6 x layers x hidden x seq_len), times this rank's tokens per optimi
 
 What the fake run assumes, where a real step would read values:
 - the ring's cross-rank input agreement (an all_gather of signatures) is skipped, and every ring step is
-  computed: the segment-overlap plan would read gathered segment ids, so every block is assumed to share
-  a document (the most work and memory; the gathered ids are still allocated as in a real step);
+  computed (``ringlwm.ring.ring_settings``, the ring's seam for this): the segment-overlap plan would read
+  gathered segment ids, so every block is assumed to share a document (the most work and memory; the
+  gathered ids are still allocated as in a real step);
 - host reads of boolean checks (``if bad.any(): raise``) read False: the inputs are taken to be valid;
 - the optimizer's host read of its step count (bias correction) reads 1;
 - a boolean selection (``mask.nonzero()``, the vision model's per-head token selection) selects every
@@ -57,6 +58,8 @@ import torch
 import torch.distributed as dist
 import torch.utils._python_dispatch
 from transformers import LlamaConfig
+
+from ringlwm.ring import ring_settings
 
 GiB = 2**30
 
@@ -271,15 +274,12 @@ def prime_optimizer(model, optimizer) -> None:
 
 
 def one_step(setup: StepSetup, model, optimizer, micro: list[dict], sp_group) -> torch.Tensor:
-    """The trainer's optimizer step: train_step (forward and backward of every micro-batch), gradient
-    clipping, AdamW, zero_grad. Returns the loss tensor (not read)."""
-    from ringlwm.train.trainer import train_step
+    """The trainer's step: ``train_step`` (forward and backward of every micro-batch), then its
+    ``optimizer_step`` (clipping, the finite check, AdamW, zero_grad). Returns the loss tensor."""
+    from ringlwm.train.trainer import optimizer_step, train_step
 
     loss, _ = train_step(model, micro, sp_group, setup.world, vision=setup.config.model.vision)
-    clip = setup.config.optim.grad_clip
-    torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf"))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer_step(model, optimizer, loss, grad_clip=setup.config.optim.grad_clip)
     return loss
 
 
@@ -380,20 +380,6 @@ def _host_copies_on_meta():
         OffloadStore.host_device = saved
 
 
-@contextlib.contextmanager
-def _fake_ring():
-    """The ring's two value-dependent steps, answered for a fake run (see the module docstring)."""
-    from ringlwm.ring import attention
-
-    saved = attention._check_agreement, attention._shared_segments
-    attention._check_agreement = lambda *args, **kwargs: None
-    attention._shared_segments = lambda pairs: [True] * len(pairs)
-    try:
-        yield
-    finally:
-        attention._check_agreement, attention._shared_segments = saved
-
-
 # ------------------------------------------------------------------------------------------------
 # The plan
 # ------------------------------------------------------------------------------------------------
@@ -434,7 +420,7 @@ def plan_step(setup: StepSetup, documents: int = 2) -> dict:
 
     t0 = time.perf_counter()
     host_reads = _HostReads()
-    with fake_world(setup.world), _fake_ring():
+    with fake_world(setup.world), ring_settings(check_agreement=False, skip_unshared_steps=False):
         fake = FakeTensorMode(allow_non_fake_inputs=True)
         dims, mesh, model, optimizer = build(setup, torch.device("cpu"), init=False, tensors=fake)
         with fake:
@@ -643,7 +629,7 @@ def measure(rank: int, world: int, setup: StepSetup, warmup: bool = True) -> dic
         marks["reset"] = _reset_peak_rss()
 
     try:
-        with _fake_ring_agreement_only():
+        with ring_settings(skip_unshared_steps=False):  # the real run computes every ring step too, as the plan
             dims, mesh, model, optimizer = build(setup, torch.device("cpu"), init=True)
             stage = setup.stage
             micro = [synthetic_batch(setup.llama, stage.batch_size, stage.seq_len // stage.sp, stage.sp,
@@ -687,19 +673,6 @@ def _cpu_backend_without_uniform_masks():
     base = _cpu_backend()
     return Backend(lambda *a, **kw: base.forward(*a, **_one_document(kw)),
                    lambda *a, **kw: base.backward(*a, **_one_document(kw)))
-
-
-@contextlib.contextmanager
-def _fake_ring_agreement_only():
-    """The real run computes every ring step too (as the plan assumes), so both runs do the same work."""
-    from ringlwm.ring import attention
-
-    saved = attention._shared_segments
-    attention._shared_segments = lambda pairs: [True] * len(pairs)
-    try:
-        yield
-    finally:
-        attention._shared_segments = saved
 
 
 def validate(setup: StepSetup) -> dict:

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from dist_utils import run_distributed
 from ringlwm.kernels import blockwise_attention
 
-import ringlwm.ring.attention as ring_module
+import ringlwm.ring.agreement as agreement
 from ringlwm import ring_attention, shard_sequence, unshard_sequence
 
 BATCH, HEADS, KV_HEADS, HEAD_DIM = 2, 4, 2, 16
@@ -131,7 +131,7 @@ def _inconsistent_inputs(rank, world_size):
         with _Counter() as count:
             ring_attention(*local, group=group).sum().backward()
     assert count.all_gather == 0
-    assert len(ring_module._AGREED[group]) == 3
+    assert len(agreement._AGREED[group]) == 3
 
 
 def test_inconsistent_inputs_raise_on_every_rank():

@@ -361,3 +361,69 @@ def test_breakdown_and_profile_change_nothing_and_account_for_the_step(tmp_path)
         assert summary["top_ops"]
     with pytest.raises(ValueError, match="profile_steps"):
         load_config(path, ["logging.profile_steps=[4, 2]"])
+
+
+def _train_with_an_inf_gradient(rank, world_size, recipe_path, out, inf_step, overrides):
+    """``train`` in this process group, with every gradient of the first parameter set to inf after the
+    backward of optimizer step ``inf_step``. Returns the NonFiniteStepError message, or None."""
+    from ringlwm.train import trainer
+
+    original, calls = trainer.train_step, [0]
+
+    def injected(model, micro, *args, **kwargs):
+        result = original(model, micro, *args, **kwargs)
+        calls[0] += 1
+        if calls[0] == inf_step:
+            grad = next(model.parameters()).grad
+            (grad.to_local() if hasattr(grad, "to_local") else grad).fill_(float("inf"))
+        return result
+
+    trainer.train_step = injected
+    try:
+        trainer.train(load_config(recipe_path, overrides), out)
+    except trainer.NonFiniteStepError as exc:
+        return str(exc)
+    return None
+
+
+def _checkpoint_state(path) -> dict:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    target = Path(str(path) + ".pt")
+    dcp_to_torch_save(path, target)
+    return torch.load(target, weights_only=False)
+
+
+def test_a_non_finite_step_is_never_applied(tmp_path):
+    """An inf gradient norm at step 3 (sp=2, FSDP2 over 2 gloo ranks). Default: every rank stops with an error
+    naming the step and the last good checkpoint; no metrics line, no checkpoint after it. optim.on_nonfinite
+    skip: training goes on, the step's update is dropped (the weights and optimizer state after step 3 equal
+    those after step 2, bitwise), the metrics count it, and the next steps train."""
+    from dist_utils import run_distributed
+
+    recipe = json.loads(json.dumps(RECIPE))
+    recipe["stages"][0].update(steps=4)
+    recipe["checkpoint"].update(save_every=1, keep_last=4)
+    path = _write(tmp_path, recipe)
+    stop = tmp_path / "stop"
+    messages = run_distributed(_train_with_an_inf_gradient, 2, str(path), str(stop), 3, [])
+    assert all(m and "step 3" in m and "stage00-step0000002" in m and "not finite" in m for m in messages), messages
+    assert [r["step"] for r in _metrics(stop)] == [1, 2]
+    assert sorted(p.name for p in (stop / "checkpoints").iterdir()) == ["stage00-step0000001", "stage00-step0000002"]
+
+    skip = tmp_path / "skip"
+    assert run_distributed(_train_with_an_inf_gradient, 2, str(path), str(skip), 3,
+                           ["optim.on_nonfinite=skip"]) == [None, None]
+    rows = _metrics(skip)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[2]["loss"] is None and rows[2]["grad_norm"] is None and rows[2]["skipped_steps"] == 1
+    assert rows[3]["skipped_steps"] == 1 and rows[3]["loss"] is not None
+    two, three, four = (_checkpoint_state(skip / "checkpoints" / f"stage00-step000000{i}") for i in (2, 3, 4))
+    for name, value in two["model"].items():
+        assert torch.equal(value, three["model"][name]), name
+    # AdamW's state (step count, moments) is untouched too; the param groups' lr follows the schedule.
+    moments = [[t for t in torch.utils._pytree.tree_flatten(state["optim"]["state"])[0]] for state in (two, three)]
+    assert len(moments[0]) == len(moments[1]) > 0 and all(torch.equal(a, b) for a, b in zip(*moments))
+    assert any(not torch.equal(value, four["model"][name]) for name, value in three["model"].items())
+    with pytest.raises(ValueError, match="on_nonfinite"):
+        load_config(path, ["optim.on_nonfinite=ignore"])

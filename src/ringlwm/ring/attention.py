@@ -19,16 +19,16 @@ The ring holds no attention math: blocks go to ``ringlwm.kernels`` (Triton on GP
 on CPU, or a backend named by ``backend``), partial results are combined in place by ``merge_attention_``.
 
 Inputs are checked before any communication: first locally (shapes, dtypes, devices, backend), then for
-agreement across the ranks of the group, once per distinct call signature (one all_gather of a small
-fixed-size buffer; agreed signatures are cached per group, so repeated calls add no collective). A rank
-whose inputs fail either check raises, and so does every other rank, with the same message.
+agreement across the ranks of the group, once per distinct call signature (``ringlwm.ring.agreement``). A
+rank whose inputs fail either check raises, and so does every other rank, with the same message.
+``ring_settings`` is the documented seam for runs that measure the ring instead of training with it (the
+planner on fake devices): it turns the cross-rank check off and makes every step compute.
 """
 
 from __future__ import annotations
 
-import json
-import weakref
-from collections import OrderedDict
+import contextlib
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -43,6 +43,7 @@ from ringlwm.kernels import (
     merge_attention_,
     resolve_backend,
 )
+from ringlwm.ring.agreement import agree_once, call_signature, check_call_agreement
 from ringlwm.ring.comm import RingComm, moves_host_memory
 from ringlwm.ring.layout import sp_world
 
@@ -113,6 +114,8 @@ def _ring_plan(rank: int, world_size: int, causal: bool, local_len: int, segment
         _Step(qs, ks, blk_causal, segment_ids[:, qs], every_rank[(rank - step) % world_size][:, ks])
         for step, (qs, ks, blk_causal) in enumerate(slices)
     ]
+    if not _SETTINGS.skip_unshared_steps:
+        return steps
     shared = _shared_segments([(step.segment_ids, step.kv_segment_ids) for step in steps])
     return [step if keep else None for step, keep in zip(steps, shared)]
 
@@ -307,145 +310,63 @@ def _check_local_inputs(q, k, v, segment_ids, world_size, scale, backend) -> flo
         raise TypeError(f"scale must be a number or None, got {type(scale).__name__}") from None
 
 
-def _signature(q, k, v, segment_ids, causal, scale, backend, world_size) -> dict:
-    """What must be the same on every rank of the ring: the blocks it moves (shapes, dtype, segment ids),
-    the schedule (causal, world size), the math (scale, backend) and whether a backward ring will follow."""
-    batch, heads, local_len, head_dim = q.shape
-    return {
-        "world_size": world_size,
-        "batch": batch,
-        "heads": heads,
-        "kv_heads": k.shape[1],
-        "local_len": local_len,
-        "head_dim": head_dim,
-        "dtype": str(q.dtype),
-        "device": q.device.type,
-        "causal": bool(causal),
-        "scale": scale,
-        "segment_ids": None if segment_ids is None else str(segment_ids.dtype),
-        "backend": backend,
-        "needs_grad": torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)),
-    }
-
-
-# Signatures every rank of a group has agreed on: group -> OrderedDict used as an LRU set. Ranks make the same
-# calls in the same order, so they add and evict the same entries and skip the check on the same calls.
-_AGREED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_AGREED_PER_GROUP = 256
-_PAYLOAD_BYTES = 1024  # per rank: a JSON signature (~300 bytes) and, if the local check failed, its message
-
-
-def _agreement_device(group) -> torch.device:
-    """CPU where the group's backend can move CPU tensors (gloo, mpi, ucc, or a cpu:... mapping); else the
-    current accelerator, as NCCL needs."""
-    if moves_host_memory(group):
-        return torch.device("cpu")
-    accelerator = getattr(torch, "accelerator", None)
-    if accelerator is not None and accelerator.current_accelerator() is not None:
-        return torch.device(accelerator.current_accelerator().type, accelerator.current_device_index())
-    return torch.device("cuda", torch.cuda.current_device())
-
-
-def _encode(signature: dict | None, error: Exception | None, device: torch.device) -> torch.Tensor:
-    error_field = None if error is None else [type(error).__name__, str(error)]
-    data = json.dumps({"signature": signature, "error": error_field}).encode()
-    if len(data) > _PAYLOAD_BYTES and error_field is not None:
-        # Only the error message can be long; cut it to what fits.
-        overflow = len(data) - _PAYLOAD_BYTES + 16
-        error_field[1] = error_field[1][: max(0, len(error_field[1]) - overflow)] + " [...]"
-        data = json.dumps({"signature": signature, "error": error_field}).encode()
-    if len(data) > _PAYLOAD_BYTES:
-        raise ValueError(f"ring_attention signature too long to check across ranks: {signature}")
-    buf = torch.zeros(_PAYLOAD_BYTES, dtype=torch.uint8)
-    buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    return buf.to(device)
-
-
-def _decode(buf: torch.Tensor) -> dict:
-    return json.loads(bytes(buf.cpu().tolist()).rstrip(b"\0"))
-
-
-def _rank_list(ranks: list[int]) -> str:
-    return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks}"
-
-
-def _rejection(errors: dict[int, list[str]], world_size: int) -> Exception:
-    """One exception, the same on every rank, for local check failures on some ranks."""
-    kinds = {kind for kind, _ in errors.values()}
-    cls = TypeError if kinds == {"TypeError"} else ValueError
-    messages = {message for _, message in errors.values()}
-    if len(errors) == world_size and len(messages) == 1:
-        return cls(messages.pop())  # every rank failed the same way: the plain local message
-    by_message: dict[str, list[int]] = {}
-    for rank, (_, message) in sorted(errors.items()):
-        by_message.setdefault(message, []).append(rank)
-    details = "; ".join(f"{_rank_list(ranks)}: {message}" for message, ranks in by_message.items())
-    return cls(
-        f"ring_attention inputs rejected on {len(errors)} of the {world_size} ranks of the group ({details}); "
-        "every rank raises this error, since the ring cannot run without all of its ranks"
-    )
-
-
-def _check_agreement(group, signature: dict | None, error: Exception | None, world_size: int) -> None:
-    """One all_gather of every rank's signature (or local error); raises the same exception on every rank
-    if any rank's local check failed or the signatures differ."""
-    device = _agreement_device(group)
-    mine = _encode(signature, error, device)
-    gathered = [torch.empty_like(mine) for _ in range(world_size)]
-    dist.all_gather(gathered, mine, group=group)
-    payloads = [_decode(buf) for buf in gathered]
-    errors = {rank: p["error"] for rank, p in enumerate(payloads) if p["error"] is not None}
-    if errors:
-        raise _rejection(errors, world_size)
-    signatures = [p["signature"] for p in payloads]
-    fields = list(dict.fromkeys(name for sig in signatures for name in sig))
-    differing = []
-    for name in fields:
-        values = [sig.get(name) for sig in signatures]
-        if len({json.dumps(value) for value in values}) > 1:
-            differing.append(f"{name} {values}")
-    if differing:
-        raise ValueError(
-            f"ring_attention inputs differ across the {world_size} ranks of the group: {'; '.join(differing)} "
-            "(values by rank). Every rank must call ring_attention with its zigzag shard of the same batch "
-            "(shard_sequence), the same dtype, head counts, segment_ids given or not, causal, scale and backend"
-        )
-
-
 def _validate(q, k, v, segment_ids, causal, scale, group, backend, world_size) -> float:
-    """Local checks, then (unless this call's signature is already agreed in ``group``) the cross-rank check.
-    Returns the resolved scale. When it raises, no ring exchange has been posted on any rank."""
+    """Local checks, then (unless this call's signature is already agreed in ``group``, or ``ring_settings``
+    turned the check off) the cross-rank check (``ringlwm.ring.agreement``). Returns the resolved scale. When
+    it raises, no ring exchange has been posted on any rank."""
     error = None
     try:
         scale = _check_local_inputs(q, k, v, segment_ids, world_size, scale, backend)
     except (TypeError, ValueError) as exc:
-        if world_size == 1:
+        if world_size == 1 or not _SETTINGS.check_agreement:
             raise
         error = exc
     if error is not None:
         # The other ranks may be in the agreement check with valid inputs: join it, so that they raise too.
         try:
-            _check_agreement(group, None, error, world_size)
+            check_call_agreement(group, None, error, world_size)
         except (TypeError, ValueError) as combined:
             if type(combined) is type(error) and str(combined) == str(error):
                 raise error from None  # the same message on every rank; keep this rank's traceback
             raise combined from error
         raise error  # not reached: the check raises on every rank when any rank reports an error
-    if world_size == 1:
+    if world_size == 1 or not _SETTINGS.check_agreement:
         return scale
-    signature = _signature(q, k, v, segment_ids, causal, scale, backend, world_size)
-    key = tuple(signature.values())
-    resolved_group = group if group is not None else dist.group.WORLD
-    agreed = _AGREED.get(resolved_group)
-    if agreed is not None and key in agreed:
-        agreed.move_to_end(key)
-        return scale
-    _check_agreement(group, signature, None, world_size)
-    agreed = _AGREED.setdefault(resolved_group, OrderedDict())
-    agreed[key] = None
-    if len(agreed) > _AGREED_PER_GROUP:
-        agreed.popitem(last=False)
+    agree_once(group, call_signature(q, k, v, segment_ids, causal, scale, backend, world_size), world_size)
     return scale
+
+
+@dataclass
+class RingSettings:
+    """What ``ring_settings`` changes (see there)."""
+
+    check_agreement: bool = True
+    skip_unshared_steps: bool = True
+
+
+_SETTINGS = RingSettings()
+
+
+@contextlib.contextmanager
+def ring_settings(*, check_agreement: bool | None = None, skip_unshared_steps: bool | None = None):
+    """Change how the ring runs within the block, for runs that measure it rather than train (the planner):
+
+    check_agreement=False: no cross-rank check of the call signatures (a fake process group has no peers to
+    answer; every rank of a real one must then make the same calls, unchecked).
+    skip_unshared_steps=False: every ring step is computed, even one whose queries and keys share no document
+    (no host read of the gathered ids to decide it; the work of a batch of one document per row, the most a
+    step can cost). Results are exact either way: a skipped step adds nothing.
+    """
+    global _SETTINGS
+    saved = _SETTINGS
+    _SETTINGS = RingSettings(
+        saved.check_agreement if check_agreement is None else bool(check_agreement),
+        saved.skip_unshared_steps if skip_unshared_steps is None else bool(skip_unshared_steps),
+    )
+    try:
+        yield _SETTINGS
+    finally:
+        _SETTINGS = saved
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:

@@ -191,6 +191,10 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     """Global gradient-norm clipping threshold; 0 disables."""
+    on_nonfinite: str = "stop"
+    """A step whose loss or gradient norm is NaN or inf is never applied. "stop": the run stops with an error
+    naming the step and the last good checkpoint, and writes nothing for that step; "skip": the step's gradients
+    are dropped, training goes on, and the metrics count the skipped steps (``skipped_steps``)."""
 
     def __post_init__(self):
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
@@ -201,6 +205,8 @@ class OptimConfig:
             raise ValueError(f"optim.eps must be positive, got {self.eps}")
         if self.grad_clip < 0:
             raise ValueError(f"optim.grad_clip must be non-negative (0 disables clipping), got {self.grad_clip}")
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise ValueError(f"optim.on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
 
 
 @dataclass

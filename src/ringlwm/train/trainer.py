@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ import torch.distributed as dist
 from transformers import LlamaConfig
 
 from ringlwm.models import RingLlamaForCausalLM, RingLwmForCausalLM, set_context_length
+from ringlwm.models.loss import can_read_values
 from ringlwm.models.lwm import lwm_config_from_text
 from ringlwm.parallel import ParallelDims, materialize, parallelize_llama
 from ringlwm.runtime import init_distributed, load_model, read_model_config
@@ -207,7 +209,77 @@ def build_optimizer(config: TrainConfig, model, lr: float) -> torch.optim.Optimi
     )
 
 
-def _build_stage(config: TrainConfig, index: int, world: int, device: torch.device, mixed: bool, fresh: bool):
+class NonFiniteStepError(FloatingPointError):
+    """A step's loss or gradient norm was NaN or inf: the step was not applied (see ``optim.on_nonfinite``)."""
+
+
+@dataclass
+class StepOutcome:
+    """What ``optimizer_step`` did: the step's loss and gradient norm (None where tensors hold no values: the
+    planner's fake devices) and whether the update was applied."""
+
+    loss: float | None
+    grad_norm: float | None
+    applied: bool
+
+
+def optimizer_step(model, optimizer, loss: torch.Tensor, *, grad_clip: float,
+                   timer: PhaseTimer | None = None) -> StepOutcome:
+    """The optimizer step after the backward of every micro-batch, for the trainer and the planner alike:
+    clip the global gradient norm (``grad_clip``; 0: no clipping, the norm is still measured), read the loss
+    and the norm (the step's one host read), then AdamW and zero_grad, unless either is NaN or inf: then the
+    gradients are dropped and nothing is applied (``applied=False``; the caller stops or skips). Every rank
+    decides alike: the loss is all-reduced and the norm is global. ``timer``: gets the grad_norm and optimizer
+    phases."""
+    timer = timer or PhaseTimer(torch.device("cpu"), enabled=False)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    if can_read_values(loss, grad_norm):
+        loss_value, norm_value = float(loss), float(grad_norm)
+        applied = math.isfinite(loss_value) and math.isfinite(norm_value)
+    else:  # fake tensors (the planner): shapes only, the step as it would run
+        loss_value = norm_value = None
+        applied = True
+    timer.mark("grad_norm")
+    if applied:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    timer.mark("optimizer")
+    return StepOutcome(loss_value, norm_value, applied)
+
+
+@dataclass
+class StageRun:
+    """One stage's state, built once by ``build_stage``: where this rank sits (``dims``, the ring's group), the
+    model config it trains with, the sharded model, its optimizer, the loader, and the stage's place in the run
+    (``offset``: the optimizer steps of the stages before it)."""
+
+    config: TrainConfig
+    index: int
+    dims: ParallelDims
+    sp_group: dist.ProcessGroup
+    model_config: LlamaConfig
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: object
+    data_cfg: object
+    device: torch.device
+    offset: int
+
+    @property
+    def stage(self) -> StageConfig:
+        return self.config.stages[self.index]
+
+    @property
+    def world(self) -> int:
+        return self.dims.world_size
+
+    @property
+    def rope(self) -> dict:
+        return rope_summary(self.model_config)
+
+
+def build_stage(config: TrainConfig, index: int, world: int, device: torch.device, mixed: bool, fresh: bool) -> StageRun:
     """Mesh, model (sharded, filled), optimizer and loader of stage ``index``. ``fresh``: the first stage of
     a new run (weights from the init checkpoint or a seeded init, broadcast from rank 0)."""
     stage = config.stages[index]
@@ -217,16 +289,18 @@ def _build_stage(config: TrainConfig, index: int, world: int, device: torch.devi
     data_cfg = config.stage_data(stage)
     tokenizer = load_data_tokenizer(data_cfg)
     vocab = tokenizer.vocab_size if tokenizer is not None else config.model.vocab_size
-    llama = stage_model_config(config, index, config.model.vocab_size or vocab)
+    model_config = stage_model_config(config, index, config.model.vocab_size or vocab)
     with torch.device("meta"):
-        model = model_class(config)(llama)
+        model = model_class(config)(model_config)
     parallelize_llama(model, fsdp_mesh, mixed_precision=mixed)  # activation checkpointing: a model option
-    materialize(model, device, initial_state_dict(config, llama) if fresh else None, broadcast=fresh)
+    materialize(model, device, initial_state_dict(config, model_config) if fresh else None, broadcast=fresh)
     optimizer = build_optimizer(config, model, stage.lr)
-    loader = build_loader(data_cfg, stage, tokenizer=tokenizer, vocab_size=llama.vocab_size,
+    loader = build_loader(data_cfg, stage, tokenizer=tokenizer, vocab_size=model_config.vocab_size,
                           dp_rank=coords["dp_rank"], dp_size=dims.dp,
                           sp_rank=coords["sp_rank"], sp_size=dims.sp, seed=config.seed + index, device=device)
-    return dims, mesh["sp"].get_group(), llama, model, optimizer, loader, data_cfg
+    offset = sum(s.steps for s in config.stages[:index])
+    return StageRun(config, index, dims, mesh["sp"].get_group(), model_config, model, optimizer, loader, data_cfg,
+                    device, offset)
 
 
 def train(config: TrainConfig, out_dir: str | Path, *, save_every: int | None = None, restart: bool = False) -> None:
@@ -241,7 +315,6 @@ def train(config: TrainConfig, out_dir: str | Path, *, save_every: int | None = 
     mixed = device.type == "cuda" if mixed is None else mixed
     checkpointer = Checkpointer(out_dir, keep_last=config.checkpoint.keep_last, device=device)
     resume = _prepare_run(config, out_dir, checkpointer, restart=restart)
-    stage_offsets = [sum(s.steps for s in config.stages[:i]) for i in range(len(config.stages))]
     if all(_is_done(config, resume, i) for i in range(len(config.stages))):
         if rank == 0:
             print(f"{out_dir} is complete: its newest checkpoint {resume.path.name} ends the last stage. Nothing to "
@@ -258,18 +331,16 @@ def train(config: TrainConfig, out_dir: str | Path, *, save_every: int | None = 
         if _is_done(config, resume, index):
             continue
         fresh = index == 0 and resume is None
-        dims, sp_group, llama, model, optimizer, loader, data_cfg = _build_stage(config, index, world, device, mixed,
-                                                                                 fresh)
-        rope = rope_summary(llama)
+        run = build_stage(config, index, world, device, mixed, fresh)
         if rank == 0:
-            print(f"stage {stage.name!r}: seq_len {stage.seq_len}, sp {dims.sp}, RoPE {rope}", flush=True)
+            print(f"stage {stage.name!r}: seq_len {stage.seq_len}, sp {run.dims.sp}, RoPE {run.rope}", flush=True)
         start = 0
         if resume is not None and resume.stage == index:
-            if resume.world_size != world or resume.parallel != {"sp": dims.sp, "dp": dims.dp}:
+            if resume.world_size != world or resume.parallel != {"sp": run.dims.sp, "dp": run.dims.dp}:
                 raise ValueError(f"{resume.path} was written with world size {resume.world_size} and "
                                  f"{resume.parallel}; resuming inside a stage needs the same layout")
-            extra = checkpointer.load(resume, model, optimizer)
-            loader.load_state_dict(extra["loader"])
+            extra = checkpointer.load(resume, run.model, run.optimizer)
+            run.loader.load_state_dict(extra["loader"])
             set_rng_state(extra["rng"])
             start = resume.step
         elif index > 0:
@@ -278,69 +349,79 @@ def train(config: TrainConfig, out_dir: str | Path, *, save_every: int | None = 
             if source is None:
                 raise FileNotFoundError(f"stage {stage.name!r} needs a verified checkpoint of stage {previous.name!r} at "
                                         f"its step {previous.steps} in {checkpointer.root}")
-            checkpointer.load(source, model)
+            checkpointer.load(source, run.model)
         # Only now that the weights loaded: drop the metric lines of steps the checkpoint does not cover.
-        logger.truncate_after(stage_offsets[index] + start)
-        _train_stage(config, index, start, dims, sp_group, llama, model, optimizer, loader, device, world, logger,
-                     checkpointer, save_every, stage_offsets[index], rope)
+        logger.truncate_after(run.offset + start)
+        _train_stage(run, start, logger, checkpointer, save_every, resume)
         if index == len(config.stages) - 1 and config.checkpoint.export_hf:
-            export_hf(model, llama, out_dir / "hf", tokenizer_path=data_cfg.tokenizer)
-        del model, optimizer
+            export_hf(run.model, run.model_config, out_dir / "hf", tokenizer_path=run.data_cfg.tokenizer)
+        del run
         resume = None
     logger.close()
     dist.barrier()
 
 
-def _train_stage(config, index, start, dims, sp_group, llama, model, optimizer, loader, device, world, logger,
-                 checkpointer, save_every, offset, rope) -> None:
-    """Steps ``start`` .. ``stage.steps`` of stage ``index``, with metrics and checkpoints."""
-    stage = config.stages[index]
+def _train_stage(run: StageRun, start: int, logger, checkpointer, save_every, resumed_from) -> None:
+    """Steps ``start`` .. ``stage.steps`` of the stage, with metrics and checkpoints. ``resumed_from``: the
+    checkpoint the run resumed from, if any (named by a non-finite stop when this stage has saved none)."""
+    config, stage, model, dims = run.config, run.stage, run.model, run.dims
     grad_accum = stage.resolve_grad_accum(dims.dp)
     num_params = sum(p.numel() for p in model.parameters())
-    step_flops = flops_per_token(num_params, llama.num_hidden_layers, llama.hidden_size, stage.seq_len)
-    peak = device_peak_flops(device)
+    step_flops = flops_per_token(num_params, run.model_config.num_hidden_layers, run.model_config.hidden_size,
+                                 stage.seq_len)
+    peak = device_peak_flops(run.device)
     tokens_per_step = stage.seq_len * stage.batch_size * dims.dp * grad_accum
-    iterator = iter(loader)
+    rope = run.rope
+    iterator = iter(run.loader)
     model.train()
-    timer = PhaseTimer(device, config.logging.breakdown)
-    profiler = StepProfiler(checkpointer.root.parent, dist.get_rank(), config.logging.profile_steps, device)
+    timer = PhaseTimer(run.device, config.logging.breakdown)
+    profiler = StepProfiler(checkpointer.root.parent, dist.get_rank(), config.logging.profile_steps, run.device)
+    last_good = resumed_from.path if resumed_from is not None else None
+    skipped = 0
     for step in range(start, stage.steps):
-        profiler.before(offset + step + 1)
+        profiler.before(run.offset + step + 1)
         t0 = time.perf_counter()
         timer.take()  # the step starts here
         lr = lr_at(stage, step)
-        for group in optimizer.param_groups:
+        for group in run.optimizer.param_groups:
             group["lr"] = lr
         micro = [next(iterator) for _ in range(grad_accum)]
         timer.mark("data")
-        loss, parts = train_step(model, micro, sp_group, world, vision=config.model.vision, timer=timer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            model.parameters(), config.optim.grad_clip if config.optim.grad_clip > 0 else float("inf")
-        )
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-        timer.mark("grad_norm")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        timer.mark("optimizer")
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        loss, parts = train_step(model, micro, run.sp_group, run.world, vision=config.model.vision, timer=timer)
+        outcome = optimizer_step(model, run.optimizer, loss, grad_clip=config.optim.grad_clip, timer=timer)
+        if not outcome.applied:
+            if config.optim.on_nonfinite == "stop":
+                where = (f"the last good checkpoint is {last_good}" if last_good is not None
+                         else "no checkpoint was written before it")
+                raise NonFiniteStepError(
+                    f"step {run.offset + step + 1} (stage {stage.name!r}, step {step + 1}): the loss ({outcome.loss}) "
+                    f"or the gradient norm ({outcome.grad_norm}) is not finite; the update was not applied and "
+                    f"nothing was written for this step; {where}. Resume from it with a lower learning rate or "
+                    "other data, or set optim.on_nonfinite: skip to drop such steps"
+                )
+            skipped += 1
+        if run.device.type == "cuda":
+            torch.cuda.synchronize(run.device)
         seconds = time.perf_counter() - t0
         breakdown = timer.take()
-        profiler.after(offset + step + 1)
+        profiler.after(run.offset + step + 1)
         tokens_per_s = tokens_per_step / seconds
-        # The step's one read of device values (the loss, and the heads' means for the metrics).
-        loss, parts = float(loss), {k: None if math.isnan(float(v)) else float(v) for k, v in parts.items()}
+        # The heads' means for the metrics (the loss and the norm were read by optimizer_step).
+        parts = {k: None if math.isnan(float(v)) else float(v) for k, v in parts.items()}
         logger.log({
-            "step": offset + step + 1, "stage": stage.name, "stage_step": step + 1,
-            "loss": loss, "lr": lr, "grad_norm": grad_norm,
+            "step": run.offset + step + 1, "stage": stage.name, "stage_step": step + 1,
+            "loss": outcome.loss if outcome.applied else None, "lr": lr,
+            "grad_norm": outcome.grad_norm if outcome.applied else None,
             "tokens": tokens_per_step, "tokens_per_s": tokens_per_s,
-            "mfu": tokens_per_s * step_flops / (peak * world) if peak else None,
-            "max_memory_gb": max_memory_gb(device), "seq_len": stage.seq_len, "sp": dims.sp,
+            "mfu": tokens_per_s * step_flops / (peak * run.world) if peak else None,
+            "max_memory_gb": max_memory_gb(run.device), "seq_len": stage.seq_len, "sp": dims.sp,
             "rope_theta": rope.get("rope_theta"), "rope": rope, **parts,
+            **({"skipped_steps": skipped} if skipped else {}),
             **({"breakdown": breakdown} if breakdown is not None else {}),
         })
         done = step + 1 == stage.steps
         if config.checkpoint.enabled and (done or (save_every and (step + 1) % save_every == 0)):
-            checkpointer.save(stage=index, step=step + 1, final=done, model=model, optimizer=optimizer,
-                              extra={"loader": loader.state_dict(), "rng": rng_state()},
-                              parallel={"sp": dims.sp, "dp": dims.dp})
+            last_good = checkpointer.save(stage=run.index, step=step + 1, final=done, model=model,
+                                          optimizer=run.optimizer,
+                                          extra={"loader": run.loader.state_dict(), "rng": rng_state()},
+                                          parallel={"sp": dims.sp, "dp": dims.dp})
