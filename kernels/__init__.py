@@ -34,7 +34,6 @@ if _canonical is not None:
 else:
     from .blockwise import (
         Backend,
-        BlockwiseAttention,
         block_attention_backward,
         block_attention_forward,
         blockwise_attention,
@@ -48,7 +47,6 @@ else:
 
     __all__ = [
         "Backend",
-        "BlockwiseAttention",
         "block_attention_backward",
         "block_attention_forward",
         "blockwise_attention",

@@ -59,6 +59,7 @@ import torch.distributed as dist
 import torch.utils._python_dispatch
 from transformers import LlamaConfig
 
+from ringlwm.constants import VISION_VOCAB_SIZE
 from ringlwm.ring import ring_settings
 
 GiB = 2**30
@@ -203,8 +204,8 @@ def synthetic_batch(llama, batch: int, local_len: int, sp: int, vision: bool, de
         mask = (torch.arange(seq) % 2 == 1).expand(batch, seq).contiguous()
         out["vision_mask"] = mask
         out["label_vision_mask"] = mask
-        out["input_ids"] = torch.where(mask, ids % getattr(llama, "vision_vocab_size", 8448), ids)
-        out["labels"] = torch.where(mask, labels % getattr(llama, "vision_vocab_size", 8448), labels)
+        out["input_ids"] = torch.where(mask, ids % getattr(llama, "vision_vocab_size", VISION_VOCAB_SIZE), ids)
+        out["labels"] = torch.where(mask, labels % getattr(llama, "vision_vocab_size", VISION_VOCAB_SIZE), labels)
     if sp > 1:
         out = {k: shard_sequence(v, 1, group) for k, v in out.items()}  # this rank's part in ``group``
     return {k: v.to(device) for k, v in out.items()}

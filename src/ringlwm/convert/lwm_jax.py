@@ -58,9 +58,9 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig
 
+from ringlwm.constants import VISION_VOCAB_SIZE
 from ringlwm.convert.flax_msgpack import import_msgpack, unpack
 from ringlwm.models.llama import set_context_length
-from ringlwm.models.lwm import VISION_VOCAB_SIZE
 
 # LWM's LLAMA_STANDARD_CONFIGS (lwm/llama.py); VideoLLaMAConfig adds vision_vocab_size 8448.
 _BASE = {"initializer_range": 0.02, "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "vocab_size": 32000}

@@ -49,10 +49,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from ringlwm.constants import IGNORE_INDEX, PAD_SEGMENT
 from ringlwm.data.stream import Stream, as_stream
 
-IGNORE_INDEX = -100  # the same value as ringlwm.models.loss.IGNORE_INDEX (imported there without transformers)
-PAD_SEGMENT = -1
 KEYS = ("input_ids", "labels", "position_ids", "segment_ids", "loss_weights")
 VISION_KEYS = ("vision_mask", "label_vision_mask")  # bool; only with vision=True
 LOSS_WEIGHTINGS = ("token", "example")

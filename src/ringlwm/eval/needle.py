@@ -25,17 +25,16 @@ first save).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import random
-from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch.distributed as dist
 
 from ringlwm.data.chat import CHAT_ASSISTANT, CHAT_PREFIX
+from ringlwm.eval.common import ids_fingerprint, is_rank0
 from ringlwm.runtime import (
     agree_on_error,
     check_provenance,
@@ -190,18 +189,6 @@ def score(answer: str, trial: Trial) -> float:
     return sum(number in answer for number in asked) / len(asked)
 
 
-def _rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def _ids_fingerprint(*id_lists) -> str:
-    digest = hashlib.sha256()
-    for ids in id_lists:
-        digest.update(len(ids).to_bytes(8, "little"))
-        digest.update(array("q", ids).tobytes())
-    return digest.hexdigest()[:16]
-
-
 def _agree(error: Exception | None) -> None:
     agree_on_error(error, "resuming the needle results")
 
@@ -231,7 +218,7 @@ def run_needle_eval(model, tokenizer, *, haystack: str, lengths: list[int], dept
         "haystack": text_fingerprint(haystack),
         "tokenization": {"vocab_size": getattr(tokenizer, "vocab_size", None), "bos_id": tokenizer.bos_id,
                          "eos_id": tokenizer.eos_id,
-                         "ids": _ids_fingerprint(builder.prefix, builder.hay, tokenizer.encode(SUFFIX),
+                         "ids": ids_fingerprint(builder.prefix, builder.hay, tokenizer.encode(SUFFIX),
                                                  tokenizer.encode(NEEDLE))},
     }
     clash = sorted(set(own) & set(provenance or {}))
@@ -274,7 +261,7 @@ def run_needle_eval(model, tokenizer, *, haystack: str, lengths: list[int], dept
             done[t.key] = {"key": t.key, "context_length": t.context_length, "depth": t.depth, "trial": t.trial,
                            "prompt_tokens": len(p), "needles": [vars(n) for n in t.needles],
                            "asked": [t.needles[i].city for i in t.asked], "answer": text, "score": score(text, t)}
-        if out_path is not None and _rank0():
+        if out_path is not None and is_rank0():
             out_path.parent.mkdir(parents=True, exist_ok=True)
             tmp = out_path.with_suffix(".tmp")
             tmp.write_text(json.dumps({"provenance": current, "settings": settings, "results": list(done.values())},
@@ -357,7 +344,7 @@ def main(argv=None) -> None:
                                   trials=args.trials, num_needles=args.num_needles, num_asked=args.num_asked,
                                   max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, out_path=args.out,
                                   seed=args.seed, provenance=provenance, overwrite=args.overwrite)
-        if _rank0():
+        if is_rank0():
             heatmap = args.heatmap or str(Path(args.out).with_name(Path(args.out).stem + "_heatmap.png"))
             plot_heatmap(results, heatmap)
             table = accuracy_table(results)

@@ -63,17 +63,16 @@ What differs from RULER:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
 import sys
-from array import array
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from ringlwm.eval.common import ids_fingerprint, is_rank0
 from ringlwm.eval.ruler_tasks import (
     KINDS,
     NEEDLE,
@@ -270,20 +269,8 @@ def hf_backend(model, stop_token_ids=()):
 # ------------------------------------------------------------------------------------------------
 
 
-def _rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
 def _agree(error: Exception | None) -> None:
     agree_on_error(error, "the RULER run")
-
-
-def _ids_fingerprint(*id_lists) -> str:
-    digest = hashlib.sha256()
-    for ids in id_lists:
-        digest.update(len(ids).to_bytes(8, "little"))
-        digest.update(array("q", ids).tobytes())
-    return digest.hexdigest()[:16]
 
 
 def suite_provenance(maker: SampleMaker, *, backend: str, stop_token_ids=(), haystack: str | None = None,
@@ -301,7 +288,7 @@ def suite_provenance(maker: SampleMaker, *, backend: str, stop_token_ids=(), hay
         "decoding": {"greedy": True, "stop_token_ids": list(stop_token_ids), "backend": backend,
                      "max_new_tokens": maker.max_new_tokens},
         "tokenization": {"vocab_size": getattr(tok, "vocab_size", None), "bos_id": tok.bos_id, "eos_id": tok.eos_id,
-                         "ids": _ids_fingerprint(maker.bos, tok.encode(probe))},
+                         "ids": ids_fingerprint(maker.bos, tok.encode(probe))},
     }
 
 
@@ -371,7 +358,7 @@ def run_ruler_eval(generate_fn, maker: SampleMaker, *, tasks: list[str], lengths
                              "answer": text, "score": sample_score(text, s.references, s.metric)}
             if log is not None:
                 log(f"{task} {length}: {min(start + batch_size, len(indices))}/{len(indices)}")
-            if out_path is not None and _rank0():
+            if out_path is not None and is_rank0():
                 out_path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = out_path.with_suffix(".tmp")
                 tmp.write_text(json.dumps({"provenance": current, "settings": settings, "skipped": skipped,
@@ -518,8 +505,8 @@ def main(argv=None) -> None:
     device = init_distributed()
     try:
         model = load_model(args.model, device=device, vision=False, purpose="ringlwm.eval.ruler")
-        results = run_ruler_eval(ring_backend(model, stops), maker, log=print if _rank0() else None, **run_kw)
-        if _rank0():
+        results = run_ruler_eval(ring_backend(model, stops), maker, log=print if is_rank0() else None, **run_kw)
+        if is_rank0():
             _report(results, args, skipped)
     finally:
         close_distributed()

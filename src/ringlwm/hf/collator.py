@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import torch
 
+from ringlwm.constants import IGNORE_INDEX, PAD_SEGMENT
 from ringlwm.data.loader import shard_batch
-from ringlwm.models.loss import IGNORE_INDEX
 from ringlwm.ring.agreement import FINGERPRINT_KEY, sequence_fingerprint
-
-PAD_SEGMENT = -1
 
 
 class RingCollator:

@@ -32,7 +32,7 @@ from transformers import Trainer
 
 from ringlwm.hf.parallel import SequenceParallel
 from ringlwm.models.families import attention_modules, transformers_model
-from ringlwm.models.llama import bound_group
+from ringlwm.models.hf_attention import bound_group
 from ringlwm.ring.agreement import FINGERPRINT_KEY
 
 

@@ -2,6 +2,7 @@
 
     llama.py  RingLlamaForCausalLM (text)     lwm.py    RingLwmForCausalLM (vision + text, LWM's layout)
     loss.py   blockwise cross-entropy          vqgan.py  the VQGAN image tokenizer (ringlwm.models.vqgan)
+    hf_attention.py  the ring as transformers' attention ("ringlwm_ring"), its checks and group binding
     families.py  enable_ring / disable_ring: Llama, Mistral, Qwen2, Qwen3 from transformers on and off the ring
 """
 

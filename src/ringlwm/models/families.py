@@ -5,7 +5,7 @@
     out = model(input_ids=ids, position_ids=pos, segment_ids=seg, labels=..., shift_labels=targets)
 
 Every family whose attention goes through transformers' attention interface takes the ring by switching its
-``attn_implementation`` to ``"ringlwm_ring"`` (registered by ``ringlwm.models.llama``); nothing is patched.
+``attn_implementation`` to ``"ringlwm_ring"`` (registered by ``ringlwm.models.hf_attention``); nothing is patched.
 The tensors are this rank's zigzag shards, as for ``RingLlamaForCausalLM``; ``segment_ids`` reach the
 attention through transformers' keyword arguments. On a ring of several ranks the model keeps
 ``RingLlamaForCausalLM``'s contract (``enable_ring``): ``shift_labels`` and ``position_ids`` required, no KV
@@ -25,15 +25,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ringlwm.models.llama import (
+from ringlwm.models.hf_attention import (
     ATTN_IMPLEMENTATION,
     DEFAULT_OPTIONS,
-    RingLlamaForCausalLM,
     SharedGroup,
     bound_group,
     check_ring_call,
     local_group,
 )
+from ringlwm.models.llama import RingLlamaForCausalLM
 from ringlwm.models.loss import IGNORE_INDEX, items_loss, sequence_parallel_loss
 from ringlwm.ring.layout import sp_world
 

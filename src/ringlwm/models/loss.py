@@ -15,7 +15,10 @@ import torch
 import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensor
 
-IGNORE_INDEX = -100
+from ringlwm.constants import IGNORE_INDEX
+
+__all__ = ["IGNORE_INDEX", "can_read_values", "items_loss", "linear_cross_entropy", "sequence_parallel_loss"]
+
 
 
 def can_read_values(*tensors: torch.Tensor) -> bool:

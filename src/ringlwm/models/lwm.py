@@ -47,6 +47,7 @@ from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
+from ringlwm.constants import VISION_VOCAB_SIZE
 from ringlwm.models.llama import (
     RingCausalLMOutput,
     RingLlamaForCausalLM,
@@ -57,8 +58,6 @@ from ringlwm.models.llama import (
 )
 from ringlwm.models.loss import IGNORE_INDEX, linear_cross_entropy, sequence_parallel_loss
 from ringlwm.ring.agreement import FINGERPRINT_KEY, check_batch_agreement
-
-VISION_VOCAB_SIZE = 8448  # LWM's vision_vocab_size: 8192 codes + 256 special ids
 
 
 @strict

@@ -17,7 +17,7 @@ from pathlib import Path
 import tomllib
 import yaml
 
-from ringlwm.models.lwm import VISION_VOCAB_SIZE
+from ringlwm.constants import VISION_VOCAB_SIZE
 from ringlwm.ring.layout import check_divisible
 
 _SOURCE_FORMATS = ("jsonl", "parquet", "text", "synthetic")

@@ -1,0 +1,10 @@
+"""The values that several layers must agree on, in one place (imports nothing)."""
+
+IGNORE_INDEX = -100
+"""A target without loss (transformers' and PyTorch's cross-entropy convention)."""
+
+PAD_SEGMENT = -1
+"""The segment id of padding: padding attends only padding and is attended by nothing."""
+
+VISION_VOCAB_SIZE = 8448
+"""LWM's vision vocabulary: 8192 VQGAN codes, then 256 special ids (<eof> 8192, <eov> 8193, ...)."""
