@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ringlwm.registry import ringlwm_class, trainable_model_types
+
 # ------------------------------------------------------------------------------------------------
 # Process groups
 # ------------------------------------------------------------------------------------------------
@@ -61,8 +63,8 @@ def close_distributed() -> None:
 # The model loader
 # ------------------------------------------------------------------------------------------------
 
-TEXT_MODEL_TYPES = ("llama",)
-VISION_MODEL_TYPES = ("ringlwm_lwm",)
+TEXT_MODEL_TYPES = trainable_model_types(vision=False)
+VISION_MODEL_TYPES = trainable_model_types(vision=True)
 
 
 def read_model_config(path: str | Path, *, vision: bool | None = None, purpose: str = "ringlwm") -> dict:
@@ -102,10 +104,8 @@ def load_model(path: str | Path, *, device: torch.device | str = "cpu", dtype: t
     """Load a checkpoint directory as a ringlwm model, in eval mode on ``device``: a Llama checkpoint as
     ``RingLlamaForCausalLM``, an LWM vision-language one as ``RingLwmForCausalLM``. The checkpoint's type is
     checked from its config.json first (see ``read_model_config``); ``dtype`` None keeps the stored one."""
-    from ringlwm.models import RingLlamaForCausalLM, RingLwmForCausalLM
-
     config = read_model_config(path, vision=vision, purpose=purpose)
-    cls = RingLwmForCausalLM if config["model_type"] in VISION_MODEL_TYPES else RingLlamaForCausalLM
+    cls = ringlwm_class(config["model_type"])
     kwargs = {"dtype": dtype} if dtype is not None else {}
     return cls.from_pretrained(path, **kwargs).to(device).eval()
 

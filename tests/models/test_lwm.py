@@ -133,6 +133,8 @@ def test_loss_weighting_by_hand(lwm_dir):
     coefficients = torch.tensor(list(model.loss_heads.values()), dtype=torch.float64)
     loss3 = (coefficients * out3.loss_sums.double() / totals).sum()
     assert abs(loss3.item() - out2.loss.item()) < 1e-5
+    # and ``loss`` means what it means for RingLlamaForCausalLM: the heads' raw sums with their coefficients
+    assert abs(out3.loss.item() - (coefficients * out3.loss_sums.double()).sum().item()) < 1e-4
 
 
 def _sequence_parallel(rank, world_size, path, ref):

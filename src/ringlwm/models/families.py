@@ -35,16 +35,11 @@ from ringlwm.models.hf_attention import (
 )
 from ringlwm.models.llama import RingLlamaForCausalLM
 from ringlwm.models.loss import IGNORE_INDEX, items_loss, sequence_parallel_loss
+from ringlwm.registry import FAMILIES
 from ringlwm.ring.layout import sp_world
 
 # model_type -> what is checked for it (logits and gradients against eager on 1, 2 and 4 gloo ranks)
-SUPPORTED_FAMILIES = {
-    "llama": "Llama 2/3 (RoPE scaling, GQA, tied embeddings)",
-    "mistral": "Mistral (sliding window: exact when inactive, else an error)",
-    "qwen2": "Qwen2 (attention biases; sliding window as Mistral)",
-    "qwen3": "Qwen3 (q/k norms; sliding window as Mistral)",
-    "ringlwm_lwm": "RingLwmForCausalLM",
-}
+SUPPORTED_FAMILIES = {model_type: family.checked for model_type, family in FAMILIES.items()}
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:

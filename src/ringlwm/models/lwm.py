@@ -206,9 +206,9 @@ class RingLwmForCausalLM(RingLlamaForCausalLM):
 
         loss_reduction="mean": ``loss`` is the weighted loss of the whole sequence group, the same on every
         rank. "sum" (for a trainer normalising over a larger batch: data-parallel ranks, accumulation
-        steps): ``vision_loss`` / ``text_loss`` are this rank's raw weighted sums and ``loss`` their sum;
-        the trainer divides each head by its weight over the batch (``label_weight_sums``) and applies
-        ``loss_heads``' coefficients. Either way ``loss_sums`` / ``loss_weight_sums`` are this rank's
+        steps): ``vision_loss`` / ``text_loss`` are this rank's raw weighted sums and ``loss`` is
+        ``sum_h c_h * s_h`` with ``loss_heads``' coefficients (what "sum" means for every ringlwm model); a
+        trainer divides each head by its weight over the batch (``label_weight_sums``) before the coefficients. Either way ``loss_sums`` / ``loss_weight_sums`` are this rank's
         (vision, text) sums and weights (the contract of ``RingLlamaForCausalLM``).
         """
         if past_key_values is not None or use_cache or "ringlwm_cache" in kwargs:
@@ -260,7 +260,7 @@ class RingLwmForCausalLM(RingLlamaForCausalLM):
                 loss = wv * vision_loss + wt * text_loss
             elif loss_reduction == "sum":
                 vision_loss, text_loss = vision_sum, text_sum
-                loss = vision_sum + text_sum
+                loss = wv * vision_sum + wt * text_sum  # "sum" as in RingLlamaForCausalLM: sum_h c_h * s_h
             else:
                 raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         logits = vision_logits = None

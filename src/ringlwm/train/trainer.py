@@ -25,10 +25,11 @@ import torch
 import torch.distributed as dist
 from transformers import LlamaConfig
 
-from ringlwm.models import RingLlamaForCausalLM, RingLwmForCausalLM, set_context_length
+from ringlwm.models import RingLwmForCausalLM, set_context_length
 from ringlwm.models.loss import can_read_values
 from ringlwm.models.lwm import lwm_config_from_text
 from ringlwm.parallel import ParallelDims, materialize, parallelize_llama
+from ringlwm.registry import training_class
 from ringlwm.runtime import init_distributed, load_model, read_model_config
 from ringlwm.train.breakdown import PhaseTimer, StepProfiler
 from ringlwm.train.checkpoint import Checkpointer, export_hf, rng_state, set_rng_state
@@ -85,7 +86,8 @@ def stage_model_config(config: TrainConfig, index: int, vocab_size: int | None) 
 
 
 def model_class(config: TrainConfig):
-    return RingLwmForCausalLM if config.model.vision else RingLlamaForCausalLM
+    """The class a recipe trains (``ringlwm.registry``: the vision-language one with ``model.vision``)."""
+    return training_class(config.model.vision)
 
 
 def initial_state_dict(config: TrainConfig, llama: LlamaConfig) -> dict | None:
