@@ -83,10 +83,10 @@ def test_lwm_recipes_plan_with_a_preset_architecture():
     config, preset = plan.load_recipe(ROOT / "recipes" / "lwm_text_7b.yaml")
     assert preset == "llama-2-7b"
     setup = plan.make_setup(config, 0, preset, None, None)
-    assert setup.world == 2 and setup.llama.hidden_size == 4096 and setup.llama.vocab_size == 32000
+    assert setup.world == 2 and setup.model_config.hidden_size == 4096 and setup.model_config.vocab_size == 32000
     config, preset = plan.load_recipe(ROOT / "recipes" / "lwm_text_7b.yaml", model="llama-3.1-8b")
     setup = plan.make_setup(config, 4, preset, 8, 2**20)
-    assert setup.stage.sp == 8 and setup.llama.num_key_value_heads == 8 and setup.llama.vocab_size == 128256
+    assert setup.stage.sp == 8 and setup.model_config.num_key_value_heads == 8 and setup.model_config.vocab_size == 128256
 
 
 def test_offloading_moves_the_layer_inputs_to_host_memory():
@@ -99,7 +99,7 @@ def test_offloading_moves_the_layer_inputs_to_host_memory():
     for offload in (False, True):
         setup = plan.make_setup(config, 1, preset, 2, 16384)
         setup.config.model.activation_offloading = offload
-        setup.llama.ringlwm_options["activation_offloading"] = offload
+        setup.model_config.ringlwm_options["activation_offloading"] = offload
         recs[offload] = plan.summarize(setup, plan.plan_step(setup), budget)
     layer_input = 8192 * 64 * 2  # local_len x hidden x bf16
     assert recs[False]["host_bytes"] == 0

@@ -1,5 +1,6 @@
-"""Run a function on W local processes joined in a gloo process group (tests, benchmarks, notebooks).
+"""Process groups: the entry points' setup (``init_distributed``) and W local gloo processes (``run_local``).
 
+    device = init_distributed()       # under torchrun every rank joins the world; a plain process: a group of one
     results = run_local(fn, 2, arg)   # fn(rank, world_size, arg) on 2 processes; returns [fn's result per rank]
 
 Training uses ``torchrun`` instead; this is for trying the ring on one machine without a launcher.
@@ -39,3 +40,34 @@ def run_local(fn, world_size: int, *args, threads_per_rank: int = 1) -> list:
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_worker, args=(world_size, tmp, threads_per_rank, fn, args), nprocs=world_size, join=True)
         return [torch.load(os.path.join(tmp, f"result{r}.pt"), weights_only=False) for r in range(world_size)]
+
+
+def init_distributed() -> torch.device:
+    """Initialise torch.distributed once and return this process's device.
+
+    Under torchrun (RANK/WORLD_SIZE/LOCAL_RANK set) every rank joins the world group: NCCL on GPUs, with
+    ``torch.cuda.set_device(LOCAL_RANK)`` and ``device_id`` (so that NCCL binds each rank to its own GPU
+    and communicators start eagerly), gloo on CPUs. A plain ``python -m ...`` becomes a group of one over an
+    in-memory store (no port to collide with another run). Already initialised: only the device is returned.
+    """
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if dist.is_initialized():
+        return device
+    device_id = device if device.type == "cuda" else None
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend, device_id=device_id)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, device_id=device_id)
+    return device
+
+
+def close_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

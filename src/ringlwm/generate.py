@@ -80,7 +80,8 @@ def _cut_at_stop(tokens: list[int], tokenizer, stop_strings) -> list[int]:
 
 def main(argv=None) -> None:
     from ringlwm.data import load_tokenizer
-    from ringlwm.runtime import close_distributed, init_distributed, load_model
+    from ringlwm.distributed import close_distributed, init_distributed
+    from ringlwm.runtime import load_model
 
     parser = argparse.ArgumentParser(prog="python -m ringlwm.generate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

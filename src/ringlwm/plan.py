@@ -154,7 +154,7 @@ def load_recipe(path: str | Path, overrides: list[str] = (), *, model: str | Non
     return load_config(path, overrides), model
 
 
-def stage_llama(config, index: int, preset: str | None, seq_len: int) -> LlamaConfig:
+def stage_model_config_planned(config, index: int, preset: str | None, seq_len: int) -> LlamaConfig:
     """The model config of stage ``index`` planned at ``seq_len`` (the trainer's ``stage_model_config``;
     a preset's RoPE theta and norm epsilon where the stage sets none)."""
     from ringlwm.models.llama import rope_theta, set_context_length
@@ -163,16 +163,16 @@ def stage_llama(config, index: int, preset: str | None, seq_len: int) -> LlamaCo
     vocab = config.model.vocab_size
     if vocab is None:
         vocab = _tokenizer_vocab(config, index)
-    llama = stage_model_config(config, index, vocab)
+    model_config = stage_model_config(config, index, vocab)
     if preset is not None:
         p = PRESETS[preset]
-        llama.rms_norm_eps = p["rms_norm_eps"]
+        model_config.rms_norm_eps = p["rms_norm_eps"]
         stage_theta = any(s.rope_theta is not None for s in config.stages[:index + 1])
-        set_context_length(llama, max(llama.max_position_embeddings, p["max_position_embeddings"], seq_len),
-                           rope_theta=rope_theta(llama) if stage_theta else p["rope_theta"])
-    elif llama.max_position_embeddings < seq_len:
-        set_context_length(llama, seq_len)
-    return llama
+        set_context_length(model_config, max(model_config.max_position_embeddings, p["max_position_embeddings"], seq_len),
+                           rope_theta=rope_theta(model_config) if stage_theta else p["rope_theta"])
+    elif model_config.max_position_embeddings < seq_len:
+        set_context_length(model_config, seq_len)
+    return model_config
 
 
 def _tokenizer_vocab(config, index: int) -> int:
@@ -185,7 +185,7 @@ def _tokenizer_vocab(config, index: int) -> int:
                      "give model.vocab_size=N")
 
 
-def synthetic_batch(llama, batch: int, local_len: int, sp: int, vision: bool, device: torch.device, *,
+def synthetic_batch(model_config, batch: int, local_len: int, sp: int, vision: bool, device: torch.device, *,
                     group=None, generator: torch.Generator | None = None, documents: int = 2) -> dict:
     """One micro-batch as the loader yields it (this rank's zigzag shard): int64 ids, labels, positions and
     segment ids (``documents`` 1 or 2 packed documents), float32 loss weights, and for the vision model bool
@@ -193,8 +193,8 @@ def synthetic_batch(llama, batch: int, local_len: int, sp: int, vision: bool, de
     from ringlwm.ring import shard_sequence
 
     seq = local_len * sp
-    ids = torch.randint(0, llama.vocab_size, (batch, seq), generator=generator)
-    labels = torch.randint(0, llama.vocab_size, (batch, seq), generator=generator)
+    ids = torch.randint(0, model_config.vocab_size, (batch, seq), generator=generator)
+    labels = torch.randint(0, model_config.vocab_size, (batch, seq), generator=generator)
     half = seq // 2 if documents == 2 else seq
     positions = torch.cat([torch.arange(half), torch.arange(seq - half)]).expand(batch, seq).contiguous()
     segments = (torch.arange(seq) >= half).long().expand(batch, seq).contiguous()
@@ -204,8 +204,8 @@ def synthetic_batch(llama, batch: int, local_len: int, sp: int, vision: bool, de
         mask = (torch.arange(seq) % 2 == 1).expand(batch, seq).contiguous()
         out["vision_mask"] = mask
         out["label_vision_mask"] = mask
-        out["input_ids"] = torch.where(mask, ids % getattr(llama, "vision_vocab_size", VISION_VOCAB_SIZE), ids)
-        out["labels"] = torch.where(mask, labels % getattr(llama, "vision_vocab_size", VISION_VOCAB_SIZE), labels)
+        out["input_ids"] = torch.where(mask, ids % getattr(model_config, "vision_vocab_size", VISION_VOCAB_SIZE), ids)
+        out["labels"] = torch.where(mask, labels % getattr(model_config, "vision_vocab_size", VISION_VOCAB_SIZE), labels)
     if sp > 1:
         out = {k: shard_sequence(v, 1, group) for k, v in out.items()}  # this rank's part in ``group``
     return {k: v.to(device) for k, v in out.items()}
@@ -222,7 +222,7 @@ class StepSetup:
 
     config: object  # TrainConfig (with the stage's seq_len as planned)
     index: int
-    llama: LlamaConfig
+    model_config: LlamaConfig
     world: int
     mixed: bool = True
     options: dict = field(default_factory=dict)
@@ -248,7 +248,7 @@ def build(setup: StepSetup, device: torch.device, *, init: bool, tensors=None):
     dims = setup.dims()
     mesh, fsdp_mesh = dims.build_mesh("cpu")
     with torch.device("meta"):
-        model = model_class(setup.config)(setup.llama)
+        model = model_class(setup.config)(setup.model_config)
     parallelize_llama(model, fsdp_mesh, mixed_precision=setup.mixed)
     with tensors or contextlib.nullcontext():
         materialize(model, device, None, broadcast=False)
@@ -391,7 +391,7 @@ def step_flops(setup: StepSetup, num_params: int) -> dict:
 
     stage, dims = setup.stage, setup.dims()
     grad_accum = stage.resolve_grad_accum(dims.dp)
-    per_token = flops_per_token(num_params, setup.llama.num_hidden_layers, setup.llama.hidden_size, stage.seq_len)
+    per_token = flops_per_token(num_params, setup.model_config.num_hidden_layers, setup.model_config.hidden_size, stage.seq_len)
     rank_tokens = stage.seq_len * stage.batch_size * grad_accum // stage.sp
     return {"flops_per_token": per_token, "rank_tokens": rank_tokens, "grad_accum": grad_accum,
             "rank_flops": per_token * rank_tokens}
@@ -429,7 +429,7 @@ def plan_step(setup: StepSetup, documents: int = 2) -> dict:
             num_params = sum(p.numel() for p in model.parameters())
             stage = setup.stage
             local = stage.seq_len // stage.sp
-            micro = [synthetic_batch(setup.llama, stage.batch_size, local, 1, setup.config.model.vision,
+            micro = [synthetic_batch(setup.model_config, stage.batch_size, local, 1, setup.config.model.vision,
                                      torch.device("cpu"), documents=documents)]
             prime_optimizer(model, optimizer)
             with host_reads, _host_copies_on_meta():
@@ -469,8 +469,8 @@ def make_setup(config, index: int, preset: str | None, world: int | None, seq_le
         dp = ParallelDims(config.parallel.dp_replicate, config.parallel.dp_shard, stage.sp, world).dp
         if stage.batch_tokens % (stage.seq_len * stage.batch_size * dp):
             stage.batch_tokens = None  # planning another world or length: one micro-batch per step
-    llama = stage_llama(config, index, preset, stage.seq_len)
-    return StepSetup(config=config, index=index, llama=llama, world=world, mixed=mixed)
+    model_config = stage_model_config_planned(config, index, preset, stage.seq_len)
+    return StepSetup(config=config, index=index, model_config=model_config, world=world, mixed=mixed)
 
 
 @dataclass
@@ -633,7 +633,7 @@ def measure(rank: int, world: int, setup: StepSetup, warmup: bool = True) -> dic
         with ring_settings(skip_unshared_steps=False):  # the real run computes every ring step too, as the plan
             dims, mesh, model, optimizer = build(setup, torch.device("cpu"), init=True)
             stage = setup.stage
-            micro = [synthetic_batch(setup.llama, stage.batch_size, stage.seq_len // stage.sp, stage.sp,
+            micro = [synthetic_batch(setup.model_config, stage.batch_size, stage.seq_len // stage.sp, stage.sp,
                                      setup.config.model.vision, torch.device("cpu"), group=mesh["sp"].get_group(),
                                      documents=1)]
             prime_optimizer(model, optimizer)

@@ -1,6 +1,7 @@
-"""What every entry point shares: process-group setup, the one model loader, and provenance records.
+"""What every entry point shares: the one model loader and provenance records (process groups:
+``ringlwm.distributed``).
 
-    device = init_distributed()                       # under torchrun, or a group of one in a plain process
+    device = init_distributed()                       # ringlwm.distributed: torchrun, or a group of one
     model = load_model("runs/demo/hf", device=device, purpose="ringlwm.generate")
     record = {"model": model_fingerprint("runs/demo/hf"), "tokenizer": path_fingerprint("tok.model"), ...}
     resume = check_provenance(previous_record, record, what="needle results", path=out, overwrite=False)
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -26,37 +26,6 @@ from ringlwm.registry import ringlwm_class, trainable_model_types
 # ------------------------------------------------------------------------------------------------
 # Process groups
 # ------------------------------------------------------------------------------------------------
-
-
-def init_distributed() -> torch.device:
-    """Initialise torch.distributed once and return this process's device.
-
-    Under torchrun (RANK/WORLD_SIZE/LOCAL_RANK set) every rank joins the world group: NCCL on GPUs, with
-    ``torch.cuda.set_device(LOCAL_RANK)`` and ``device_id`` (so that NCCL binds each rank to its own GPU
-    and communicators start eagerly), gloo on CPUs. A plain ``python -m ...`` becomes a group of one over an
-    in-memory store (no port to collide with another run). Already initialised: only the device is returned.
-    """
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        backend = "nccl"
-    else:
-        device = torch.device("cpu")
-        backend = "gloo"
-    if dist.is_initialized():
-        return device
-    device_id = device if device.type == "cuda" else None
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        dist.init_process_group(backend, device_id=device_id)
-    else:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, device_id=device_id)
-    return device
-
-
-def close_distributed() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 # ------------------------------------------------------------------------------------------------

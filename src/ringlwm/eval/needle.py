@@ -34,12 +34,11 @@ from pathlib import Path
 import torch.distributed as dist
 
 from ringlwm.data.chat import CHAT_ASSISTANT, CHAT_PREFIX
+from ringlwm.distributed import close_distributed, init_distributed
 from ringlwm.eval.common import ids_fingerprint, is_rank0
 from ringlwm.runtime import (
     agree_on_error,
     check_provenance,
-    close_distributed,
-    init_distributed,
     load_model,
     model_fingerprint,
     text_fingerprint,

@@ -72,6 +72,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ringlwm.distributed import close_distributed, init_distributed
 from ringlwm.eval.common import ids_fingerprint, is_rank0
 from ringlwm.eval.ruler_tasks import (
     KINDS,
@@ -86,8 +87,6 @@ from ringlwm.eval.ruler_tasks import (
 from ringlwm.runtime import (
     agree_on_error,
     check_provenance,
-    close_distributed,
-    init_distributed,
     model_fingerprint,
     path_fingerprint,
     text_fingerprint,

@@ -238,7 +238,7 @@ def export_hf_tokenizer(tokenizer_path: str | Path, out_dir: Path) -> None:
     LlamaTokenizer.from_pretrained(out_dir, add_bos_token=True, add_eos_token=False).save_pretrained(out_dir)
 
 
-def export_hf(model, llama, path: Path, tokenizer_path: str | Path | None = None) -> None:
+def export_hf(model, model_config, path: Path, tokenizer_path: str | Path | None = None) -> None:
     """Write the trained weights as a plain Hugging Face Llama checkpoint (with its tokenizer) on rank 0."""
     from transformers import LlamaForCausalLM
 
@@ -247,7 +247,7 @@ def export_hf(model, llama, path: Path, tokenizer_path: str | Path | None = None
 
     state = full_model_state_dict(model)
     if _rank() == 0:
-        config = type(llama).from_dict(plain_config_dict(llama.to_dict()))
+        config = type(model_config).from_dict(plain_config_dict(model_config.to_dict()))
         config._attn_implementation = None
         # A text model becomes a plain LlamaForCausalLM; a vision-language one keeps its class (LwmConfig is
         # registered with AutoConfig / AutoModelForCausalLM).

@@ -25,12 +25,13 @@ import torch
 import torch.distributed as dist
 from transformers import LlamaConfig
 
+from ringlwm.distributed import init_distributed
 from ringlwm.models import RingLwmForCausalLM, set_context_length
 from ringlwm.models.loss import can_read_values
 from ringlwm.models.lwm import lwm_config_from_text
 from ringlwm.parallel import ParallelDims, materialize, parallelize_llama
 from ringlwm.registry import training_class
-from ringlwm.runtime import init_distributed, load_model, read_model_config
+from ringlwm.runtime import load_model, read_model_config
 from ringlwm.train.breakdown import PhaseTimer, StepProfiler
 from ringlwm.train.checkpoint import Checkpointer, export_hf, rng_state, set_rng_state
 from ringlwm.train.config import StageConfig, TrainConfig, to_dict
@@ -58,31 +59,31 @@ def stage_model_config(config: TrainConfig, index: int, vocab_size: int | None) 
     if m.init == "random":
         if vocab_size is None:
             raise ValueError("model.vocab_size is needed for a random init without a tokenizer")
-        llama = LlamaConfig(vocab_size=vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+        model_config = LlamaConfig(vocab_size=vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
                             num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
                             num_key_value_heads=m.num_kv_heads, initializer_range=m.init_std,
                             tie_word_embeddings=False, attention_dropout=0.0)
     else:
         read_model_config(m.init, vision=False, purpose="model.init")
-        llama = LlamaConfig.from_pretrained(m.init)
-        if vocab_size is not None and vocab_size > llama.vocab_size:
-            raise ValueError(f"the tokenizer has {vocab_size} tokens but the checkpoint's vocabulary is {llama.vocab_size}")
+        model_config = LlamaConfig.from_pretrained(m.init)
+        if vocab_size is not None and vocab_size > model_config.vocab_size:
+            raise ValueError(f"the tokenizer has {vocab_size} tokens but the checkpoint's vocabulary is {model_config.vocab_size}")
     theta = next((s.rope_theta for s in reversed(config.stages[:index + 1]) if s.rope_theta is not None), None)
     longest = max(s.seq_len for s in config.stages[:index + 1])
     if m.init != "random":
-        longest = max(longest, llama.max_position_embeddings)
-    set_context_length(llama, longest, rope_theta=theta)
-    llama.ringlwm_options = {"loss_chunk_size": m.loss_chunk_size, "mlp_chunk_size": m.mlp_chunk_size,
+        longest = max(longest, model_config.max_position_embeddings)
+    set_context_length(model_config, longest, rope_theta=theta)
+    model_config.ringlwm_options = {"loss_chunk_size": m.loss_chunk_size, "mlp_chunk_size": m.mlp_chunk_size,
                              "norm_chunk_size": m.norm_chunk_size,
                              "activation_checkpointing": m.activation_checkpointing,
                              "activation_offloading": m.activation_offloading,
                              "attention_backend": m.attention_backend}
     if m.vision:
-        options = llama.ringlwm_options
-        llama = lwm_config_from_text(llama, vision_vocab_size=m.vision_vocab_size,
+        options = model_config.ringlwm_options
+        model_config = lwm_config_from_text(model_config, vision_vocab_size=m.vision_vocab_size,
                                      vision_loss_weight=m.vision_loss_weight, text_loss_weight=m.text_loss_weight)
-        llama.ringlwm_options = options
-    return llama
+        model_config.ringlwm_options = options
+    return model_config
 
 
 def model_class(config: TrainConfig):
@@ -90,18 +91,18 @@ def model_class(config: TrainConfig):
     return training_class(config.model.vision)
 
 
-def initial_state_dict(config: TrainConfig, llama: LlamaConfig) -> dict | None:
+def initial_state_dict(config: TrainConfig, model_config: LlamaConfig) -> dict | None:
     """The first stage's weights, on rank 0 only (broadcast shard by shard by ``materialize``)."""
     if dist.get_rank() != 0:
         return None
     if config.model.init == "random":
         torch.manual_seed(config.seed)
-        return model_class(config)(llama).state_dict()
+        return model_class(config)(model_config).state_dict()
     text = load_model(config.model.init, dtype=torch.float32, vision=False, purpose="model.init").state_dict()
     if config.model.vision:
         # A text checkpoint gives the shared weights; the vision table and head start new (seeded).
         torch.manual_seed(config.seed)
-        model = RingLwmForCausalLM(llama)
+        model = RingLwmForCausalLM(model_config)
         missing = set(model.state_dict()) - set(text)
         model.load_state_dict(text, strict=False)
         if not missing <= {"vision_embed_tokens.weight", "vision_head.weight"}:
@@ -157,10 +158,10 @@ def train_step(model, micro: list[dict], sp_group, world: int, *, vision: bool,
     return loss, parts
 
 
-def rope_summary(llama: LlamaConfig) -> dict:
+def rope_summary(model_config: LlamaConfig) -> dict:
     """The RoPE a stage trains with: its rope_parameters and max_position_embeddings."""
-    params = dict(getattr(llama, "rope_parameters", None) or {})
-    return {**params, "max_position_embeddings": llama.max_position_embeddings}
+    params = dict(getattr(model_config, "rope_parameters", None) or {})
+    return {**params, "max_position_embeddings": model_config.max_position_embeddings}
 
 
 def _is_done(config: TrainConfig, resume, index: int) -> bool:

@@ -244,8 +244,9 @@ def _load_frames(path: str) -> np.ndarray:
 
 def main(argv=None) -> None:
     from ringlwm.data import load_tokenizer
+    from ringlwm.distributed import close_distributed, init_distributed
     from ringlwm.models.vqgan import VQGAN
-    from ringlwm.runtime import close_distributed, init_distributed, load_model
+    from ringlwm.runtime import load_model
     from ringlwm.vision.preprocess import encode_frames, read_vision
 
     parser = argparse.ArgumentParser(prog="python -m ringlwm.vision.generate", description=__doc__,
