@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -619,9 +620,14 @@ def measure(rank: int, world: int, setup: StepSetup, warmup: bool = True) -> dic
 
     from ringlwm.kernels import register_backend
 
+    # The model attends through its own backend name: the process's "cpu" backend stays what it is.
+    register_backend(ONE_DOCUMENT_CPU_BACKEND, _cpu_backend_without_uniform_masks)
+    model_config = copy.deepcopy(setup.model_config)
+    model_config.ringlwm_options = {**(getattr(model_config, "ringlwm_options", None) or {}),
+                                    "attention_backend": ONE_DOCUMENT_CPU_BACKEND}
+    setup = dataclasses.replace(setup, model_config=model_config)
     gc.collect()
     base = _rss_bytes("VmRSS")
-    register_backend("cpu", _cpu_backend_without_uniform_masks)
     marks = {}
 
     def step_starts():
@@ -629,23 +635,24 @@ def measure(rank: int, world: int, setup: StepSetup, warmup: bool = True) -> dic
         marks["before_step"] = _rss_bytes("VmRSS")
         marks["reset"] = _reset_peak_rss()
 
-    try:
-        with ring_settings(skip_unshared_steps=False):  # the real run computes every ring step too, as the plan
-            dims, mesh, model, optimizer = build(setup, torch.device("cpu"), init=True)
-            stage = setup.stage
-            micro = [synthetic_batch(setup.model_config, stage.batch_size, stage.seq_len // stage.sp, stage.sp,
-                                     setup.config.model.vision, torch.device("cpu"), group=mesh["sp"].get_group(),
-                                     documents=1)]
-            prime_optimizer(model, optimizer)
-            if warmup:  # the kernels' and libraries' first-call allocations happen here, not in the measured step
-                one_step(setup, model, optimizer, micro, mesh["sp"].get_group())
-            gc.collect()
-            raw = tracked_step(setup, model, optimizer, micro, mesh["sp"].get_group(), on_start=step_starts)
-    finally:
-        register_backend("cpu", _cpu_backend)
+    with ring_settings(skip_unshared_steps=False):  # the real run computes every ring step too, as the plan
+        dims, mesh, model, optimizer = build(setup, torch.device("cpu"), init=True)
+        stage = setup.stage
+        micro = [synthetic_batch(setup.model_config, stage.batch_size, stage.seq_len // stage.sp, stage.sp,
+                                 setup.config.model.vision, torch.device("cpu"), group=mesh["sp"].get_group(),
+                                 documents=1)]
+        prime_optimizer(model, optimizer)
+        if warmup:  # the kernels' and libraries' first-call allocations happen here, not in the measured step
+            one_step(setup, model, optimizer, micro, mesh["sp"].get_group())
+        gc.collect()
+        raw = tracked_step(setup, model, optimizer, micro, mesh["sp"].get_group(), on_start=step_starts)
     peak = _rss_bytes("VmHWM") if marks["reset"] else float("nan")
     return {"raw": raw, "memory": categories(raw), "rss_growth": peak - base,
             "rss_step_growth": peak - marks["before_step"]}
+
+
+ONE_DOCUMENT_CPU_BACKEND = "cpu_one_document"
+"""The validation run's block backend (``_cpu_backend_without_uniform_masks``), registered under its own name."""
 
 
 def _cpu_backend():
