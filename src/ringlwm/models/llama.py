@@ -298,6 +298,16 @@ class RingLlamaForCausalLM(LlamaForCausalLM):
             raise ValueError("position_ids must be non-negative")
         return position_ids
 
+    def _ring_inputs(self, targets, *, shifted: bool, input_ids, inputs_embeds, position_ids, segment_ids,
+                     attention_mask, sp_group):
+        """The input setup every ringlwm forward shares, once its targets are made: no loss on padding, padding
+        as segment ids, positions checked (made on one process). Returns (targets, segment_ids, position_ids)."""
+        targets = self._mask_padding(targets, attention_mask, shifted=shifted)
+        if attention_mask is not None:
+            segment_ids = padding_segment_ids(attention_mask, segment_ids)
+        position_ids = self._check_inputs(input_ids, inputs_embeds, position_ids, targets, segment_ids, sp_group)
+        return targets, segment_ids, position_ids
+
     _can_read_values = staticmethod(can_read_values)  # see models/loss.py
 
     @staticmethod
@@ -376,11 +386,10 @@ class RingLlamaForCausalLM(LlamaForCausalLM):
         if fingerprint is not None:
             check_batch_agreement(fingerprint, sp_group)
         check_padding_mask(attention_mask, input_ids if input_ids is not None else inputs_embeds)
-        labels = self._mask_padding(_targets(labels, shift_labels, sp_group), attention_mask,
-                                    shifted=shift_labels is not None)
-        if attention_mask is not None:
-            segment_ids = padding_segment_ids(attention_mask, segment_ids)
-        position_ids = self._check_inputs(input_ids, inputs_embeds, position_ids, labels, segment_ids, sp_group)
+        labels, segment_ids, position_ids = self._ring_inputs(
+            _targets(labels, shift_labels, sp_group), shifted=shift_labels is not None, input_ids=input_ids,
+            inputs_embeds=inputs_embeds, position_ids=position_ids, segment_ids=segment_ids,
+            attention_mask=attention_mask, sp_group=sp_group)
         # ring_plans: the layers share one gather of the segment ids and one skip plan per forward.
         outputs = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, position_ids=position_ids,
                              segment_ids=segment_ids, sp_group=sp_group, use_cache=False, ring_plans={}, **kwargs)

@@ -54,7 +54,6 @@ from ringlwm.models.llama import (
     _targets,
     bound_group,
     check_padding_mask,
-    padding_segment_ids,
 )
 from ringlwm.models.loss import IGNORE_INDEX, linear_cross_entropy, sequence_parallel_loss
 from ringlwm.ring.agreement import FINGERPRINT_KEY, check_batch_agreement
@@ -227,10 +226,9 @@ class RingLwmForCausalLM(RingLlamaForCausalLM):
             check_batch_agreement(fingerprint, sp_group)
         check_padding_mask(attention_mask, input_ids if input_ids is not None else inputs_embeds)
         labels, label_vision_mask = _lwm_targets(labels, shift_labels, label_vision_mask, vision_mask, sp_group)
-        labels = self._mask_padding(labels, attention_mask, shifted=shift_labels is not None)
-        if attention_mask is not None:
-            segment_ids = padding_segment_ids(attention_mask, segment_ids)
-        position_ids = self._check_inputs(input_ids, inputs_embeds, position_ids, labels, segment_ids, sp_group)
+        labels, segment_ids, position_ids = self._ring_inputs(
+            labels, shifted=shift_labels is not None, input_ids=input_ids, inputs_embeds=inputs_embeds,
+            position_ids=position_ids, segment_ids=segment_ids, attention_mask=attention_mask, sp_group=sp_group)
         for name, t in (("vision_mask", vision_mask), ("label_vision_mask", label_vision_mask),
                         ("loss_weights", loss_weights)):
             if t is not None and tuple(t.shape) != tuple(position_ids.shape):
