@@ -21,7 +21,13 @@ What it changes, and why (everything else is the stock Trainer, DDP included):
   * Batch agreement: at sp_size > 1 every batch must come from ``RingCollator`` (it carries
     ``sequence_fingerprint``, which the model compares across the sequence group once per forward).
 
-Evaluation uses the same data-parallel loader (unshuffled).
+  * ``train()``: an ``evaluate()`` before it no longer leaves the model without DDP (transformers 5 marks the
+    evaluation-prepared model as prepared; see ``_undo_evaluation_prepare``), and FSDP arguments that
+    accelerate did not enable (it runs FSDP on accelerators only) are refused instead of training with DDP.
+
+Evaluation uses the same data-parallel loader (unshuffled). ``RingTrainerMixin`` holds all of this but the
+loss division, for other Trainer subclasses (``ringlwm.hf.sft.RingSFTTrainer``: TRL's loss is each rank's own
+part and needs none).
 """
 
 from __future__ import annotations
