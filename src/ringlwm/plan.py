@@ -388,14 +388,13 @@ def _host_copies_on_meta():
 
 
 def step_flops(setup: StepSetup, num_params: int) -> dict:
-    from ringlwm.train.metrics import flops_per_token
+    from ringlwm.train.metrics import step_work
 
-    stage, dims = setup.stage, setup.dims()
-    grad_accum = stage.resolve_grad_accum(dims.dp)
-    per_token = flops_per_token(num_params, setup.model_config.num_hidden_layers, setup.model_config.hidden_size, stage.seq_len)
-    rank_tokens = stage.seq_len * stage.batch_size * grad_accum // stage.sp
-    return {"flops_per_token": per_token, "rank_tokens": rank_tokens, "grad_accum": grad_accum,
-            "rank_flops": per_token * rank_tokens}
+    dims = setup.dims()
+    work = step_work(setup.model_config, num_params, setup.stage, dims.dp)  # the trainer's accounting
+    rank_tokens = work.tokens // (dims.dp * dims.sp)
+    return {"flops_per_token": work.flops_per_token, "rank_tokens": rank_tokens, "grad_accum": work.grad_accum,
+            "rank_flops": work.flops_per_token * rank_tokens}
 
 
 def backend_for_plan(requested: str | None) -> str:

@@ -17,6 +17,7 @@ import os
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,6 +40,24 @@ def device_peak_flops(device: torch.device) -> float | None:
 
 def flops_per_token(num_params: int, num_layers: int, hidden: int, seq_len: int) -> float:
     return 6.0 * num_params + 6.0 * num_layers * hidden * seq_len
+
+
+@dataclass(frozen=True)
+class StepWork:
+    """One optimizer step of a stage: training FLOPs per token, micro-batches per step, tokens over the world."""
+
+    flops_per_token: float
+    grad_accum: int
+    tokens: int
+
+
+def step_work(model_config, num_params: int, stage, dp: int) -> StepWork:
+    """What one optimizer step of ``stage`` computes with ``dp`` data-parallel ranks (the trainer's metrics and
+    the planner's time estimate both start here)."""
+    grad_accum = stage.resolve_grad_accum(dp)
+    per_token = flops_per_token(num_params, model_config.num_hidden_layers, model_config.hidden_size,
+                                stage.seq_len)
+    return StepWork(per_token, grad_accum, stage.seq_len * stage.batch_size * dp * grad_accum)
 
 
 def max_memory_gb(device: torch.device) -> float:

@@ -36,7 +36,7 @@ from ringlwm.train.breakdown import PhaseTimer, StepProfiler
 from ringlwm.train.checkpoint import Checkpointer, export_hf, rng_state, set_rng_state
 from ringlwm.train.config import StageConfig, TrainConfig, to_dict
 from ringlwm.train.data import build_loader, load_data_tokenizer
-from ringlwm.train.metrics import MetricsLogger, device_peak_flops, flops_per_token, max_memory_gb
+from ringlwm.train.metrics import MetricsLogger, device_peak_flops, max_memory_gb, step_work
 from ringlwm.train.run_record import check_rerun, read_record, write_record
 
 
@@ -368,12 +368,9 @@ def _train_stage(run: StageRun, start: int, logger, checkpointer, save_every, re
     """Steps ``start`` .. ``stage.steps`` of the stage, with metrics and checkpoints. ``resumed_from``: the
     checkpoint the run resumed from, if any (named by a non-finite stop when this stage has saved none)."""
     config, stage, model, dims = run.config, run.stage, run.model, run.dims
-    grad_accum = stage.resolve_grad_accum(dims.dp)
-    num_params = sum(p.numel() for p in model.parameters())
-    step_flops = flops_per_token(num_params, run.model_config.num_hidden_layers, run.model_config.hidden_size,
-                                 stage.seq_len)
+    work = step_work(run.model_config, sum(p.numel() for p in model.parameters()), stage, dims.dp)
+    grad_accum, step_flops, tokens_per_step = work.grad_accum, work.flops_per_token, work.tokens
     peak = device_peak_flops(run.device)
-    tokens_per_step = stage.seq_len * stage.batch_size * dims.dp * grad_accum
     rope = run.rope
     iterator = iter(run.loader)
     model.train()
