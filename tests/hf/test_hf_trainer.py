@@ -164,6 +164,17 @@ def test_trl_sft_over_the_ring(runs, data):
 
 
 @pytest.mark.slow
+def test_trl_sft_with_a_transformers_model(runs):
+    """transformers' own Llama on the ring under RingSFTTrainer (TRL's fused head runs its decoder directly)."""
+    args = ("--trainer", "sft", "--model", "plain", "--data", "prompt_completion")
+    ref = runs(1, "--sp", "1", *args, "--reference")
+    _close(ref["losses"], ref["true"])
+    got = runs(2, "--sp", "2", *args)
+    _close(got["losses"], ref["losses"])
+    _close(got["grad_norms"], ref["grad_norms"])
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft is not installed (pip install -e .[hf])")
 def test_trl_sft_with_lora_over_the_ring(runs):
     ref = runs(1, "--sp", "1", "--trainer", "sft", "--model", "lora", "--reference")
