@@ -37,6 +37,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from ringlwm.log import logger
+
 _NAME = re.compile(r"^stage(\d{2})-step(\d{7})$")
 
 
@@ -97,8 +99,7 @@ class Checkpointer:
                 try:
                     meta = json.loads(meta_file.read_text())
                 except (json.JSONDecodeError, UnicodeDecodeError):
-                    if _rank() == 0:
-                        print(f"warning: skipping checkpoint {path}: its meta.json is damaged", flush=True)
+                    logger.info(f"warning: skipping checkpoint {path}: its meta.json is damaged")
                     continue
                 found.append(CheckpointInfo(path, int(match[1]), int(match[2]), meta["final"], meta["world_size"],
                                             meta["parallel"]))
@@ -138,9 +139,10 @@ class Checkpointer:
         good = []
         for name, problem, rejected in zip(names, problems, bad.tolist()):
             if rejected:
-                if _rank() == 0 or problem is not None:
-                    why = problem or "another rank found it incomplete"
-                    print(f"warning: skipping checkpoint {self.root / name}: {why}", flush=True)
+                if problem is not None:  # this rank's own finding: every rank that has one says it
+                    logger.warning(f"warning: skipping checkpoint {self.root / name}: {problem}")
+                else:
+                    logger.info(f"warning: skipping checkpoint {self.root / name}: another rank found it incomplete")
             else:
                 good.append(by_name[name])
         return sorted(good, key=lambda c: (c.stage, c.step), reverse=True)

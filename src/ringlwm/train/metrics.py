@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from ringlwm.log import logger
+
 # Dense bf16 peak FLOP/s (vendor data sheets, without sparsity).
 PLAIN_PROGRESS_SECONDS = 10.0
 
@@ -103,7 +105,7 @@ class MetricsLogger:
         try:
             import wandb
         except ImportError:
-            print("wandb is not installed: logging to metrics.jsonl only (pip install wandb)")
+            logger.info("wandb is not installed: logging to metrics.jsonl only (pip install wandb)")
             return None
         os.environ.setdefault("WANDB_MODE", cfg.wandb_mode)
         id_file = out_dir / "wandb_id"

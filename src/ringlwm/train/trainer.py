@@ -26,6 +26,7 @@ import torch.distributed as dist
 from transformers import LlamaConfig
 
 from ringlwm.distributed import init_distributed
+from ringlwm.log import logger
 from ringlwm.models import RingLwmForCausalLM, set_context_length
 from ringlwm.models.loss import can_read_values
 from ringlwm.models.lwm import lwm_config_from_text
@@ -191,8 +192,8 @@ def _prepare_run(config: TrainConfig, out_dir: Path, checkpointer: Checkpointer,
         changed = check_rerun(saved, recipe, out_dir=out_dir, resume_stage=resume.stage if resume else None,
                               resume_step=resume.step if resume else None,
                               stage_names=[s.name for s in config.stages])
-        if changed and rank == 0:
-            print(f"recipe changes since the run's last start (allowed): {', '.join(changed)}", flush=True)
+        if changed:
+            logger.info(f"recipe changes since the run's last start (allowed): {', '.join(changed)}")
     elif resume is not None:
         raise ValueError(f"{out_dir} holds checkpoints but no recipe.json, so a resume cannot be checked against "
                          "the recipe that wrote them; pass --restart to train from the start, or use a new --out")
@@ -319,24 +320,22 @@ def train(config: TrainConfig, out_dir: str | Path, *, save_every: int | None = 
     checkpointer = Checkpointer(out_dir, keep_last=config.checkpoint.keep_last, device=device)
     resume = _prepare_run(config, out_dir, checkpointer, restart=restart)
     if all(_is_done(config, resume, i) for i in range(len(config.stages))):
-        if rank == 0:
-            print(f"{out_dir} is complete: its newest checkpoint {resume.path.name} ends the last stage. Nothing to "
-                  "train; raise the last stage's steps to continue it, or pass --restart to train again", flush=True)
+        logger.info(f"{out_dir} is complete: its newest checkpoint {resume.path.name} ends the last stage. Nothing to "
+                    "train; raise the last stage's steps to continue it, or pass --restart to train again")
         return
-    logger = MetricsLogger(out_dir, enabled=rank == 0, config=to_dict(config), wandb_cfg=config.logging,
+    metrics = MetricsLogger(out_dir, enabled=rank == 0, config=to_dict(config), wandb_cfg=config.logging,
                            progress=config.logging.progress, total_steps=sum(s.steps for s in config.stages))
     if resume is None:
-        logger.truncate_after(0)  # lines of an earlier attempt that never reached a checkpoint
-    elif rank == 0:
-        print(f"resuming from {resume.path} (stage {resume.stage}, step {resume.step})", flush=True)
+        metrics.truncate_after(0)  # lines of an earlier attempt that never reached a checkpoint
+    else:
+        logger.info(f"resuming from {resume.path} (stage {resume.stage}, step {resume.step})")
 
     for index, stage in enumerate(config.stages):
         if _is_done(config, resume, index):
             continue
         fresh = index == 0 and resume is None
         run = build_stage(config, index, world, device, mixed, fresh)
-        if rank == 0:
-            print(f"stage {stage.name!r}: seq_len {stage.seq_len}, sp {run.dims.sp}, RoPE {run.rope}", flush=True)
+        logger.info(f"stage {stage.name!r}: seq_len {stage.seq_len}, sp {run.dims.sp}, RoPE {run.rope}")
         start = 0
         if resume is not None and resume.stage == index:
             if resume.world_size != world or resume.parallel != {"sp": run.dims.sp, "dp": run.dims.dp}:
@@ -354,17 +353,17 @@ def train(config: TrainConfig, out_dir: str | Path, *, save_every: int | None = 
                                         f"its step {previous.steps} in {checkpointer.root}")
             checkpointer.load(source, run.model)
         # Only now that the weights loaded: drop the metric lines of steps the checkpoint does not cover.
-        logger.truncate_after(run.offset + start)
-        _train_stage(run, start, logger, checkpointer, save_every, resume)
+        metrics.truncate_after(run.offset + start)
+        _train_stage(run, start, metrics, checkpointer, save_every, resume)
         if index == len(config.stages) - 1 and config.checkpoint.export_hf:
             export_hf(run.model, run.model_config, out_dir / "hf", tokenizer_path=run.data_cfg.tokenizer)
         del run
         resume = None
-    logger.close()
+    metrics.close()
     dist.barrier()
 
 
-def _train_stage(run: StageRun, start: int, logger, checkpointer, save_every, resumed_from) -> None:
+def _train_stage(run: StageRun, start: int, metrics, checkpointer, save_every, resumed_from) -> None:
     """Steps ``start`` .. ``stage.steps`` of the stage, with metrics and checkpoints. ``resumed_from``: the
     checkpoint the run resumed from, if any (named by a non-finite stop when this stage has saved none)."""
     config, stage, model, dims = run.config, run.stage, run.model, run.dims
@@ -408,7 +407,7 @@ def _train_stage(run: StageRun, start: int, logger, checkpointer, save_every, re
         tokens_per_s = tokens_per_step / seconds
         # The heads' means for the metrics (the loss and the norm were read by optimizer_step).
         parts = {k: None if math.isnan(float(v)) else float(v) for k, v in parts.items()}
-        logger.log({
+        metrics.log({
             "step": run.offset + step + 1, "stage": stage.name, "stage_step": step + 1,
             "loss": outcome.loss if outcome.applied else None, "lr": lr,
             "grad_norm": outcome.grad_norm if outcome.applied else None,
