@@ -416,6 +416,8 @@ def test_a_non_finite_step_is_never_applied(tmp_path):
                            ["optim.on_nonfinite=skip"]) == [None, None]
     rows = _metrics(skip)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    # finite steps train alike under either setting
+    assert [(r["loss"], r["grad_norm"]) for r in rows[:2]] == [(r["loss"], r["grad_norm"]) for r in _metrics(stop)]
     assert rows[2]["loss"] is None and rows[2]["grad_norm"] is None and rows[2]["skipped_steps"] == 1
     assert rows[3]["skipped_steps"] == 1 and rows[3]["loss"] is not None
     two, three, four = (_checkpoint_state(skip / "checkpoints" / f"stage00-step000000{i}") for i in (2, 3, 4))

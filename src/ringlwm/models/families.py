@@ -103,7 +103,7 @@ def enable_ring(model: nn.Module, *, sp_group: dist.ProcessGroup | None = None, 
             module.ringlwm_options = ring_options
         base.set_attn_implementation(ATTN_IMPLEMENTATION)
         base.loss_function = RingCausalLMLoss(state["loss_function"] or type(base).loss_function.fget(base), holder)
-    for module in {id(m): m for m in (model, base, base.get_decoder(), *modules)}.values():
+    for module in _ring_parts(model, base, modules):
         module.ringlwm_group = holder
     return model
 
@@ -122,7 +122,7 @@ def disable_ring(model: nn.Module) -> _RingOff:
                                                                          .get("options") or {}))
     if isinstance(base, RingLlamaForCausalLM):
         holder = SharedGroup(local_group())
-        for module in {id(m): m for m in (model, base, base.get_decoder(), *modules)}.values():
+        for module in _ring_parts(model, base, modules):
             module.ringlwm_group = holder
         return restore
     state = base.__dict__.pop("_ringlwm_ring", None)
@@ -134,7 +134,7 @@ def disable_ring(model: nn.Module) -> _RingOff:
         base.__dict__.pop("_loss_function", None)
     else:
         base.loss_function = state["loss_function"]
-    for module in {id(m): m for m in (model, base, base.get_decoder(), *modules)}.values():
+    for module in _ring_parts(model, base, modules):
         module.__dict__.pop("ringlwm_group", None)
         module.__dict__.pop("ringlwm_options", None)
     return restore
@@ -151,6 +151,12 @@ class _RingOff:
 
     def __exit__(self, *exc) -> None:
         enable_ring(self.model, sp_group=self.group, **self.options)
+
+
+def _ring_parts(model: nn.Module, base: nn.Module, modules: list[nn.Module]) -> list[nn.Module]:
+    """The modules that carry the ring's group: the model (a PEFT wrapper too), the transformers model, its
+    decoder and its attention modules, each once."""
+    return list({id(m): m for m in (model, base, base.get_decoder(), *modules)}.values())
 
 
 def transformers_model(model: nn.Module) -> nn.Module:

@@ -30,7 +30,8 @@ from ringlwm.ring.decode import sharded_decode_attention
 
 ATTN_IMPLEMENTATION = "ringlwm_ring"
 
-# Options kept on the config (and so saved with it; plain LlamaForCausalLM ignores them).
+# ringlwm_options: on a RingLlamaForCausalLM's config (left out of its saved config.json), on the attention
+# modules of a transformers model put on the ring.
 DEFAULT_OPTIONS = {
     "loss_chunk_size": 4096,  # tokens per chunk of the blockwise cross-entropy
     "mlp_chunk_size": None,  # tokens per chunk of the blockwise feed-forward (None: whole sequence)
@@ -48,8 +49,6 @@ class RingPaddingMask:
 
     def __init__(self, mask: torch.Tensor):
         self.mask = mask
-
-
 
 
 def padding_segment_ids(attention_mask: torch.Tensor, segment_ids: torch.Tensor | None) -> torch.Tensor:
@@ -160,6 +159,12 @@ def generation_refused(world_size: int) -> ValueError:
     )
 
 
+@functools.cache
+def _forward_signature(cls) -> inspect.Signature:
+    """The signature of a decoder class's forward (one per class, not one per call)."""
+    return inspect.signature(cls.forward)
+
+
 def check_ring_call(decoder: torch.nn.Module, args: tuple, kwargs: dict):
     """Forward pre-hook of a transformers decoder on the ring: the checks ``RingLlamaForCausalLM`` makes, once
     per forward and before any collective (see ``enable_ring``)."""
@@ -170,7 +175,7 @@ def check_ring_call(decoder: torch.nn.Module, args: tuple, kwargs: dict):
     _, world_size = sp_world(group)
     if world_size == 1:
         return args, kwargs
-    bound = dict(inspect.signature(decoder.forward).bind_partial(*args, **kwargs).arguments)
+    bound = dict(_forward_signature(type(decoder)).bind_partial(*args, **kwargs).arguments)
     bound.update(bound.pop("kwargs", None) or {})  # what a **kwargs parameter took
     if bound.get("past_key_values") is not None or bound.get("cache") is not None or bound.get("use_cache"):
         raise generation_refused(world_size)

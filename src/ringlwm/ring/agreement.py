@@ -63,10 +63,7 @@ def check_batch_agreement(fingerprint: torch.Tensor, group: dist.ProcessGroup | 
     # Two integers per rank, whatever the batch: the row count and a position-weighted sum (int64 wraps).
     weights = torch.arange(1, 2 * fingerprint.numel(), 2, dtype=torch.int64, device=fingerprint.device)
     mine = torch.stack([torch.tensor(fingerprint.numel(), device=fingerprint.device), (fingerprint * weights).sum()])
-    if moves_host_memory(group):
-        mine = mine.cpu()
-    elif mine.device.type == "cpu":
-        mine = mine.to(torch.accelerator.current_accelerator())
+    mine = mine.to(_agreement_device(group))
     gathered = [torch.empty_like(mine) for _ in range(world_size)]
     dist.all_gather(gathered, mine, group=group)
     values = [tuple(t.tolist()) for t in gathered]

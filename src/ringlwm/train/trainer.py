@@ -239,7 +239,8 @@ def optimizer_step(model, optimizer, loss: torch.Tensor, *, grad_clip: float,
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     if can_read_values(loss, grad_norm):
-        loss_value, norm_value = float(loss), float(grad_norm)
+        loss_value, norm_value = torch.stack([loss.detach().double(),
+                                              grad_norm.detach().to(loss.device, torch.float64)]).tolist()
         applied = math.isfinite(loss_value) and math.isfinite(norm_value)
     else:  # fake tensors (the planner): shapes only, the step as it would run
         loss_value = norm_value = None
