@@ -159,7 +159,7 @@ def stage_model_config_planned(config, index: int, preset: str | None, seq_len: 
     """The model config of stage ``index`` planned at ``seq_len`` (the trainer's ``stage_model_config``;
     a preset's RoPE theta and norm epsilon where the stage sets none)."""
     from ringlwm.models.llama import rope_theta, set_context_length
-    from ringlwm.train.trainer import stage_model_config
+    from ringlwm.train.stage import stage_model_config
 
     vocab = config.model.vocab_size
     if vocab is None:
@@ -243,16 +243,13 @@ def build(setup: StepSetup, device: torch.device, *, init: bool, tensors=None):
     """Mesh, model (built on meta, FSDP2, materialised) and the trainer's optimizer; ``init``: fill the
     parameters with small random values (a real run; the values do not change the memory). ``tensors``: the
     mode the parameters and optimizer are made in (a FakeTensorMode; the mesh is made outside it)."""
-    from ringlwm.parallel import materialize, parallelize_llama
-    from ringlwm.train.trainer import build_optimizer, model_class
+    from ringlwm.train.stage import build_model, build_optimizer, model_class
 
     dims = setup.dims()
     mesh, fsdp_mesh = dims.build_mesh("cpu")
-    with torch.device("meta"):
-        model = model_class(setup.config)(setup.model_config)
-    parallelize_llama(model, fsdp_mesh, mixed_precision=setup.mixed)
+    model = build_model(model_class(setup.config), setup.model_config, fsdp_mesh, device, mixed=setup.mixed,
+                        tensors=tensors)
     with tensors or contextlib.nullcontext():
-        materialize(model, device, None, broadcast=False)
         if init:
             with torch.no_grad():
                 for p in model.parameters():
@@ -278,7 +275,7 @@ def prime_optimizer(model, optimizer) -> None:
 def one_step(setup: StepSetup, model, optimizer, micro: list[dict], sp_group) -> torch.Tensor:
     """The trainer's step: ``train_step`` (forward and backward of every micro-batch), then its
     ``optimizer_step`` (clipping, the finite check, AdamW, zero_grad). Returns the loss tensor."""
-    from ringlwm.train.trainer import optimizer_step, train_step
+    from ringlwm.train.step import optimizer_step, train_step
 
     loss, _ = train_step(model, micro, sp_group, setup.world, vision=setup.config.model.vision)
     optimizer_step(model, optimizer, loss, grad_clip=setup.config.optim.grad_clip)

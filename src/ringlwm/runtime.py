@@ -24,11 +24,6 @@ import torch.distributed as dist
 from ringlwm.registry import ringlwm_class, trainable_model_types
 
 # ------------------------------------------------------------------------------------------------
-# Process groups
-# ------------------------------------------------------------------------------------------------
-
-
-# ------------------------------------------------------------------------------------------------
 # The model loader
 # ------------------------------------------------------------------------------------------------
 
@@ -69,14 +64,16 @@ def read_model_config(path: str | Path, *, vision: bool | None = None, purpose: 
 
 
 def load_model(path: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-               vision: bool | None = None, purpose: str = "ringlwm"):
+               vision: bool | None = None, purpose: str = "ringlwm", config: dict | None = None):
     """Load a checkpoint directory as a ringlwm model, in eval mode on ``device``: a Llama checkpoint as
     ``RingLlamaForCausalLM``, an LWM vision-language one as ``RingLwmForCausalLM``. The checkpoint's type is
-    checked from its config.json first (see ``read_model_config``); ``dtype`` None keeps the stored one."""
-    config = read_model_config(path, vision=vision, purpose=purpose)
+    checked from its config.json first (see ``read_model_config``); ``dtype`` None keeps the stored one.
+    ``config``: that config.json as ``read_model_config`` returned it, when the caller has read it already."""
+    if config is None:
+        config = read_model_config(path, vision=vision, purpose=purpose)
     cls = ringlwm_class(config["model_type"])
     kwargs = {"dtype": dtype} if dtype is not None else {}
-    return cls.from_pretrained(path, **kwargs).to(device).eval()
+    return cls.from_pretrained(path, config=cls.config_class.from_dict(config), **kwargs).to(device).eval()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -256,7 +256,7 @@ def _weights_digest(hf_dir: Path) -> str:
 
 
 def test_rerun_continues_with_more_steps_and_refuses_another_recipe(tmp_path):
-    from ringlwm.train.trainer import lr_at
+    from ringlwm.train.step import lr_at
 
     recipe = json.loads(json.dumps(RECIPE))
     recipe["stages"][0].update(sp=1, steps=4, warmup_steps=1)

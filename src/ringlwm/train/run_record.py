@@ -18,9 +18,14 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import shutil
 from pathlib import Path
 
+import torch.distributed as dist
+
+from ringlwm.log import logger
 from ringlwm.runtime import describe_differences
+from ringlwm.train.config import TrainConfig, to_dict
 
 RECORD = "recipe.json"
 ADJUSTABLE = ("stages.*.steps", "stages.*.warmup_steps", "checkpoint.*", "logging.*",
@@ -88,3 +93,41 @@ def check_rerun(saved: dict, current: dict, *, out_dir: Path, resume_stage: int 
                 f"{key} is {new[key]}, but the newest checkpoint already holds {resume_step} steps of stage "
                 f"{name!r}; give at least {resume_step}, or pass --restart to train again from the start")
     return changed
+
+
+def stage_done(config: TrainConfig, resume, index: int) -> bool:
+    """Whether stage ``index`` is finished according to the checkpoint the run resumes from."""
+    return resume is not None and (resume.stage > index
+                                   or (resume.stage == index and resume.step >= config.stages[index].steps))
+
+
+def prepare_run(config: TrainConfig, out_dir: Path, checkpointer, *, restart: bool):
+    """Compare the rerun's recipe with the run's record, choose the checkpoint to resume from (the newest
+    verified one of ``checkpointer``, a ``Checkpointer``) and write the record. Returns that checkpoint or
+    None. Raises the same error on every rank when the recipe differs in a way a resume cannot honour."""
+    rank = dist.get_rank()
+    recipe = to_dict(config)
+    if restart:
+        checkpointer.clear()
+        if rank == 0:
+            for name in ("metrics.jsonl", RECORD):
+                (out_dir / name).unlink(missing_ok=True)
+            shutil.rmtree(out_dir / "hf", ignore_errors=True)
+    saved = read_record(out_dir)
+    resume = checkpointer.latest()
+    if resume is None and checkpointer.complete():
+        raise RuntimeError(f"every checkpoint in {checkpointer.root} failed verification (see the warnings above); "
+                           "nothing to resume from. Pass --restart to train from the start, or use a new --out")
+    if saved is not None:
+        changed = check_rerun(saved, recipe, out_dir=out_dir, resume_stage=resume.stage if resume else None,
+                              resume_step=resume.step if resume else None,
+                              stage_names=[s.name for s in config.stages])
+        if changed:
+            logger.info(f"recipe changes since the run's last start (allowed): {', '.join(changed)}")
+    elif resume is not None:
+        raise ValueError(f"{out_dir} holds checkpoints but no recipe.json, so a resume cannot be checked against "
+                         "the recipe that wrote them; pass --restart to train from the start, or use a new --out")
+    dist.barrier()
+    if rank == 0:
+        write_record(out_dir, recipe)
+    return resume
