@@ -34,7 +34,7 @@ from ringlwm.models.hf_attention import (
     local_group,
 )
 from ringlwm.models.llama import RingLlamaForCausalLM
-from ringlwm.models.loss import IGNORE_INDEX, items_loss, sequence_parallel_loss
+from ringlwm.models.loss import IGNORE_INDEX, reduce_head_losses
 from ringlwm.registry import FAMILIES
 from ringlwm.ring.layout import sp_world
 
@@ -191,6 +191,6 @@ class RingCausalLMLoss:
         targets = shift_labels.to(logits.device).reshape(-1)
         loss_sum = F.cross_entropy(logits.float().reshape(-1, vocab_size), targets, ignore_index=ignore_index,
                                    reduction="sum")
-        if num_items_in_batch is not None:
-            return items_loss(loss_sum, num_items_in_batch, group)
-        return sequence_parallel_loss(loss_sum, (targets != ignore_index).sum().to(loss_sum.dtype), group)
+        weight = (targets != ignore_index).sum().to(loss_sum.dtype)
+        return reduce_head_losses([loss_sum], [weight], [1.0], reduction="mean", sp_group=group,
+                                  num_items_in_batch=num_items_in_batch)[0]

@@ -48,7 +48,7 @@ from ringlwm.models.hf_attention import (  # noqa: F401 (re-exported: the names 
     packed_segment_ids,
     padding_segment_ids,
 )
-from ringlwm.models.loss import IGNORE_INDEX, can_read_values, items_loss, linear_cross_entropy, sequence_parallel_loss
+from ringlwm.models.loss import IGNORE_INDEX, can_read_values, linear_cross_entropy, reduce_head_losses
 from ringlwm.models.offload import OffloadStore, offload_layer_inputs
 from ringlwm.ring import sp_world
 from ringlwm.ring.agreement import FINGERPRINT_KEY, check_batch_agreement
@@ -298,6 +298,32 @@ class RingLlamaForCausalLM(LlamaForCausalLM):
             raise ValueError("position_ids must be non-negative")
         return position_ids
 
+    def _ring_group(self, sp_group, kwargs: dict, attention_mask, input_ids, inputs_embeds):
+        """The sequence group of a ring forward (None: the one ``enable_ring`` bound, else the world), after
+        the checks every ringlwm forward makes first: the group agrees on the batch (``sequence_fingerprint``,
+        popped from ``kwargs``) and the padding mask is a 2-D one of ones and zeros."""
+        if sp_group is None:
+            sp_group = bound_group(self)
+        fingerprint = kwargs.pop(FINGERPRINT_KEY, None)
+        if fingerprint is not None:
+            check_batch_agreement(fingerprint, sp_group)
+        check_padding_mask(attention_mask, input_ids if input_ids is not None else inputs_embeds)
+        return sp_group
+
+    def _cached_forward(self, input_ids, position_ids, inputs_embeds, attention_mask, past_key_values, use_cache,
+                        logits_to_keep, sp_group, kwargs):
+        """Generation with a KV cache, on one process: LlamaForCausalLM's forward."""
+        sp_group = bound_group(self) if sp_group is None else sp_group
+        kwargs.pop(FINGERPRINT_KEY, None)
+        if sp_world(sp_group)[1] > 1:
+            raise generation_refused(sp_world(sp_group)[1])
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("padded batches are not supported in cached generation; pass prompts of one length")
+        if past_key_values is not None:  # transformers 5 calls it ``cache`` (in kwargs) and warns on both
+            kwargs["past_key_values"] = past_key_values
+        return super().forward(input_ids=input_ids, position_ids=position_ids, inputs_embeds=inputs_embeds,
+                               use_cache=use_cache, logits_to_keep=logits_to_keep, sp_group=sp_group, **kwargs)
+
     def _ring_inputs(self, targets, *, shifted: bool, input_ids, inputs_embeds, position_ids, segment_ids,
                      attention_mask, sp_group):
         """The input setup every ringlwm forward shares, once its targets are made: no loss on padding, padding
@@ -371,21 +397,10 @@ class RingLlamaForCausalLM(LlamaForCausalLM):
 
         With ``past_key_values``/``use_cache`` (generation on one process) it behaves as LlamaForCausalLM.
         """
-        if sp_group is None:
-            sp_group = bound_group(self)
-        fingerprint = kwargs.pop(FINGERPRINT_KEY, None)
         if past_key_values is not None or use_cache:
-            if sp_world(sp_group)[1] > 1:
-                raise generation_refused(sp_world(sp_group)[1])
-            if attention_mask is not None and not bool(attention_mask.all()):
-                raise ValueError("padded batches are not supported in cached generation; pass prompts of one length")
-            if past_key_values is not None:  # transformers 5 calls it ``cache`` (in kwargs) and warns on both
-                kwargs["past_key_values"] = past_key_values
-            return super().forward(input_ids=input_ids, position_ids=position_ids, inputs_embeds=inputs_embeds,
-                                   use_cache=use_cache, logits_to_keep=logits_to_keep, sp_group=sp_group, **kwargs)
-        if fingerprint is not None:
-            check_batch_agreement(fingerprint, sp_group)
-        check_padding_mask(attention_mask, input_ids if input_ids is not None else inputs_embeds)
+            return self._cached_forward(input_ids, position_ids, inputs_embeds, attention_mask, past_key_values,
+                                        use_cache, logits_to_keep, sp_group, kwargs)
+        sp_group = self._ring_group(sp_group, kwargs, attention_mask, input_ids, inputs_embeds)
         labels, segment_ids, position_ids = self._ring_inputs(
             _targets(labels, shift_labels, sp_group), shifted=shift_labels is not None, input_ids=input_ids,
             inputs_embeds=inputs_embeds, position_ids=position_ids, segment_ids=segment_ids,
@@ -402,17 +417,8 @@ class RingLlamaForCausalLM(LlamaForCausalLM):
             )
             # New tensors, not views: FSDP2 hooks the outputs, and an in-place op on a view would drop its hook.
             loss_sums, loss_weight_sums = torch.stack([loss_sum]), torch.stack([weight_sum])
-            if loss_reduction not in ("mean", "sum"):
-                raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
-            if loss_reduction == "sum":
-                if num_items_in_batch is not None:
-                    raise ValueError("num_items_in_batch divides the loss; loss_reduction='sum' returns raw sums: "
-                                     "give one or the other")
-                loss = loss_sum
-            elif num_items_in_batch is not None:
-                loss = items_loss(loss_sum, num_items_in_batch, sp_group)
-            else:
-                loss = sequence_parallel_loss(loss_sum, weight_sum, sp_group)
+            loss, _ = reduce_head_losses([loss_sum], [weight_sum], [1.0], reduction=loss_reduction,
+                                         sp_group=sp_group, num_items_in_batch=num_items_in_batch)
         if return_logits is None:
             return_logits = labels is None
         logits = None

@@ -141,3 +141,31 @@ def items_loss(loss_sum: torch.Tensor, num_items_in_batch, sp_group) -> torch.Te
         dist.all_reduce(total, group=sp_group)
     items = torch.as_tensor(num_items_in_batch, device=loss_sum.device).to(loss_sum.dtype)
     return (loss_sum + (total.to(loss_sum.dtype) - loss_sum.detach())) / items
+
+
+def reduce_head_losses(sums: list[torch.Tensor], weights: list[torch.Tensor], coefficients: list[float], *,
+                       reduction: str, sp_group, num_items_in_batch=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The loss contract of every ringlwm model, from this rank's per-head weighted loss sums and weights
+    (0-d tensors, in ``loss_heads`` order). Returns (loss, per-head values):
+
+    - ``"mean"``: each head's weighted mean over the whole sequence group (``sequence_parallel_loss``), the same
+      on every rank; with ``num_items_in_batch`` (transformers' gradient accumulation) each head's group sum
+      divided by it instead (``items_loss``);
+    - ``"sum"``: each head's raw sum on this rank, for a trainer that divides by the weight of a larger batch.
+
+    In both, ``loss = sum_h coefficient_h * value_h``: "sum" means the same for every model."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {reduction!r}")
+    if reduction == "sum":
+        if num_items_in_batch is not None:
+            raise ValueError("num_items_in_batch divides the loss; loss_reduction='sum' returns raw sums: "
+                             "give one or the other")
+        values = list(sums)
+    elif num_items_in_batch is not None:
+        values = [items_loss(s, num_items_in_batch, sp_group) for s in sums]
+    else:
+        values = [sequence_parallel_loss(s, w, sp_group) for s, w in zip(sums, weights)]
+    loss = values[0] if coefficients == [1.0] else coefficients[0] * values[0]
+    for c, v in zip(coefficients[1:], values[1:]):
+        loss = loss + c * v
+    return loss, values

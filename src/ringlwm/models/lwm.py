@@ -52,11 +52,8 @@ from ringlwm.models.llama import (
     RingCausalLMOutput,
     RingLlamaForCausalLM,
     _targets,
-    bound_group,
-    check_padding_mask,
 )
-from ringlwm.models.loss import IGNORE_INDEX, linear_cross_entropy, sequence_parallel_loss
-from ringlwm.ring.agreement import FINGERPRINT_KEY, check_batch_agreement
+from ringlwm.models.loss import IGNORE_INDEX, linear_cross_entropy, reduce_head_losses
 
 
 @strict
@@ -219,12 +216,7 @@ class RingLwmForCausalLM(RingLlamaForCausalLM):
                              "text_loss_weight), which one num_items_in_batch cannot normalise; train it with "
                              "ringlwm's trainer (train_step), or call it with loss_reduction='sum' and normalise "
                              "each head by label_weight_sums")
-        if sp_group is None:
-            sp_group = bound_group(self)
-        fingerprint = kwargs.pop(FINGERPRINT_KEY, None)
-        if fingerprint is not None:
-            check_batch_agreement(fingerprint, sp_group)
-        check_padding_mask(attention_mask, input_ids if input_ids is not None else inputs_embeds)
+        sp_group = self._ring_group(sp_group, kwargs, attention_mask, input_ids, inputs_embeds)
         labels, label_vision_mask = _lwm_targets(labels, shift_labels, label_vision_mask, vision_mask, sp_group)
         labels, segment_ids, position_ids = self._ring_inputs(
             labels, shifted=shift_labels is not None, input_ids=input_ids, inputs_embeds=inputs_embeds,
@@ -249,18 +241,11 @@ class RingLwmForCausalLM(RingLlamaForCausalLM):
                                  "(text or vision) for each target (PackedLoader(..., vision=True) yields it)")
             (vision_sum, vision_weight), (text_sum, text_weight) = self._head_losses(
                 hidden, labels, label_vision_mask, loss_weights)
-            wv, wt = float(self.config.vision_loss_weight), float(self.config.text_loss_weight)
             loss_sums = torch.stack([vision_sum, text_sum])
             loss_weight_sums = torch.stack([vision_weight, text_weight])
-            if loss_reduction == "mean":
-                vision_loss = sequence_parallel_loss(vision_sum, vision_weight, sp_group)
-                text_loss = sequence_parallel_loss(text_sum, text_weight, sp_group)
-                loss = wv * vision_loss + wt * text_loss
-            elif loss_reduction == "sum":
-                vision_loss, text_loss = vision_sum, text_sum
-                loss = wv * vision_sum + wt * text_sum  # "sum" as in RingLlamaForCausalLM: sum_h c_h * s_h
-            else:
-                raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+            loss, (vision_loss, text_loss) = reduce_head_losses(
+                [vision_sum, text_sum], [vision_weight, text_weight], list(self.loss_heads.values()),
+                reduction=loss_reduction, sp_group=sp_group)
         logits = vision_logits = None
         if return_logits is None:  # as in transformers: logits when there are no labels
             return_logits = labels is None
