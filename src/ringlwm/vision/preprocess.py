@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +36,7 @@ import torch
 from PIL import Image, ImageOps
 
 from ringlwm.data.vision_tokens import sample_frame_indices
+from ringlwm.log import logger
 
 FRAME_SIZE = 256
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"})
@@ -173,8 +173,8 @@ def done_paths(out: Path) -> set[str]:
             good_end += len(line)
         rest = f.read()
     if good_end < out.stat().st_size:
-        print(f"{out}: dropping an unfinished last record ({out.stat().st_size - good_end} bytes)"
-              + (" and what follows it" if rest else ""), file=sys.stderr)
+        logger.warning(f"{out}: dropping an unfinished last record ({out.stat().st_size - good_end} bytes)"
+                       + (" and what follows it" if rest else ""))
         with out.open("r+b") as f:
             f.truncate(good_end)
     return paths
@@ -214,7 +214,7 @@ def pretokenize(vqgan, source: str | os.PathLike, out: str | os.PathLike, *, max
             except Exception as e:
                 if on_error == "raise":
                     raise RuntimeError(f"could not read {file}: {e} (use --on-error skip to go on)") from e
-                print(f"skipping {file}: {e}", file=sys.stderr)
+                logger.warning(f"skipping {file}: {e}")
                 stats["failed"] += 1
                 continue
             done.add(record["path"])  # a path listed twice is written once
