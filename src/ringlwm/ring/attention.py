@@ -45,7 +45,8 @@ from ringlwm.kernels import (
 )
 from ringlwm.ring.agreement import agree_once, call_signature, check_call_agreement
 from ringlwm.ring.comm import RingComm, moves_host_memory
-from ringlwm.ring.layout import sp_world
+from ringlwm.ring.layout import sp_world, ulysses_world
+from ringlwm.ring.ulysses import check_ulysses_heads, gather_pieces, heads_to_sequence, sequence_to_heads
 
 
 class _Step(NamedTuple):
@@ -268,7 +269,7 @@ def _cached_plan(cache: dict | None, rank: int, world_size: int, causal: bool, l
     return plan
 
 
-def _check_local_inputs(q, k, v, segment_ids, world_size, scale, backend) -> float:
+def _check_local_inputs(q, k, v, segment_ids, world_size, scale, backend, zigzag: bool = True) -> float:
     """Everything this rank can check alone, before any communication. Returns the resolved scale.
 
     Raises ValueError or TypeError (the kernels' own checks: dtypes, devices, batch / heads / head_dim)."""
@@ -280,7 +281,7 @@ def _check_local_inputs(q, k, v, segment_ids, world_size, scale, backend) -> flo
         raise ValueError(
             f"q, k, v must hold the same local sequence length, got {q.shape[2]}, {k.shape[2]}, {v.shape[2]}"
         )
-    if world_size > 1 and q.shape[2] % 2:
+    if zigzag and world_size > 1 and q.shape[2] % 2:
         raise ValueError(
             f"local sequence length {q.shape[2]} is odd: a zigzag shard holds two equal chunks "
             "(shard the full sequence with shard_sequence, whose length must divide by 2 * world_size)"
@@ -310,13 +311,13 @@ def _check_local_inputs(q, k, v, segment_ids, world_size, scale, backend) -> flo
         raise TypeError(f"scale must be a number or None, got {type(scale).__name__}") from None
 
 
-def _validate(q, k, v, segment_ids, causal, scale, group, backend, world_size) -> float:
+def _validate(q, k, v, segment_ids, causal, scale, group, backend, world_size, zigzag: bool = True) -> float:
     """Local checks, then (unless this call's signature is already agreed in ``group``, or ``ring_settings``
     turned the check off) the cross-rank check (``ringlwm.ring.agreement``). Returns the resolved scale. When
     it raises, no ring exchange has been posted on any rank."""
     error = None
     try:
-        scale = _check_local_inputs(q, k, v, segment_ids, world_size, scale, backend)
+        scale = _check_local_inputs(q, k, v, segment_ids, world_size, scale, backend, zigzag)
     except (TypeError, ValueError) as exc:
         if world_size == 1 or not _SETTINGS.check_agreement:
             raise
@@ -334,6 +335,39 @@ def _validate(q, k, v, segment_ids, causal, scale, group, backend, world_size) -
         return scale
     agree_once(group, call_signature(q, k, v, segment_ids, causal, scale, backend, world_size), world_size)
     return scale
+
+
+def _ulysses_segment_ids(segment_ids, ulysses_group, plan_cache):
+    """The ring shard's segment ids (every Ulysses rank's piece), gathered once per ``segment_ids`` object when
+    the calls share a ``plan_cache`` (a model's layers), so that the ring's own plan cache sees one object."""
+    if segment_ids is None:
+        return None
+    if plan_cache is None:
+        return gather_pieces(segment_ids, 1, ulysses_group)
+    key = ("ulysses", id(segment_ids), segment_ids._version, id(ulysses_group))
+    hit = plan_cache.get(key)
+    if hit is None or hit[0] is not segment_ids:
+        hit = plan_cache[key] = (segment_ids, gather_pieces(segment_ids, 1, ulysses_group))
+    return hit[1]
+
+
+def _ulysses_ring_attention(q, k, v, *, causal, segment_ids, scale, group, ulysses_group, backend, plan_cache):
+    """``ring_attention`` on the 2-D layout (``ringlwm.ring.ulysses``): all-to-all to heads / ulysses of the ring
+    shard, the ring (or, without one, one block) over it, all-to-all back."""
+    _, ulysses = sp_world(ulysses_group)
+    # Checked before the first all-to-all, the same way on every Ulysses rank (shapes agree after this).
+    _validate(q, k, v, segment_ids, causal, scale, ulysses_group, backend, ulysses, zigzag=False)
+    repeat = check_ulysses_heads(q.shape[1], k.shape[1], ulysses)
+    if repeat > 1:
+        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+    q, k, v = (heads_to_sequence(t, ulysses_group) for t in (q, k, v))
+    shard_ids = _ulysses_segment_ids(segment_ids, ulysses_group, plan_cache)
+    if group is None:  # Ulysses alone: the gathered shard is the whole sequence
+        out = blockwise_attention(q, k, v, causal=causal, scale=scale, segment_ids=shard_ids, backend=backend)
+    else:
+        out = ring_attention(q, k, v, causal=causal, segment_ids=shard_ids, scale=scale, group=group,
+                             backend=backend, plan_cache=plan_cache)
+    return sequence_to_heads(out, ulysses_group)
 
 
 @dataclass
@@ -385,6 +419,7 @@ def ring_attention(
     segment_ids: torch.Tensor | None = None,
     scale: float | None = None,
     group: dist.ProcessGroup | None = None,
+    ulysses_group: dist.ProcessGroup | None = None,
     backend: str | None = None,
     plan_cache: dict | None = None,
 ) -> torch.Tensor:
@@ -394,7 +429,12 @@ def ring_attention(
     shards from ``shard_sequence(x, dim=2)`` (local_len = seq_len / W). segment_ids: (batch, local_len) this
     rank's shard of the packed-document ids, or None; with them, each call also gathers every rank's ids
     once (one all_gather, one host sync) to skip the ring steps that share no document.
-    group: the sequence-parallel process group (default: the world).
+    group: the sequence-parallel process group, the ring (default: the world).
+    ulysses_group: with several ranks, the 2-D layout (``ringlwm.ring.ulysses``): q, k, v and segment_ids are
+    this rank's piece of its ring shard (``shard_sequence(x, 2, group, ulysses_group)``); four all-to-alls
+    over this group (Q, K, V, the output) put heads / ulysses of the ring shard on each rank around the ring.
+    ``group`` None then means no ring (Ulysses alone). The heads must divide by its size, and the K/V heads
+    divide by it or it by them (see ``check_ulysses_heads``).
     backend: the block kernel ("triton", "cpu", ...; default by device).
     plan_cache: a dict shared by calls that every rank makes in the same order with the same ``segment_ids``
     object (a model's layers within one forward, ``RingLlamaForCausalLM`` passes one): the first call's
@@ -415,7 +455,11 @@ def ring_attention(
     if dtype is not None:
         with torch.autocast(q.device.type, enabled=False):
             return ring_attention(q.to(dtype), k.to(dtype), v.to(dtype), causal=causal, segment_ids=segment_ids,
-                                  scale=scale, group=group, backend=backend, plan_cache=plan_cache)
+                                  scale=scale, group=group, ulysses_group=ulysses_group, backend=backend,
+                                  plan_cache=plan_cache)
+    if ulysses_world(ulysses_group)[1] > 1:
+        return _ulysses_ring_attention(q, k, v, causal=causal, segment_ids=segment_ids, scale=scale, group=group,
+                                       ulysses_group=ulysses_group, backend=backend, plan_cache=plan_cache)
     _, world_size = sp_world(group)
     resolved_scale = _validate(q, k, v, segment_ids, causal, scale, group, backend, world_size)
     if world_size == 1:
@@ -430,16 +474,17 @@ class RingAttention(nn.Module):
     """
 
     def __init__(self, causal: bool = True, group: dist.ProcessGroup | None = None, scale: float | None = None,
-                 backend: str | None = None):
+                 backend: str | None = None, ulysses_group: dist.ProcessGroup | None = None):
         super().__init__()
         self.causal = causal
         self.group = group
+        self.ulysses_group = ulysses_group
         self.scale = scale
         self.backend = backend
 
     def forward(self, q, k, v, segment_ids=None):
         return ring_attention(q, k, v, causal=self.causal, segment_ids=segment_ids, scale=self.scale,
-                              group=self.group, backend=self.backend)
+                              group=self.group, ulysses_group=self.ulysses_group, backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"causal={self.causal}, backend={self.backend or 'auto'}"

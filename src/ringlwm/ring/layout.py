@@ -4,9 +4,14 @@ The full sequence is cut into 2*W equal chunks; rank r holds chunks r and 2W-1-r
 order. Under a causal mask every rank then has the same amount of work: the early chunk r sees few keys,
 the late chunk 2W-1-r many, and the sum is the same for all r. The local order is still increasing in
 global position, so a causal mask over local indices is right for a rank's own block.
+
+With Ulysses (``ringlwm.ring.ulysses``) each ring shard is further cut into ``ulysses`` equal contiguous
+pieces, one per Ulysses rank: ``shard_sequence(x, dim, group=ring_group, ulysses_group=u_group)``.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
@@ -17,6 +22,12 @@ def sp_world(group: dist.ProcessGroup | None = None) -> tuple[int, int]:
     if not (dist.is_available() and dist.is_initialized()):
         return 0, 1
     return dist.get_rank(group), dist.get_world_size(group)
+
+
+def ulysses_world(group: dist.ProcessGroup | None) -> tuple[int, int]:
+    """(rank, size) in a Ulysses group; (0, 1) for None (no Ulysses: unlike the ring's group, None is not the
+    world)."""
+    return (0, 1) if group is None else sp_world(group)
 
 
 def check_divisible(seq_len: int, world_size: int, what: str = "sequence length") -> None:
@@ -40,27 +51,59 @@ def zigzag_positions(seq_len: int, rank: int, world_size: int, device=None) -> t
     return torch.cat([first, second])
 
 
-def shard_sequence(x: torch.Tensor, dim: int, group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """This rank's zigzag part of the full tensor ``x`` along ``dim`` (a contiguous copy).
+def check_layout(seq_len: int, sp: int, ulysses: int = 1, what: str = "sequence length") -> None:
+    """``check_divisible`` for the 2-D layout: the zigzag over ``sp`` ring ranks, each ring shard cut into
+    ``ulysses`` equal pieces. Names the lengths that work when ``seq_len`` is not one of them."""
+    if sp > 1 or ulysses == 1:
+        check_divisible(seq_len, sp, what)
+    if ulysses > 1:
+        unit = (2 * sp if sp > 1 else 1) * ulysses // math.gcd(2 if sp > 1 else 1, ulysses)
+        if seq_len % unit:
+            lower, upper = seq_len - seq_len % unit, seq_len + unit - seq_len % unit
+            hint = f"{upper}" if lower == 0 else f"{lower} or {upper}"
+            raise ValueError(f"{what} {seq_len} cannot be spread over sp = {sp} ring x ulysses = {ulysses} ranks "
+                             f"(each ring shard in {ulysses} equal pieces); use a multiple of {unit} (e.g. {hint})")
+
+
+def _ring_and_ulysses(group, ulysses_group) -> tuple[int, int, int, int]:
+    """(ring rank, ring size, Ulysses rank, Ulysses size). ``group`` None with a Ulysses group of several
+    ranks: no ring (Ulysses alone); without one: the world, as always."""
+    u_rank, ulysses = ulysses_world(ulysses_group)
+    rank, world_size = (0, 1) if group is None and ulysses > 1 else sp_world(group)
+    return rank, world_size, u_rank, ulysses
+
+
+def shard_sequence(x: torch.Tensor, dim: int, group: dist.ProcessGroup | None = None,
+                   ulysses_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """This rank's part of the full tensor ``x`` along ``dim`` (a contiguous copy): its zigzag shard in the ring
+    ``group``, and with a ``ulysses_group`` its piece of that shard (Ulysses rank u: piece u of ulysses equal
+    contiguous pieces; see ``ringlwm.ring.ulysses``).
 
     x: any shape with the full sequence (seq_len) along ``dim``; returns the same shape with local_len =
-    seq_len / W along ``dim``.
+    seq_len / (sp * ulysses) along ``dim``.
     """
-    rank, world_size = sp_world(group)
+    rank, world_size, u_rank, ulysses = _ring_and_ulysses(group, ulysses_group)
     dim = dim % x.dim()
-    check_divisible(x.shape[dim], world_size)
-    if world_size == 1:
-        return x
-    chunks = x.chunk(2 * world_size, dim=dim)
-    return torch.cat([chunks[rank], chunks[2 * world_size - 1 - rank]], dim=dim).contiguous()
+    check_layout(x.shape[dim], world_size, ulysses)
+    if world_size > 1:
+        chunks = x.chunk(2 * world_size, dim=dim)
+        x = torch.cat([chunks[rank], chunks[2 * world_size - 1 - rank]], dim=dim)
+    if ulysses > 1:
+        x = x.chunk(ulysses, dim=dim)[u_rank]
+    return x.contiguous() if world_size > 1 or ulysses > 1 else x
 
 
-def unshard_sequence(x_local: torch.Tensor, dim: int, group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """Gather every rank's zigzag part back into the full tensor, in sequence order (not differentiable)."""
-    rank, world_size = sp_world(group)
+def unshard_sequence(x_local: torch.Tensor, dim: int, group: dist.ProcessGroup | None = None,
+                     ulysses_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Gather every rank's part back into the full tensor, in sequence order (not differentiable)."""
+    _, world_size, _, ulysses = _ring_and_ulysses(group, ulysses_group)
+    dim = dim % x_local.dim()
+    if ulysses > 1:
+        parts = [torch.empty_like(x_local) for _ in range(ulysses)]
+        dist.all_gather(parts, x_local.contiguous(), group=ulysses_group)
+        x_local = torch.cat(parts, dim=dim)
     if world_size == 1:
         return x_local
-    dim = dim % x_local.dim()
     if x_local.shape[dim] % 2:
         raise ValueError(f"a zigzag shard holds two equal chunks; local length {x_local.shape[dim]} is odd")
     parts = [torch.empty_like(x_local) for _ in range(world_size)]
