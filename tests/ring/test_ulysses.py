@@ -11,30 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from dist_utils import run_distributed
+from dist_utils import grid_groups, run_distributed
 from reference import max_err, reference_attention
 
 from ringlwm import RingAttention, ring_attention, shard_sequence, unshard_sequence
 from ringlwm.ring import check_layout, check_ulysses_heads, sequence_group
-
-
-def grid_groups(sp: int, ulysses: int):
-    """This rank's (ring group, Ulysses group) in a world of dp x sp x ulysses ranks, Ulysses innermost (the
-    layout of ringlwm's device mesh). Every rank makes every group, in the same order."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    ring = uly = None
-    for base in range(0, world, sp * ulysses):
-        for u in range(ulysses):
-            ranks = [base + s * ulysses + u for s in range(sp)]
-            g = dist.new_group(ranks)
-            if rank in ranks:
-                ring = g
-        for s in range(sp):
-            ranks = [base + s * ulysses + u for u in range(ulysses)]
-            g = dist.new_group(ranks)
-            if rank in ranks:
-                uly = g
-    return ring, uly
 
 
 def _inputs(batch, heads, kv_heads, seqlen, head_dim, seed):

@@ -31,29 +31,36 @@ import torch
 
 from ringlwm.data.packing import PackedSequences
 from ringlwm.data.stream import Stream, as_stream
-from ringlwm.ring.layout import check_divisible, zigzag_positions
+from ringlwm.ring.layout import check_layout, zigzag_positions
 
 STATE_VERSION = 1
 
 
-def shard_batch(batch: dict, sp_rank: int, sp_size: int) -> dict[str, torch.Tensor]:
+def shard_batch(batch: dict, sp_rank: int, sp_size: int, ulysses_rank: int = 0,
+                ulysses_size: int = 1) -> dict[str, torch.Tensor]:
     """This sequence-parallel rank's zigzag part of every tensor in ``batch`` (no process group needed).
 
     batch: dict of (batch, seq_len, ...) tensors or arrays with the full sequence along dim 1; returns
     (batch, seq_len // sp_size, ...) tensors holding chunks sp_rank and 2 * sp_size - 1 - sp_rank of the
-    2 * sp_size equal chunks, in that order (``ringlwm.ring.layout``).
+    2 * sp_size equal chunks, in that order (``ringlwm.ring.layout``). With ``ulysses_size`` > 1 (the 2-D
+    layout, ``ringlwm.ring.ulysses``): piece ``ulysses_rank`` of ``ulysses_size`` equal pieces of that shard,
+    (batch, seq_len // (sp_size * ulysses_size), ...).
     """
     if not 0 <= sp_rank < sp_size:
         raise ValueError(f"sp_rank must be in [0, sp_size = {sp_size}), got {sp_rank}")
+    if not 0 <= ulysses_rank < ulysses_size:
+        raise ValueError(f"ulysses_rank must be in [0, ulysses_size = {ulysses_size}), got {ulysses_rank}")
+    parts = sp_size * ulysses_size
     out = {}
     index = None
     for key, value in batch.items():
         t = torch.as_tensor(value)
         if t.dim() < 2:
             raise ValueError(f"{key}: expected (batch, seq_len, ...), got shape {tuple(t.shape)}")
-        if sp_size > 1:
-            if index is None or index.numel() * sp_size != t.shape[1] or index.device != t.device:
-                index = zigzag_positions(t.shape[1], sp_rank, sp_size, device=t.device)
+        if parts > 1:
+            if index is None or index.numel() * parts != t.shape[1] or index.device != t.device:
+                index = zigzag_positions(t.shape[1], sp_rank, sp_size, device=t.device, ulysses_rank=ulysses_rank,
+                                         ulysses=ulysses_size)
             t = t.index_select(1, index)
         out[key] = t
     return out
@@ -65,7 +72,8 @@ class PackedLoader:
     examples: a stream of (token_ids, loss_mask) examples (``Mixture``, ``encode_source``), a list, or a
     factory ``seed -> iterable of examples``; a factory that returns a resumable stream (e.g. a
     ``Mixture`` built with that seed) restores in O(1), one that returns a plain iterable replays.
-    seq_len: the full (global) sequence length, a multiple of 2 * sp_size. batch_size: sequences per dp
+    seq_len: the full (global) sequence length, a multiple of 2 * sp_size. ulysses_rank, ulysses_size: the 2-D
+    layout (``shard_batch``), each rank's piece of its ring shard. batch_size: sequences per dp
     rank per step. seed: passed to a factory; recorded in the state and checked on restore.
     device: where the batches go (CPU tensors when None). loss_weighting, pad_id, continuation_labels,
     split, vision: see ``packing.py`` (vision=True for ``RingLwmForCausalLM``: the examples may carry
@@ -75,17 +83,21 @@ class PackedLoader:
     def __init__(self, examples, seq_len: int, batch_size: int, dp_rank: int = 0, dp_size: int = 1,
                  sp_rank: int = 0, sp_size: int = 1, seed: int = 0, device: torch.device | str | None = None, *,
                  loss_weighting: str = "token", pad_id: int = 0, continuation_labels: bool = True, split: str = "long",
-                 vision: bool = False):
-        for name, value in (("batch_size", batch_size), ("dp_size", dp_size), ("sp_size", sp_size)):
+                 vision: bool = False, ulysses_rank: int = 0, ulysses_size: int = 1):
+        for name, value in (("batch_size", batch_size), ("dp_size", dp_size), ("sp_size", sp_size),
+                            ("ulysses_size", ulysses_size)):
             if not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank must be in [0, dp_size = {dp_size}), got {dp_rank}")
         if not 0 <= sp_rank < sp_size:
             raise ValueError(f"sp_rank must be in [0, sp_size = {sp_size}), got {sp_rank}")
-        check_divisible(seq_len, sp_size, "seq_len")
+        if not 0 <= ulysses_rank < ulysses_size:
+            raise ValueError(f"ulysses_rank must be in [0, ulysses_size = {ulysses_size}), got {ulysses_rank}")
+        check_layout(seq_len, sp_size, ulysses_size, "seq_len")
         self.seq_len, self.batch_size, self.seed = int(seq_len), int(batch_size), int(seed)
         self.dp_rank, self.dp_size, self.sp_rank, self.sp_size = dp_rank, dp_size, sp_rank, sp_size
+        self.ulysses_rank, self.ulysses_size = ulysses_rank, ulysses_size
         self.device = torch.device(device) if device is not None else None
         self.stream = self._make_stream(examples)
         self.packed = PackedSequences(self.stream, seq_len, loss_weighting=loss_weighting, pad_id=pad_id,
@@ -119,7 +131,7 @@ class PackedLoader:
         self._sequences += step
         self._batches += 1
         batch = {key: torch.from_numpy(np.stack([s[key] for s in mine])) for key in self.packed.keys}
-        batch = shard_batch(batch, self.sp_rank, self.sp_size)
+        batch = shard_batch(batch, self.sp_rank, self.sp_size, self.ulysses_rank, self.ulysses_size)
         if self.device is not None:
             batch = {k: v.to(self.device) for k, v in batch.items()}
         return batch

@@ -19,24 +19,30 @@ both uses ``shift_labels``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ringlwm.constants import IGNORE_INDEX, PAD_SEGMENT
 from ringlwm.data.loader import shard_batch
 from ringlwm.ring.agreement import FINGERPRINT_KEY, sequence_fingerprint
+from ringlwm.ring.layout import check_layout
 
 
 class RingCollator:
     """Packs a list of examples into rows and shards them for one sequence-parallel rank (module docstring).
 
-    sp: a ``SequenceParallel`` (or anything with ``sp_rank``/``sp_size``). seq_len: row length, a multiple
-    of 2 * sp_size (None: one row per batch, as long as the examples need). pad_id: the input id of padding.
+    sp: a ``SequenceParallel`` (or anything with ``sp_rank``/``sp_size``, and ``ulysses_rank``/``ulysses_size``
+    for the 2-D layout). seq_len: row length, a multiple of the layout's unit (2 * sp_size, times ulysses_size;
+    None: one row per batch, as long as the examples need). pad_id: the input id of padding.
     """
 
     def __init__(self, sp, seq_len: int | None = None, pad_id: int = 0):
         self.sp_rank, self.sp_size = int(sp.sp_rank), int(sp.sp_size)
-        if seq_len is not None and seq_len % (2 * self.sp_size):
-            raise ValueError(f"seq_len must be a multiple of 2 * sp_size = {2 * self.sp_size}, got {seq_len}")
+        self.ulysses_rank, self.ulysses_size = int(getattr(sp, "ulysses_rank", 0)), int(getattr(sp, "ulysses_size", 1))
+        self.unit = math.lcm(2 * self.sp_size if self.sp_size > 1 else 2, self.sp_size * self.ulysses_size)
+        if seq_len is not None:
+            check_layout(seq_len, self.sp_size, self.ulysses_size, "seq_len")
         self.seq_len, self.pad_id = seq_len, pad_id
 
     def _documents(self, examples):
@@ -66,7 +72,7 @@ class RingCollator:
             current.append((ids, targets))
             used += ids.numel()
         rows.append(current)
-        chunk = 2 * self.sp_size
+        chunk = self.unit
         length = self.seq_len or -(-max(sum(d[0].numel() for d in row) for row in rows) // chunk) * chunk
         out = {name: torch.full((len(rows), length), fill, dtype=torch.long) for name, fill in
                (("input_ids", self.pad_id), ("position_ids", 0), ("segment_ids", PAD_SEGMENT),
@@ -81,7 +87,7 @@ class RingCollator:
                 out["shift_labels"][r, start:end] = targets
                 start = end
         fingerprint = sequence_fingerprint(out)
-        out = shard_batch(out, self.sp_rank, self.sp_size)
+        out = shard_batch(out, self.sp_rank, self.sp_size, self.ulysses_rank, self.ulysses_size)
         out["labels"] = out["shift_labels"]  # see the module docstring
         out[FINGERPRINT_KEY] = fingerprint  # the ring checks that its ranks cut one batch (ringlwm.ring.agreement)
         return out

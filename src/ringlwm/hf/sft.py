@@ -50,17 +50,18 @@ class RingSFTTrainer(RingTrainerMixin, SFTTrainer):
                 "segment ids per document (the ring keeps them apart); TRL's packing cannot be combined with a "
                 "sharding collator or with sequence parallelism"
             )
-        if sp.sp_size > 1 and args is not None and args.label_smoothing_factor:
+        if sp.sequence_size > 1 and args is not None and args.label_smoothing_factor:
             raise ValueError("label smoothing reads full logits with unshifted labels, which a zigzag shard does not "
                              "have: set label_smoothing_factor=0 with sp_size > 1")
-        if sp.sp_size > 1 and kwargs.get("compute_loss_func") is not None:
+        if sp.sequence_size > 1 and kwargs.get("compute_loss_func") is not None:
             raise ValueError("compute_loss_func gets unshifted labels and this rank's logits only: with sp_size > 1 "
                              "use TRL's loss (loss_type 'nll' or 'dft')")
         if data_collator is None:
-            chunk = 2 * sp.sp_size
-            max_length = None if args is None else args.max_length
-            seq_len = None if max_length is None else -(-max_length // chunk) * chunk
             pad_id = getattr(processing_class, "pad_token_id", None)
-            data_collator = RingCollator(sp, seq_len=seq_len, pad_id=0 if pad_id is None else pad_id)
+            data_collator = RingCollator(sp, pad_id=0 if pad_id is None else pad_id)
+            max_length = None if args is None else args.max_length
+            if max_length is not None:
+                data_collator = RingCollator(sp, seq_len=-(-max_length // data_collator.unit) * data_collator.unit,
+                                             pad_id=data_collator.pad_id)
         super().__init__(model, args, data_collator, processing_class=processing_class, sequence_parallel=sp,
                          **kwargs)

@@ -38,7 +38,7 @@ from transformers import Trainer
 
 from ringlwm.hf.parallel import SequenceParallel
 from ringlwm.models.families import attention_modules, transformers_model
-from ringlwm.models.hf_attention import bound_group
+from ringlwm.models.hf_attention import bound_group, bound_ulysses
 from ringlwm.ring.agreement import FINGERPRINT_KEY
 
 
@@ -66,7 +66,8 @@ class RingTrainerMixin:
                                  "machine without a GPU, accelerate runs the Trainer as a single process unless "
                                  "TrainingArguments(..., use_cpu=True) is given (then it uses the gloo world that "
                                  "torchrun started)")
-            raise ValueError(f"sequence_parallel covers {sp.world_size} ranks (dp {sp.dp_size} x sp {sp.sp_size}) "
+            raise ValueError(f"sequence_parallel covers {sp.world_size} ranks (dp {sp.dp_size} x sp {sp.sp_size} x "
+                             f"ulysses {sp.ulysses_size}) "
                              f"but the Trainer runs on {self.args.world_size}; build it after TrainingArguments, "
                              "in the same processes")
         if sp.world_size > 1 and not self.args.average_tokens_across_devices:
@@ -78,9 +79,11 @@ class RingTrainerMixin:
                              "model=model) or ringlwm.models.enable_ring(model, sp_group=sp.sp_group) first")
 
         missing = object()
-        if any(bound_group(m, missing) is not sp.sp_group for m in attention_modules(model)):
-            raise ValueError("the model's ring runs over another group than sequence_parallel.sp_group; call "
-                             "setup_sequence_parallel(sp_size, model=model) or enable_ring with sp.sp_group")
+        if any(bound_group(m, missing) is not sp.sp_group or bound_ulysses(m) is not sp.ulysses_group
+               for m in attention_modules(model)):
+            raise ValueError("the model's ring runs over other groups than sequence_parallel's sp_group and "
+                             "ulysses_group; call setup_sequence_parallel(sp_size, model=model, ulysses_size=...) or "
+                             "enable_ring with sp.sp_group and sp.ulysses_group")
 
     def train(self, *args, **kwargs):
         if self.args.fsdp and not self.is_fsdp_enabled:
@@ -133,10 +136,10 @@ class RingTrainerMixin:
         return self._dp_loader(dataset, self.args.eval_batch_size, False, self.args.dataloader_drop_last)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        sp_size = self.sequence_parallel.sp_size
+        sp_size = self.sequence_parallel.sequence_size
         if sp_size > 1 and FINGERPRINT_KEY not in inputs:
             raise ValueError(
-                f"{type(self).__name__} at sp_size={sp_size} got a batch without {FINGERPRINT_KEY!r} (keys: "
+                f"{type(self).__name__} at sp_size x ulysses_size = {sp_size} got a batch without {FINGERPRINT_KEY!r} (keys: "
                 f"{sorted(inputs)}): it was not cut by ringlwm.hf.RingCollator. The ring needs every rank's zigzag "
                 "shard of one packed batch with shift_labels, position_ids and segment_ids; a usual Hugging Face "
                 "collator gives every rank the whole batch. Pass data_collator=RingCollator(sp, seq_len=...)"
@@ -150,10 +153,10 @@ class RingTrainer(RingTrainerMixin, Trainer):
     ``setup_sequence_parallel`` (the model's attention must already use its sp group)."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        sp_size = self.sequence_parallel.sp_size
+        sp_size = self.sequence_parallel.sequence_size
         result = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                       num_items_in_batch=num_items_in_batch)
         loss, outputs = result if return_outputs else (result, None)
-        if sp_size > 1:  # the group's loss on each of its sp_size ranks: the value once, the gradient as it is
+        if sp_size > 1:  # the group's loss on each of its ranks (sp x ulysses): the value once, the gradient as it is
             loss = loss + (loss.detach() / sp_size - loss.detach())
         return (loss, outputs) if return_outputs else loss

@@ -29,14 +29,14 @@ from ringlwm.models.hf_attention import (
     ATTN_IMPLEMENTATION,
     DEFAULT_OPTIONS,
     SharedGroup,
-    bound_group,
     check_ring_call,
     local_group,
 )
 from ringlwm.models.llama import RingLlamaForCausalLM
 from ringlwm.models.loss import IGNORE_INDEX, reduce_head_losses
 from ringlwm.registry import FAMILIES
-from ringlwm.ring.layout import sp_world
+from ringlwm.ring.layout import sp_world, ulysses_world
+from ringlwm.ring.ulysses import check_ulysses_heads
 
 # model_type -> what is checked for it (logits and gradients against eager on 1, 2 and 4 gloo ranks)
 SUPPORTED_FAMILIES = {model_type: family.checked for model_type, family in FAMILIES.items()}
@@ -47,9 +47,11 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
     return [m for name, m in model.named_modules() if name.endswith("self_attn") and hasattr(m, "layer_idx")]
 
 
-def enable_ring(model: nn.Module, *, sp_group: dist.ProcessGroup | None = None, **options) -> nn.Module:
+def enable_ring(model: nn.Module, *, sp_group: dist.ProcessGroup | None = None,
+                ulysses_group: dist.ProcessGroup | None = None, **options) -> nn.Module:
     """Switch ``model`` (a transformers decoder of a supported family, or a ringlwm model) to ring attention
-    over ``sp_group``, in place, and return it. options: ``ringlwm_options`` (``attention_backend`` for any
+    over ``sp_group``, in place, and return it. ``ulysses_group``: the 2-D layout (``ringlwm.ring.ulysses``),
+    Ulysses' all-to-all over these ranks inside the ring (its heads must fit: ``check_ulysses_heads``). options: ``ringlwm_options`` (``attention_backend`` for any
     family; ring models also take ``mlp_chunk_size``, ``norm_chunk_size``, ``loss_chunk_size``,
     ``activation_checkpointing``, ``activation_offloading``).
 
@@ -74,14 +76,19 @@ def enable_ring(model: nn.Module, *, sp_group: dist.ProcessGroup | None = None, 
     unknown = set(options) - set(DEFAULT_OPTIONS)
     if unknown:
         raise ValueError(f"unknown ringlwm_options {sorted(unknown)}; known: {sorted(DEFAULT_OPTIONS)}")
-    if sp_group is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if (sp_group is None and ulysses_group is None and dist.is_available() and dist.is_initialized()
+            and dist.get_world_size() > 1):
         raise ValueError(f"enable_ring in a world of {dist.get_world_size()} processes needs sp_group (the ranks "
                          "that share one sequence): dist.group.WORLD for all of them, or the groups of "
                          "ringlwm.hf.setup_sequence_parallel(sp_size) for data x sequence parallelism")
     modules = attention_modules(model)
     if not modules:
         raise ValueError(f"found no self-attention modules in {type(model).__name__}")
-    holder = SharedGroup(sp_group)
+    if ulysses_group is not None:
+        check_ulysses_heads(config.num_attention_heads,
+                            getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+                            ulysses_world(ulysses_group)[1])
+    holder = SharedGroup(sp_group, ulysses_group)
     base = transformers_model(model)
     if isinstance(base, RingLlamaForCausalLM):
         base.apply_options(**options)
@@ -118,8 +125,8 @@ def disable_ring(model: nn.Module) -> _RingOff:
     """
     base = transformers_model(model)
     modules = attention_modules(model)
-    restore = _RingOff(model, bound_group(model, bound_group(base)), dict(base.__dict__.get("_ringlwm_ring", {})
-                                                                         .get("options") or {}))
+    holder = getattr(model, "ringlwm_group", None) or getattr(base, "ringlwm_group", None) or SharedGroup(None)
+    restore = _RingOff(model, holder, dict(base.__dict__.get("_ringlwm_ring", {}).get("options") or {}))
     if isinstance(base, RingLlamaForCausalLM):
         holder = SharedGroup(local_group())
         for module in _ring_parts(model, base, modules):
@@ -143,14 +150,14 @@ def disable_ring(model: nn.Module) -> _RingOff:
 class _RingOff:
     """What ``disable_ring`` returns: used as a context manager, it puts the model back on its ring on exit."""
 
-    def __init__(self, model: nn.Module, group, options: dict):
-        self.model, self.group, self.options = model, group, options
+    def __init__(self, model: nn.Module, holder: SharedGroup, options: dict):
+        self.model, self.holder, self.options = model, holder, options
 
     def __enter__(self) -> nn.Module:
         return self.model
 
     def __exit__(self, *exc) -> None:
-        enable_ring(self.model, sp_group=self.group, **self.options)
+        enable_ring(self.model, sp_group=self.holder.group, ulysses_group=self.holder.ulysses, **self.options)
 
 
 def _ring_parts(model: nn.Module, base: nn.Module, modules: list[nn.Module]) -> list[nn.Module]:
@@ -176,7 +183,7 @@ class RingCausalLMLoss:
 
     def __call__(self, logits, labels, vocab_size: int, num_items_in_batch=None, ignore_index: int = IGNORE_INDEX,
                  shift_labels=None, **kwargs):
-        group = self.holder.group
+        group = self.holder.sequence
         _, world_size = sp_world(group)
         if world_size == 1:
             return self.own_loss(logits, labels, vocab_size, num_items_in_batch=num_items_in_batch,

@@ -24,9 +24,11 @@ from ringlwm.constants import PAD_SEGMENT
 from ringlwm.kernels import blockwise_attention
 from ringlwm.models.loss import can_read_values
 from ringlwm.ring import ring_attention, sp_world
-from ringlwm.ring.agreement import FINGERPRINT_KEY, check_batch_agreement
+from ringlwm.ring.agreement import FINGERPRINT_KEY, any_rank, check_batch_agreement
 from ringlwm.ring.attention import autocast_dtype
 from ringlwm.ring.decode import sharded_decode_attention
+from ringlwm.ring.layout import ulysses_world
+from ringlwm.ring.ulysses import ring_world, sequence_group
 
 ATTN_IMPLEMENTATION = "ringlwm_ring"
 
@@ -93,27 +95,40 @@ _UNSET = object()
 
 
 class SharedGroup:
-    """The sequence-parallel group a module is bound to (``enable_ring``). Deep copies of the module share it:
-    a ProcessGroup cannot be copied, and a copy of a model (``copy.deepcopy``) runs on the same ranks."""
+    """The sequence-parallel groups a module is bound to (``enable_ring``): the ring's ``group`` and, for the
+    2-D layout, the ``ulysses`` group (None: none). Deep copies of the module share them: a ProcessGroup cannot
+    be copied, and a copy of a model (``copy.deepcopy``) runs on the same ranks."""
 
-    __slots__ = ("group",)
+    __slots__ = ("group", "ulysses")
 
-    def __init__(self, group: dist.ProcessGroup | None):
-        self.group = group
+    def __init__(self, group: dist.ProcessGroup | None, ulysses: dist.ProcessGroup | None = None):
+        self.group, self.ulysses = group, ulysses
+
+    @property
+    def sequence(self) -> dist.ProcessGroup | None:
+        """Every rank that holds the sequence (ring x Ulysses): losses and checks reduce over it."""
+        return sequence_group(self.group, self.ulysses)
 
     def __deepcopy__(self, memo):
         return self
 
 
-def bind_group(module: torch.nn.Module, group: dist.ProcessGroup | None) -> None:
-    """Bind ``module`` to ``group`` (None: one process, or the world)."""
-    module.ringlwm_group = SharedGroup(group)
+def bind_group(module: torch.nn.Module, group: dist.ProcessGroup | None,
+               ulysses_group: dist.ProcessGroup | None = None) -> None:
+    """Bind ``module`` to ``group`` (None: one process, or the world) and ``ulysses_group`` (None: none)."""
+    module.ringlwm_group = SharedGroup(group, ulysses_group)
 
 
 def bound_group(module: torch.nn.Module, default=None):
-    """The group ``bind_group`` bound ``module`` to, else ``default``."""
+    """The ring group ``bind_group`` bound ``module`` to, else ``default``."""
     holder = getattr(module, "ringlwm_group", None)
     return default if holder is None else holder.group
+
+
+def bound_ulysses(module: torch.nn.Module):
+    """The Ulysses group ``bind_group`` bound ``module`` to (None: none)."""
+    holder = getattr(module, "ringlwm_group", None)
+    return None if holder is None else holder.ulysses
 
 
 _LOCAL_GROUPS: dict[int, dist.ProcessGroup] = {}
@@ -171,7 +186,8 @@ def check_ring_call(decoder: torch.nn.Module, args: tuple, kwargs: dict):
     fingerprint = kwargs.pop(FINGERPRINT_KEY, None)
     if "ringlwm_cache" in kwargs or "ring_plans" in kwargs:
         return args, kwargs  # ringlwm.generate's sharded decoding, or a ringlwm model's forward (checked there)
-    group = kwargs.get("sp_group", bound_group(decoder))
+    group = sequence_group(kwargs.get("sp_group", bound_group(decoder)),
+                           kwargs.get("ulysses_group", bound_ulysses(decoder)))
     _, world_size = sp_world(group)
     if world_size == 1:
         return args, kwargs
@@ -216,7 +232,7 @@ def _as_sdpa_under_autocast(attention):
 @_as_sdpa_under_autocast
 def _ring_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                             segment_ids=None, sp_group=_UNSET, ringlwm_cache=None, position_ids=None,
-                            sliding_window=None, ring_plans=None, **_kwargs):
+                            sliding_window=None, ring_plans=None, ulysses_group=_UNSET, **_kwargs):
     """transformers attention-interface function. query: (batch, heads, local_len, head_dim); key/value:
     (batch, kv_heads, kv_seq, head_dim). Returns ((batch, local_len, heads, head_dim), None).
 
@@ -240,9 +256,13 @@ def _ring_attention_forward(module, query, key, value, attention_mask, scaling=N
             "segment_ids (batch, local_len) for packed documents"
         )
     sp_group = _resolve_sp_group(module, sp_group)
+    ulysses_group = bound_ulysses(module) if ulysses_group is _UNSET else ulysses_group
+    if ringlwm_cache is not None:
+        ulysses_group = None  # sharded-KV decoding runs on the ring alone
     options = getattr(module, "ringlwm_options", None) or getattr(module.config, "ringlwm_options", None) or {}
     backend = options.get("attention_backend")
-    _, world_size = sp_world(sp_group)
+    _, world_size = ring_world(sp_group, ulysses_group)
+    u_rank, ulysses = ulysses_world(ulysses_group)
     if ringlwm_cache is not None and not ringlwm_cache.prefilling:
         ringlwm_cache.append(module.layer_idx, key, value)
         out = sharded_decode_attention(query, ringlwm_cache, module.layer_idx, scale=scaling, backend=backend)
@@ -251,7 +271,7 @@ def _ring_attention_forward(module, query, key, value, attention_mask, scaling=N
         ringlwm_cache.store_prefill(module.layer_idx, key, value)
     if key.shape[2] != query.shape[2]:
         # Decoding against a KV cache (single process): the new queries sit at the end of the keys.
-        if world_size > 1:
+        if world_size * ulysses > 1:
             raise ValueError("a KV cache with sequence parallelism goes through ringlwm.generate, not forward")
         if padding is not None and not bool(padding.all()):
             raise ValueError("ring attention decodes against a KV cache without padding; pass prompts of one "
@@ -261,7 +281,7 @@ def _ring_attention_forward(module, query, key, value, attention_mask, scaling=N
                                   backend=backend)
         return out.transpose(1, 2), None
     local_len = query.shape[2]
-    _check_window(sliding_window, module, local_len * world_size)
+    _check_window(sliding_window, module, local_len * world_size * ulysses)
     if padding is not None:
         if tuple(padding.shape) != (query.shape[0], local_len):
             raise ValueError(f"attention_mask must be this rank's (batch, local_len) = {(query.shape[0], local_len)} "
@@ -269,21 +289,34 @@ def _ring_attention_forward(module, query, key, value, attention_mask, scaling=N
         segment_ids = padding_segment_ids(padding, segment_ids)
     elif segment_ids is None and position_ids is not None:
         positions = position_ids.expand(query.shape[0], -1) if position_ids.shape[0] == 1 else position_ids
-        if world_size == 1:
+        if world_size * ulysses == 1:
             segment_ids = packed_segment_ids(positions)
             # One document (no restart): plain causal attention. On CPU, where reading the ids costs no sync,
             # this spares the fused CPU kernel the dense (len x len) mask that segment ids make it build.
             if query.device.type == "cpu" and can_read_values(segment_ids) and not bool(segment_ids.any()):
                 segment_ids = None
         elif getattr(module, "layer_idx", 0) == 0:  # one check per forward, not one per layer
-            halves = positions.reshape(positions.shape[0], 2, -1)
-            if bool((torch.diff(halves, dim=-1) != 1).any()):
+            # Agreed over the sequence group: a rank whose own part has no restart raises too.
+            if any_rank(_restarts(positions, world_size, u_rank, ulysses), sequence_group(sp_group, ulysses_group)):
                 raise ValueError("position_ids restart inside this rank's shard (packed documents) but no "
                                  "segment_ids were given; with sequence parallelism pass segment_ids (batch, "
                                  "local_len), sharded like the positions (ringlwm.hf.RingCollator makes both)")
     out = ring_attention(query, key, value, causal=True, segment_ids=segment_ids, scale=scaling,
-                         group=sp_group, backend=backend, plan_cache=ring_plans)
+                         group=sp_group, ulysses_group=ulysses_group, backend=backend, plan_cache=ring_plans)
     return out.transpose(1, 2), None
+
+
+def _restarts(positions: torch.Tensor, ring: int, u_rank: int, ulysses: int) -> bool:
+    """Whether positions (batch, local_len) restart inside this rank's part of the sequence: a step other than
+    +1 anywhere but where its two zigzag chunks meet (ring of several ranks; with Ulysses, where this rank's
+    piece of the ring shard crosses the middle of that shard, if it does)."""
+    steps = torch.diff(positions, dim=-1) != 1
+    if ring > 1:
+        n = positions.shape[-1]
+        middle = n * ulysses // 2 - u_rank * n  # the shard's second chunk starts at this local index
+        if 0 < middle < n:
+            steps[:, middle - 1] = False
+    return bool(steps.any())
 
 
 def _ring_mask(*_args, attention_mask=None, **_kwargs):

@@ -50,7 +50,7 @@ from ringlwm.models.hf_attention import (  # noqa: F401 (re-exported: the names 
 )
 from ringlwm.models.loss import IGNORE_INDEX, can_read_values, linear_cross_entropy, reduce_head_losses
 from ringlwm.models.offload import OffloadStore, offload_layer_inputs
-from ringlwm.ring import sp_world
+from ringlwm.ring import sequence_group, sp_world
 from ringlwm.ring.agreement import FINGERPRINT_KEY, check_batch_agreement
 
 
@@ -298,25 +298,30 @@ class RingLlamaForCausalLM(LlamaForCausalLM):
             raise ValueError("position_ids must be non-negative")
         return position_ids
 
-    def _ring_group(self, sp_group, kwargs: dict, attention_mask, input_ids, inputs_embeds):
-        """The sequence group of a ring forward (None: the one ``enable_ring`` bound, else the world), after
-        the checks every ringlwm forward makes first: the group agrees on the batch (``sequence_fingerprint``,
-        popped from ``kwargs``) and the padding mask is a 2-D one of ones and zeros."""
+    def _ring_group(self, sp_group, ulysses_group, kwargs: dict, attention_mask, input_ids, inputs_embeds):
+        """The groups of a ring forward: (ring, Ulysses, sequence = every rank of both). None: the ones
+        ``enable_ring`` bound, else the world and no Ulysses. Then the checks every ringlwm forward makes first:
+        the sequence group agrees on the batch (``sequence_fingerprint``, popped from ``kwargs``) and the padding
+        mask is a 2-D one of ones and zeros."""
+        holder = getattr(self, "ringlwm_group", None)
         if sp_group is None:
             sp_group = bound_group(self)
+        if ulysses_group is None and holder is not None:
+            ulysses_group = holder.ulysses
+        sequence = sequence_group(sp_group, ulysses_group)
         fingerprint = kwargs.pop(FINGERPRINT_KEY, None)
         if fingerprint is not None:
-            check_batch_agreement(fingerprint, sp_group)
+            check_batch_agreement(fingerprint, sequence)
         check_padding_mask(attention_mask, input_ids if input_ids is not None else inputs_embeds)
-        return sp_group
+        return sp_group, ulysses_group, sequence
 
     def _cached_forward(self, input_ids, position_ids, inputs_embeds, attention_mask, past_key_values, use_cache,
                         logits_to_keep, sp_group, kwargs):
         """Generation with a KV cache, on one process: LlamaForCausalLM's forward."""
-        sp_group = bound_group(self) if sp_group is None else sp_group
+        sp_group, _, sequence = self._ring_group(sp_group, kwargs.pop("ulysses_group", None), {}, None, None, None)
         kwargs.pop(FINGERPRINT_KEY, None)
-        if sp_world(sp_group)[1] > 1:
-            raise generation_refused(sp_world(sp_group)[1])
+        if sp_world(sequence)[1] > 1:
+            raise generation_refused(sp_world(sequence)[1])
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("padded batches are not supported in cached generation; pass prompts of one length")
         if past_key_values is not None:  # transformers 5 calls it ``cache`` (in kwargs) and warns on both
@@ -363,6 +368,7 @@ class RingLlamaForCausalLM(LlamaForCausalLM):
         segment_ids: torch.LongTensor | None = None,
         sp_group: dist.ProcessGroup | None = None,
         *,
+        ulysses_group: dist.ProcessGroup | None = None,
         shift_labels: torch.LongTensor | None = None,
         num_items_in_batch: torch.Tensor | int | None = None,
         loss_weights: torch.Tensor | None = None,
@@ -394,20 +400,24 @@ class RingLlamaForCausalLM(LlamaForCausalLM):
         transformers: generation and evaluation read them; ``logits_to_keep`` keeps the last k positions);
         with targets the default is no logits, as the blockwise loss never needs them.
         ``sp_group`` None: the group set by ``ringlwm.models.enable_ring`` if any, else the whole world.
+        ``ulysses_group``: the 2-D layout (``ringlwm.ring.ulysses``): the inputs are this rank's piece of its ring
+        shard (``shard_sequence(x, 1, sp_group, ulysses_group)``); losses are over every rank of both groups.
 
         With ``past_key_values``/``use_cache`` (generation on one process) it behaves as LlamaForCausalLM.
         """
         if past_key_values is not None or use_cache:
             return self._cached_forward(input_ids, position_ids, inputs_embeds, attention_mask, past_key_values,
-                                        use_cache, logits_to_keep, sp_group, kwargs)
-        sp_group = self._ring_group(sp_group, kwargs, attention_mask, input_ids, inputs_embeds)
+                                        use_cache, logits_to_keep, sp_group, {**kwargs, "ulysses_group": ulysses_group})
+        sp_group, ulysses_group, sequence = self._ring_group(sp_group, ulysses_group, kwargs, attention_mask,
+                                                             input_ids, inputs_embeds)
         labels, segment_ids, position_ids = self._ring_inputs(
-            _targets(labels, shift_labels, sp_group), shifted=shift_labels is not None, input_ids=input_ids,
+            _targets(labels, shift_labels, sequence), shifted=shift_labels is not None, input_ids=input_ids,
             inputs_embeds=inputs_embeds, position_ids=position_ids, segment_ids=segment_ids,
-            attention_mask=attention_mask, sp_group=sp_group)
+            attention_mask=attention_mask, sp_group=sequence)
         # ring_plans: the layers share one gather of the segment ids and one skip plan per forward.
         outputs = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, position_ids=position_ids,
-                             segment_ids=segment_ids, sp_group=sp_group, use_cache=False, ring_plans={}, **kwargs)
+                             segment_ids=segment_ids, sp_group=sp_group, ulysses_group=ulysses_group, use_cache=False,
+                             ring_plans={}, **kwargs)
         hidden = outputs.last_hidden_state
         loss = loss_sums = loss_weight_sums = None
         if labels is not None:
@@ -418,7 +428,7 @@ class RingLlamaForCausalLM(LlamaForCausalLM):
             # New tensors, not views: FSDP2 hooks the outputs, and an in-place op on a view would drop its hook.
             loss_sums, loss_weight_sums = torch.stack([loss_sum]), torch.stack([weight_sum])
             loss, _ = reduce_head_losses([loss_sum], [weight_sum], [1.0], reduction=loss_reduction,
-                                         sp_group=sp_group, num_items_in_batch=num_items_in_batch)
+                                         sp_group=sequence, num_items_in_batch=num_items_in_batch)
         if return_logits is None:
             return_logits = labels is None
         logits = None

@@ -178,6 +178,7 @@ class RingLwmForCausalLM(RingLlamaForCausalLM):
         segment_ids: torch.LongTensor | None = None,
         sp_group: dist.ProcessGroup | None = None,
         *,
+        ulysses_group: dist.ProcessGroup | None = None,
         shift_labels: torch.LongTensor | None = None,
         num_items_in_batch: torch.Tensor | int | None = None,
         vision_mask: torch.Tensor | None = None,
@@ -216,11 +217,12 @@ class RingLwmForCausalLM(RingLlamaForCausalLM):
                              "text_loss_weight), which one num_items_in_batch cannot normalise; train it with "
                              "ringlwm's trainer (train_step), or call it with loss_reduction='sum' and normalise "
                              "each head by label_weight_sums")
-        sp_group = self._ring_group(sp_group, kwargs, attention_mask, input_ids, inputs_embeds)
-        labels, label_vision_mask = _lwm_targets(labels, shift_labels, label_vision_mask, vision_mask, sp_group)
+        sp_group, ulysses_group, sequence = self._ring_group(sp_group, ulysses_group, kwargs, attention_mask,
+                                                             input_ids, inputs_embeds)
+        labels, label_vision_mask = _lwm_targets(labels, shift_labels, label_vision_mask, vision_mask, sequence)
         labels, segment_ids, position_ids = self._ring_inputs(
             labels, shifted=shift_labels is not None, input_ids=input_ids, inputs_embeds=inputs_embeds,
-            position_ids=position_ids, segment_ids=segment_ids, attention_mask=attention_mask, sp_group=sp_group)
+            position_ids=position_ids, segment_ids=segment_ids, attention_mask=attention_mask, sp_group=sequence)
         for name, t in (("vision_mask", vision_mask), ("label_vision_mask", label_vision_mask),
                         ("loss_weights", loss_weights)):
             if t is not None and tuple(t.shape) != tuple(position_ids.shape):
@@ -231,7 +233,8 @@ class RingLwmForCausalLM(RingLlamaForCausalLM):
         elif vision_mask is not None:
             raise ValueError("vision_mask selects the embedding table of input_ids; inputs_embeds are used as given")
         outputs = self.model(inputs_embeds=inputs_embeds, position_ids=position_ids, segment_ids=segment_ids,
-                             sp_group=sp_group, use_cache=False, ring_plans={}, **kwargs)
+                             sp_group=sp_group, ulysses_group=ulysses_group, use_cache=False, ring_plans={},
+                             **kwargs)
         hidden = outputs.last_hidden_state
 
         loss = vision_loss = text_loss = loss_sums = loss_weight_sums = None
@@ -245,7 +248,7 @@ class RingLwmForCausalLM(RingLlamaForCausalLM):
             loss_weight_sums = torch.stack([vision_weight, text_weight])
             loss, (vision_loss, text_loss) = reduce_head_losses(
                 [vision_sum, text_sum], [vision_weight, text_weight], list(self.loss_heads.values()),
-                reduction=loss_reduction, sp_group=sp_group)
+                reduction=loss_reduction, sp_group=sequence)
         logits = vision_logits = None
         if return_logits is None:  # as in transformers: logits when there are no labels
             return_logits = labels is None

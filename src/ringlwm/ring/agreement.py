@@ -118,6 +118,16 @@ def _agreement_device(group) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
+def any_rank(flag: bool, group) -> bool:
+    """Whether ``flag`` holds on any rank of ``group`` (one all_reduce of one integer): a check that only some
+    ranks can fail (their own shard) then raises on every rank, instead of leaving the others waiting."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return bool(flag)
+    value = torch.tensor([int(bool(flag))], dtype=torch.int32, device=_agreement_device(group))
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
+    return bool(value.item())
+
+
 def _encode(signature: dict | None, error: Exception | None, device: torch.device) -> torch.Tensor:
     error_field = None if error is None else [type(error).__name__, str(error)]
     data = json.dumps({"signature": signature, "error": error_field}).encode()

@@ -42,13 +42,19 @@ def check_divisible(seq_len: int, world_size: int, what: str = "sequence length"
         )
 
 
-def zigzag_positions(seq_len: int, rank: int, world_size: int, device=None) -> torch.Tensor:
-    """Global positions (local_len,) of the tokens rank ``rank`` holds in the zigzag layout."""
-    check_divisible(seq_len, world_size)
-    chunk = seq_len // (2 * world_size)
-    first = torch.arange(rank * chunk, (rank + 1) * chunk, device=device)
-    second = torch.arange((2 * world_size - 1 - rank) * chunk, (2 * world_size - rank) * chunk, device=device)
-    return torch.cat([first, second])
+def zigzag_positions(seq_len: int, rank: int, world_size: int, device=None, *, ulysses_rank: int = 0,
+                     ulysses: int = 1) -> torch.Tensor:
+    """Global positions (local_len,) of the tokens rank ``rank`` holds in the zigzag layout; with ``ulysses``
+    ranks per ring rank, those of Ulysses rank ``ulysses_rank``'s piece of that shard (the 2-D layout)."""
+    check_layout(seq_len, world_size, ulysses)
+    if world_size > 1:
+        chunk = seq_len // (2 * world_size)
+        first = torch.arange(rank * chunk, (rank + 1) * chunk, device=device)
+        second = torch.arange((2 * world_size - 1 - rank) * chunk, (2 * world_size - rank) * chunk, device=device)
+        positions = torch.cat([first, second])
+    else:
+        positions = torch.arange(seq_len, device=device)
+    return positions.chunk(ulysses)[ulysses_rank] if ulysses > 1 else positions
 
 
 def check_layout(seq_len: int, sp: int, ulysses: int = 1, what: str = "sequence length") -> None:

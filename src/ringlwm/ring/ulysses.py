@@ -130,7 +130,7 @@ def sequence_group(ring_group, ulysses_group):
     _, ulysses = ulysses_world(ulysses_group)
     if ulysses == 1:
         return ring_group
-    _, ring = sp_world(ring_group)
+    _, ring = ring_world(ring_group, ulysses_group)
     if ring == 1:
         return ulysses_group
     key = (id(ring_group), id(ulysses_group))
@@ -146,6 +146,12 @@ def sequence_group(ring_group, ulysses_group):
                              "or ringlwm.parallel.ParallelDims)")
         _SEQUENCE_GROUPS[key] = (ring_group, ulysses_group, dist.new_group(ranks, use_local_synchronization=True))
     return _SEQUENCE_GROUPS[key][2]
+
+
+def register_sequence_group(ring_group, ulysses_group, group) -> None:
+    """Make ``group`` (built beside the ring and Ulysses groups, by every rank) what ``sequence_group`` returns
+    for them, instead of a group it would make itself."""
+    _SEQUENCE_GROUPS[(id(ring_group), id(ulysses_group))] = (ring_group, ulysses_group, group)
 
 
 def ring_world(group, ulysses_group) -> tuple[int, int]:

@@ -18,7 +18,7 @@ import tomllib
 import yaml
 
 from ringlwm.constants import VISION_VOCAB_SIZE
-from ringlwm.ring.layout import check_divisible
+from ringlwm.ring.layout import check_layout
 
 _SOURCE_FORMATS = ("jsonl", "parquet", "text", "synthetic")
 
@@ -157,11 +157,14 @@ class StageConfig:
     """Global tokens per optimizer step; when set, grad_accum is derived from it (and must come out whole)."""
     sp: int = 1
     """Sequence-parallel degree (ring size) of this stage."""
+    ulysses: int = 1
+    """Ulysses degree of this stage: all-to-all over this many adjacent ranks inside each ring rank (the 2-D
+    layout, ``ringlwm.ring.ulysses``); a sequence spans sp x ulysses ranks."""
     data: DataConfig | None = None
     """This stage's data; None: the recipe's top-level data."""
 
     def __post_init__(self):
-        for name in ("seq_len", "steps", "batch_size", "grad_accum", "sp"):
+        for name in ("seq_len", "steps", "batch_size", "grad_accum", "sp", "ulysses"):
             if getattr(self, name) < 1:
                 raise ValueError(f"stage {self.name!r}: {name} must be positive, got {getattr(self, name)}")
         if self.lr <= 0 or (self.rope_theta is not None and self.rope_theta <= 0):
@@ -170,7 +173,7 @@ class StageConfig:
             raise ValueError(f"stage {self.name!r}: min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
         if not 0 <= self.warmup_steps <= self.steps:
             raise ValueError(f"stage {self.name!r}: warmup_steps must lie in [0, steps={self.steps}]")
-        check_divisible(self.seq_len, self.sp, what=f"stage {self.name!r}: seq_len")
+        check_layout(self.seq_len, self.sp, self.ulysses, what=f"stage {self.name!r}: seq_len")
 
     def resolve_grad_accum(self, dp: int) -> int:
         if self.batch_tokens is None:

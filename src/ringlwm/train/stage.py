@@ -22,6 +22,7 @@ from ringlwm.models import set_context_length
 from ringlwm.models.lwm import lwm_config_from_text
 from ringlwm.parallel import ParallelDims, materialize, parallelize_llama
 from ringlwm.registry import training_class
+from ringlwm.ring import check_ulysses_heads
 from ringlwm.runtime import load_model, read_model_config
 from ringlwm.train.checkpoint import Checkpointer, set_rng_state
 from ringlwm.train.config import StageConfig, TrainConfig
@@ -138,6 +139,7 @@ class StageRun:
     index: int
     dims: ParallelDims
     sp_group: dist.ProcessGroup
+    ulysses_group: dist.ProcessGroup | None
     model_config: LlamaConfig
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -161,7 +163,8 @@ class StageRun:
     @property
     def parallel(self) -> dict:
         """The layout a checkpoint records, and that a resume inside the stage must match."""
-        return {"sp": self.dims.sp, "dp": self.dims.dp}
+        layout = {"sp": self.dims.sp, "dp": self.dims.dp}
+        return {**layout, "ulysses": self.dims.ulysses} if self.dims.ulysses > 1 else layout
 
     def restore(self, checkpointer: Checkpointer, resume) -> int:
         """Fill the stage from the checkpoint the run resumes from (``resume``: inside this stage, with its
@@ -189,14 +192,18 @@ def build_stage(config: TrainConfig, index: int, world: int, device: torch.devic
     """Mesh, model (sharded, filled), optimizer and loader of stage ``index``. ``fresh``: the first stage of
     a new run (weights from the init checkpoint or a seeded init, broadcast from rank 0)."""
     stage = config.stages[index]
-    dims = ParallelDims(config.parallel.dp_replicate, config.parallel.dp_shard, stage.sp, world)
-    mesh, fsdp_mesh = dims.build_mesh(device.type)
-    coords = dims.coordinates(mesh)
+    dims = ParallelDims(config.parallel.dp_replicate, config.parallel.dp_shard, stage.sp, world, stage.ulysses)
     data_cfg = config.stage_data(stage)
     tokenizer = load_data_tokenizer(data_cfg)
     vocab = tokenizer.vocab_size if tokenizer is not None else config.model.vocab_size
     init_config = init_checkpoint_config(config)
     model_config = stage_model_config(config, index, config.model.vocab_size or vocab, init_config)
+    try:
+        check_ulysses_heads(model_config.num_attention_heads, model_config.num_key_value_heads, stage.ulysses)
+    except ValueError as exc:
+        raise ValueError(f"stage {stage.name!r}: {exc}") from None
+    mesh, fsdp_mesh = dims.build_mesh(device.type)
+    coords = dims.coordinates(mesh)
     state = initial_state_dict(config, model_config, init_config) if fresh else None
     model = build_model(model_class(config), model_config, fsdp_mesh, device, mixed=mixed, state=state,
                         broadcast=fresh)
@@ -204,7 +211,8 @@ def build_stage(config: TrainConfig, index: int, world: int, device: torch.devic
     optimizer = build_optimizer(config, model, stage.lr)
     loader = build_loader(data_cfg, stage, tokenizer=tokenizer, vocab_size=model_config.vocab_size,
                           dp_rank=coords["dp_rank"], dp_size=dims.dp,
-                          sp_rank=coords["sp_rank"], sp_size=dims.sp, seed=config.seed + index, device=device)
+                          sp_rank=coords["sp_rank"], sp_size=dims.sp, ulysses_rank=coords["ulysses_rank"],
+                          ulysses_size=dims.ulysses, seed=config.seed + index, device=device)
     offset = sum(s.steps for s in config.stages[:index])
-    return StageRun(config, index, dims, mesh["sp"].get_group(), model_config, model, optimizer, loader, data_cfg,
-                    device, offset)
+    return StageRun(config, index, dims, mesh["sp"].get_group(), dims.ulysses_group(mesh), model_config, model,
+                    optimizer, loader, data_cfg, device, offset)

@@ -43,7 +43,7 @@ def _model_inputs(batch: dict, vision: bool) -> dict:
 
 
 def train_step(model, micro: list[dict], sp_group, world: int, *, vision: bool,
-               timer: PhaseTimer | None = None) -> tuple[torch.Tensor, dict]:
+               timer: PhaseTimer | None = None, ulysses_group=None) -> tuple[torch.Tensor, dict]:
     """Forward and backward of one optimizer step over its micro-batches, for any ringlwm model.
 
     The loss of the global batch is ``sum_h c_h * S_h / W_h`` over the model's loss heads (``loss_heads``:
@@ -54,7 +54,8 @@ def train_step(model, micro: list[dict], sp_group, world: int, *, vision: bool,
     gradient of the global loss, whatever the dp/sp/accumulation split. Everything stays on the device: a
     second all-reduce sums the loss for the metrics, read by the caller once per step.
     Returns (the global loss as a 0-d tensor, per-head global means when the model has several heads).
-    ``timer``: a ``PhaseTimer`` that gets the forward and backward phases."""
+    ``timer``: a ``PhaseTimer`` that gets the forward and backward phases. ``ulysses_group``: the 2-D layout's
+    (the batches are then this rank's piece of its ring shard)."""
     timer = timer or PhaseTimer(torch.device("cpu"), enabled=False)
     heads = model.loss_heads
     first = micro[0]["labels"]
@@ -66,7 +67,8 @@ def train_step(model, micro: list[dict], sp_group, world: int, *, vision: bool,
     scale = (world * coefficients / weights.clamp(min=1e-30)).float()
     sums = torch.zeros(len(heads), dtype=torch.float64, device=first.device)
     for batch in micro:
-        out = model(**_model_inputs(batch, vision), sp_group=sp_group, loss_reduction="sum")
+        out = model(**_model_inputs(batch, vision), sp_group=sp_group, ulysses_group=ulysses_group,
+                    loss_reduction="sum")
         timer.mark("forward")
         (out.loss_sums * scale).sum().backward()
         sums += out.loss_sums.detach().double()

@@ -61,7 +61,8 @@ def train(config: TrainConfig, out_dir: str | Path, *, save_every: int | None = 
         if stage_done(config, resume, index):
             continue
         run = build_stage(config, index, world, device, mixed, fresh=index == 0 and resume is None)
-        logger.info(f"stage {stage.name!r}: seq_len {stage.seq_len}, sp {run.dims.sp}, RoPE {run.rope}")
+        ulysses = f", ulysses {run.dims.ulysses}" if run.dims.ulysses > 1 else ""
+        logger.info(f"stage {stage.name!r}: seq_len {stage.seq_len}, sp {run.dims.sp}{ulysses}, RoPE {run.rope}")
         start = run.restore(checkpointer, resume)
         # Only now that the weights loaded: drop the metric lines of steps the checkpoint does not cover.
         metrics.truncate_after(run.offset + start)
@@ -97,7 +98,8 @@ def _train_stage(run: StageRun, start: int, metrics, checkpointer, save_every, r
             group["lr"] = lr
         micro = [next(iterator) for _ in range(grad_accum)]
         timer.mark("data")
-        loss, parts = train_step(model, micro, run.sp_group, run.world, vision=config.model.vision, timer=timer)
+        loss, parts = train_step(model, micro, run.sp_group, run.world, vision=config.model.vision, timer=timer,
+                                 ulysses_group=run.ulysses_group)
         outcome = optimizer_step(model, run.optimizer, loss, grad_clip=config.optim.grad_clip, timer=timer)
         if not outcome.applied:
             if config.optim.on_nonfinite == "stop":
@@ -125,6 +127,7 @@ def _train_stage(run: StageRun, start: int, metrics, checkpointer, save_every, r
             "tokens": tokens_per_step, "tokens_per_s": tokens_per_s,
             "mfu": tokens_per_s * step_flops / (peak * run.world) if peak else None,
             "max_memory_gb": max_memory_gb(run.device), "seq_len": stage.seq_len, "sp": dims.sp,
+            **({"ulysses": dims.ulysses} if dims.ulysses > 1 else {}),
             "rope_theta": rope.get("rope_theta"), "rope": rope, **parts,
             **({"skipped_steps": skipped} if skipped else {}),
             **({"breakdown": breakdown} if breakdown is not None else {}),
