@@ -429,3 +429,55 @@ def test_a_non_finite_step_is_never_applied(tmp_path):
     assert any(not torch.equal(value, four["model"][name]) for name, value in three["model"].items())
     with pytest.raises(ValueError, match="on_nonfinite"):
         load_config(path, ["optim.on_nonfinite=ignore"])
+
+
+def test_ulysses_x_ring_equals_sp1(tmp_path):
+    """Four processes at (sp=2, ulysses=2), two heads each after the all-to-all, train as one process does: the
+    same loss curve and gradient norms over 6 steps."""
+    recipe = json.loads(json.dumps(RECIPE))
+    recipe["stages"][0].update(ulysses=2)
+    two_d = _train(_write(tmp_path, recipe, "2d.yaml"), tmp_path / "2d", 4, "--steps", "6")
+    assert {r["ulysses"] for r in two_d} == {2} and {r["sp"] for r in two_d} == {2}
+    recipe["stages"][0].update(sp=1, ulysses=1)
+    single = _train(_write(tmp_path, recipe, "sp1.yaml"), tmp_path / "sp1", 1, "--steps", "6")
+    for a, b in zip(two_d, single, strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-4 * abs(b["loss"]), (a, b)
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-3 * abs(b["grad_norm"]), (a, b)
+
+
+@pytest.mark.slow
+def test_ulysses_x_ring_sigkill_and_resume_is_bitwise(tmp_path):
+    recipe = json.loads(json.dumps(RECIPE))
+    recipe["stages"][0].update(steps=8, ulysses=2)
+    path = _write(tmp_path, recipe)
+    reference = _train(path, tmp_path / "full", 4, "--save-every", "4")
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_command(path, out, 4, "--save-every", "4"), env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        metrics = out / "metrics.jsonl"
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 5 <= len(_metrics(out)) < 8
+    resumed = _train(path, out, 4, "--save-every", "4")
+    assert [r["step"] for r in resumed] == list(range(1, 9))
+    for a, b in zip(resumed[4:], reference[4:]):
+        for key in ("loss", "lr", "grad_norm"):
+            assert a[key] == b[key], (key, a, b)
+
+
+def test_ulysses_degrees_that_do_not_fit_are_refused_before_any_step(tmp_path):
+    recipe = json.loads(json.dumps(RECIPE))
+    recipe["model"].update(hidden_size=48, num_heads=3, num_kv_heads=3)
+    recipe["stages"][0].update(sp=1, ulysses=2)
+    proc = subprocess.run(_command(_write(tmp_path, recipe), tmp_path / "run", 2), env=_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "ulysses = 2 does not fit 3 attention heads" in proc.stderr and "[1, 3]" in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() or not _metrics(tmp_path / "run")
+    with pytest.raises(ValueError, match="multiple of 12"):
+        load_config(_write(tmp_path, RECIPE), ["stages.0.seq_len=40", "stages.0.ulysses=3"])

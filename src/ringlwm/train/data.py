@@ -44,7 +44,8 @@ def _source_stream(source, cfg: DataConfig, tokenizer, vocab_size: int, seed: in
 
 
 def build_loader(cfg: DataConfig, stage: StageConfig, *, tokenizer, vocab_size: int, dp_rank: int, dp_size: int,
-                 sp_rank: int, sp_size: int, seed: int, device) -> PackedLoader:
+                 sp_rank: int, sp_size: int, seed: int, device, ulysses_rank: int = 0,
+                 ulysses_size: int = 1) -> PackedLoader:
     streams = {f"{i}:{s.format}:{s.path}": _source_stream(s, cfg, tokenizer, vocab_size, cfg.seed + i)
                for i, s in enumerate(cfg.sources)}
     weights = {name: s.weight for name, s in zip(streams, cfg.sources)}
@@ -52,4 +53,5 @@ def build_loader(cfg: DataConfig, stage: StageConfig, *, tokenizer, vocab_size: 
     pad_id = tokenizer.pad_id if tokenizer is not None and tokenizer.pad_id is not None else 0
     vision = any(s.vision for s in cfg.sources)
     return PackedLoader(mixture, stage.seq_len, stage.batch_size, dp_rank, dp_size, sp_rank, sp_size, seed=seed,
-                        device=device, loss_weighting=cfg.loss_weighting, pad_id=pad_id, vision=vision)
+                        device=device, loss_weighting=cfg.loss_weighting, pad_id=pad_id, vision=vision,
+                        ulysses_rank=ulysses_rank, ulysses_size=ulysses_size)
