@@ -75,6 +75,15 @@ def test_sequence_parallel_with_accumulation_equals_one_process(runs):
     _close(got["grad_norms"], ref["grad_norms"])
 
 
+def test_ulysses_x_ring_equals_one_process(runs):
+    """(sp=2, ulysses=2) on 4 processes: RingTrainer with RingCollator on the 2-D layout, gradient accumulation 2,
+    gives the single-process losses and gradient norms."""
+    ref = runs(1, "--sp", "1", "--ga", "2", "--reference")
+    got = runs(4, "--sp", "2", "--ulysses", "2", "--ga", "2")
+    _close(got["losses"], ref["losses"])
+    _close(got["grad_norms"], ref["grad_norms"])
+
+
 @pytest.mark.slow
 def test_sequence_parallel_without_accumulation_equals_one_process(runs):
     ref = runs(1, "--sp", "1", "--ga", "1", "--batch", "8", "--reference")

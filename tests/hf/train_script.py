@@ -142,6 +142,7 @@ class TrueLoss(TrainerCallback):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--sp", type=int, default=1)
+    parser.add_argument("--ulysses", type=int, default=1)
     parser.add_argument("--ga", type=int, default=1)
     parser.add_argument("--batch", type=int, default=4, help="examples per data-parallel rank per micro-batch")
     parser.add_argument("--steps", type=int, default=3)
@@ -188,7 +189,7 @@ def run(opts) -> dict:
     _ = args.world_size  # brings up torch.distributed under torchrun
     vocab = SFT_VOCAB if opts.trainer in ("sft", "trl") else VOCAB
     model = build_model(opts.model, vocab)
-    sp = setup_sequence_parallel(opts.sp, model=model)
+    sp = setup_sequence_parallel(opts.sp, model=model, ulysses_size=opts.ulysses)
     record = Record()
     callbacks = [record]
     true = TrueLoss(model, vocab, opts.batch * opts.ga * sp.dp_size) if opts.reference else None
