@@ -481,3 +481,29 @@ def test_ulysses_degrees_that_do_not_fit_are_refused_before_any_step(tmp_path):
     assert not (tmp_path / "run" / "metrics.jsonl").exists() or not _metrics(tmp_path / "run")
     with pytest.raises(ValueError, match="multiple of 12"):
         load_config(_write(tmp_path, RECIPE), ["stages.0.seq_len=40", "stages.0.ulysses=3"])
+
+
+def test_two_launchers_as_two_nodes_keep_ulysses_inside_a_node(tmp_path):
+    """Two torchrun launchers on localhost (c10d rendezvous, 2 processes each) as two "nodes", training at
+    (sp=2, ulysses=2): each Ulysses group is one launcher's pair of ranks (the trainer gathers torchrun's
+    GROUP_RANK over it), the ring crosses the launchers, and the losses are one 4-process launcher's."""
+    import socket
+
+    recipe = json.loads(json.dumps(RECIPE))
+    recipe["stages"][0].update(ulysses=2)
+    path = _write(tmp_path, recipe)
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "two_nodes"
+    launchers = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=2", "--rdzv_backend=c10d",
+         f"--rdzv_endpoint=localhost:{port}", "--rdzv_id=ringlwm-test", "-m", "ringlwm.train", str(path), "--out",
+         str(out), "--steps", "3"], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)]
+    logs = [p.communicate(timeout=300)[0] for p in launchers]
+    assert [p.returncode for p in launchers] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    assert "ulysses 2 (inside one node)" in "".join(logs), "".join(logs)[-3000:]
+    one = _train(path, tmp_path / "one_node", 4, "--steps", "3")
+    for a, b in zip(_metrics(out), one, strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-6 * abs(b["loss"]) and a["sp"] == 2 and a["ulysses"] == 2, (a, b)

@@ -18,8 +18,10 @@ index is dp_replicate_index * dp_shard + dp_shard_index.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
+import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from ringlwm.ring.ulysses import register_sequence_group
@@ -91,3 +93,12 @@ class ParallelDims:
         dp_rank = mesh["dp_replicate"].get_local_rank() * self.dp_shard + mesh["dp_shard"].get_local_rank()
         return {"dp_rank": dp_rank, "sp_rank": mesh["sp"].get_local_rank(),
                 "ulysses_rank": mesh["ulysses"].get_local_rank()}
+
+
+
+def ulysses_nodes(group) -> list[int]:
+    """The node (torchrun's ``GROUP_RANK``; 0 when launched otherwise) of each rank of the Ulysses ``group``, in
+    rank order (one all_gather_object at a stage's start). The all-to-all belongs inside one node (NVLink)."""
+    nodes = [None] * dist.get_world_size(group)
+    dist.all_gather_object(nodes, int(os.environ.get("GROUP_RANK", 0)), group=group)
+    return nodes

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from ringlwm.distributed import init_distributed
 from ringlwm.log import logger
+from ringlwm.parallel.mesh import ulysses_nodes
 from ringlwm.train.breakdown import PhaseTimer, StepProfiler
 from ringlwm.train.checkpoint import Checkpointer, export_hf, rng_state
 from ringlwm.train.config import TrainConfig, to_dict
@@ -61,7 +62,11 @@ def train(config: TrainConfig, out_dir: str | Path, *, save_every: int | None = 
         if stage_done(config, resume, index):
             continue
         run = build_stage(config, index, world, device, mixed, fresh=index == 0 and resume is None)
-        ulysses = f", ulysses {run.dims.ulysses}" if run.dims.ulysses > 1 else ""
+        ulysses = ""
+        if run.dims.ulysses > 1:
+            nodes = ulysses_nodes(run.ulysses_group)
+            ulysses = f", ulysses {run.dims.ulysses} " + ("(inside one node)" if len(set(nodes)) == 1 else
+                                                          f"(across nodes {sorted(set(nodes))}: slow all-to-all)")
         logger.info(f"stage {stage.name!r}: seq_len {stage.seq_len}, sp {run.dims.sp}{ulysses}, RoPE {run.rope}")
         start = run.restore(checkpointer, resume)
         # Only now that the weights loaded: drop the metric lines of steps the checkpoint does not cover.
