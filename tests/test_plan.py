@@ -141,3 +141,18 @@ def test_the_planner_reaches_no_private_ringlwm_name():
     assert _private_ringlwm_names(Path(ringlwm.plan.__file__).read_text()) == []
     old = "from ringlwm.ring import attention\nattention._check_agreement = None\n"
     assert _private_ringlwm_names(old) == ["attention._check_agreement"]
+
+
+def test_plan_of_the_ulysses_x_ring_layout_matches_a_real_step():
+    """(sp=2, ulysses=2) on 4 ranks: the fake process group runs the all-to-alls on fake tensors, and the plan's
+    memory categories are a real 4-process gloo step's within 5%."""
+    case = ("h256-2k-w4-2d", 256, 688, 2, 4, 2, 2048, 512, 4, False, None, 1024)
+    setup = plan.make_setup(case_config(case), 0, None, 4, 2048, backend="cpu", sp=2, ulysses=2)
+    assert (setup.stage.sp, setup.stage.ulysses, setup.dims().dp) == (2, 2, 1)
+    r = plan.validate(setup)
+    for name, diff in r["rel_diff"].items():
+        assert diff <= 0.05, (name, r["planned"], r["real"])
+    record = plan.summarize(setup, plan.plan_step(setup), plan.Budget())
+    assert (record["ulysses"], record["local_len"]) == (2, 512)
+    with pytest.raises(ValueError, match="ulysses = 3"):
+        plan.make_setup(case_config(case), 0, None, 6, 2048 * 3, backend="cpu", sp=2, ulysses=3)

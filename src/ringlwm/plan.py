@@ -61,7 +61,7 @@ import torch.utils._python_dispatch
 from transformers import LlamaConfig
 
 from ringlwm.constants import VISION_VOCAB_SIZE
-from ringlwm.ring import ring_settings
+from ringlwm.ring import check_layout, check_ulysses_heads, ring_settings
 
 GiB = 2**30
 
@@ -187,7 +187,8 @@ def _tokenizer_vocab(config, index: int) -> int:
 
 
 def synthetic_batch(model_config, batch: int, local_len: int, sp: int, vision: bool, device: torch.device, *,
-                    group=None, generator: torch.Generator | None = None, documents: int = 2) -> dict:
+                    group=None, generator: torch.Generator | None = None, documents: int = 2,
+                    ulysses_group=None) -> dict:
     """One micro-batch as the loader yields it (this rank's zigzag shard): int64 ids, labels, positions and
     segment ids (``documents`` 1 or 2 packed documents), float32 loss weights, and for the vision model bool
     vision masks."""
@@ -207,8 +208,8 @@ def synthetic_batch(model_config, batch: int, local_len: int, sp: int, vision: b
         out["label_vision_mask"] = mask
         out["input_ids"] = torch.where(mask, ids % getattr(model_config, "vision_vocab_size", VISION_VOCAB_SIZE), ids)
         out["labels"] = torch.where(mask, labels % getattr(model_config, "vision_vocab_size", VISION_VOCAB_SIZE), labels)
-    if sp > 1:
-        out = {k: shard_sequence(v, 1, group) for k, v in out.items()}  # this rank's part in ``group``
+    if sp > 1 or ulysses_group is not None:  # this rank's part in ``group`` (and its Ulysses piece)
+        out = {k: shard_sequence(v, 1, group if sp > 1 else None, ulysses_group) for k, v in out.items()}
     return {k: v.to(device) for k, v in out.items()}
 
 
@@ -236,7 +237,7 @@ class StepSetup:
         from ringlwm.parallel import ParallelDims
 
         p = self.config.parallel
-        return ParallelDims(p.dp_replicate, p.dp_shard, self.stage.sp, self.world)
+        return ParallelDims(p.dp_replicate, p.dp_shard, self.stage.sp, self.world, self.stage.ulysses)
 
 
 def build(setup: StepSetup, device: torch.device, *, init: bool, tensors=None):
@@ -272,17 +273,19 @@ def prime_optimizer(model, optimizer) -> None:
         g["lr"] = lr
 
 
-def one_step(setup: StepSetup, model, optimizer, micro: list[dict], sp_group) -> torch.Tensor:
+def one_step(setup: StepSetup, model, optimizer, micro: list[dict], sp_group, ulysses_group=None) -> torch.Tensor:
     """The trainer's step: ``train_step`` (forward and backward of every micro-batch), then its
     ``optimizer_step`` (clipping, the finite check, AdamW, zero_grad). Returns the loss tensor."""
     from ringlwm.train.step import optimizer_step, train_step
 
-    loss, _ = train_step(model, micro, sp_group, setup.world, vision=setup.config.model.vision)
+    loss, _ = train_step(model, micro, sp_group, setup.world, vision=setup.config.model.vision,
+                         ulysses_group=ulysses_group)
     optimizer_step(model, optimizer, loss, grad_clip=setup.config.optim.grad_clip)
     return loss
 
 
-def tracked_step(setup: StepSetup, model, optimizer, micro, sp_group, on_start=lambda: None) -> dict:
+def tracked_step(setup: StepSetup, model, optimizer, micro, sp_group, on_start=lambda: None,
+                 ulysses_group=None) -> dict:
     """The step under FSDPMemTracker: {tracker category: bytes} at the peak total, with 'Total', and 'Start'
     (the total when the step begins: parameters, optimizer state, inputs). ``on_start`` runs just before it."""
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
@@ -292,7 +295,7 @@ def tracked_step(setup: StepSetup, model, optimizer, micro, sp_group, on_start=l
     with tracker:
         start = tracker.get_tracker_snapshot("current")
         on_start()
-        one_step(setup, model, optimizer, micro, sp_group)
+        one_step(setup, model, optimizer, micro, sp_group, ulysses_group)
     snapshot = tracker.get_tracker_snapshot("peak")
     device_snapshot = _device_snapshot(snapshot)
     start_snapshot = _device_snapshot(start)
@@ -389,7 +392,7 @@ def step_flops(setup: StepSetup, num_params: int) -> dict:
 
     dims = setup.dims()
     work = step_work(setup.model_config, num_params, setup.stage, dims.dp)  # the trainer's accounting
-    rank_tokens = work.tokens // (dims.dp * dims.sp)
+    rank_tokens = work.tokens // (dims.dp * dims.sp * dims.ulysses)
     return {"flops_per_token": work.flops_per_token, "rank_tokens": rank_tokens, "grad_accum": work.grad_accum,
             "rank_flops": work.flops_per_token * rank_tokens}
 
@@ -422,17 +425,17 @@ def plan_step(setup: StepSetup, documents: int = 2) -> dict:
         fake = FakeTensorMode(allow_non_fake_inputs=True)
         dims, mesh, model, optimizer = build(setup, torch.device("cpu"), init=False, tensors=fake)
         with fake:
-            sp_group = mesh["sp"].get_group()
+            sp_group, ulysses_group = mesh["sp"].get_group(), dims.ulysses_group(mesh)
             num_params = sum(p.numel() for p in model.parameters())
             stage = setup.stage
-            local = stage.seq_len // stage.sp
+            local = stage.seq_len // (stage.sp * stage.ulysses)
             micro = [synthetic_batch(setup.model_config, stage.batch_size, local, 1, setup.config.model.vision,
                                      torch.device("cpu"), documents=documents)]
             prime_optimizer(model, optimizer)
             with host_reads, _host_copies_on_meta():
                 store = getattr(model, "offload_store", None)
                 raw = tracked_step(setup, model, optimizer, micro, sp_group,
-                                   on_start=store.reset_peak if store else lambda: None)
+                                   on_start=store.reset_peak if store else lambda: None, ulysses_group=ulysses_group)
             host = store.peak_host_bytes if store else 0
         del model, optimizer, micro
     return {"raw": raw, "memory": categories(raw), "host_bytes": host, "num_params": num_params,
@@ -440,33 +443,37 @@ def plan_step(setup: StepSetup, documents: int = 2) -> dict:
 
 
 def make_setup(config, index: int, preset: str | None, world: int | None, seq_len: int | None,
-               backend: str | None = None, mixed: bool = True, sp: int | None = None) -> StepSetup:
+               backend: str | None = None, mixed: bool = True, sp: int | None = None,
+               ulysses: int | None = None) -> StepSetup:
     """The StepSetup of stage ``index`` at ``seq_len`` (default the stage's) on ``world`` ranks (default the
-    stage's sp). ``sp``: the ring size (default the stage's; the whole world when the stage's does not divide
-    ``world``)."""
+    stage's sp x ulysses). ``sp``: the ring size (default the stage's; the rest of the world when the stage's
+    does not divide ``world``). ``ulysses``: the Ulysses degree (default the stage's)."""
     config = copy.deepcopy(config)
     stage = config.stages[index]
     if seq_len is not None:
         stage.seq_len = int(seq_len)
         if stage.batch_tokens is not None and stage.batch_tokens < stage.seq_len:
             stage.batch_tokens = None  # one sequence per step when a sequence outgrows the step's tokens
+    if ulysses is not None:
+        stage.ulysses = int(ulysses)
     if sp is not None:
         stage.sp = int(sp)
-    elif world and world % stage.sp:
-        stage.sp = world  # planning a world the stage's ring does not divide: one ring over the world
-    world = world or stage.sp
-    if world % stage.sp:
-        raise ValueError(f"stage {stage.name!r}: world size {world} is not a multiple of its sp {stage.sp}")
-    if stage.seq_len % (2 * stage.sp):
-        raise ValueError(f"stage {stage.name!r}: seq_len {stage.seq_len} must divide by 2 x sp = {2 * stage.sp}")
+    elif world and world % (stage.sp * stage.ulysses) and world % stage.ulysses == 0:
+        stage.sp = world // stage.ulysses  # a world the stage's ring does not divide: one ring over the rest
+    world = world or stage.sp * stage.ulysses
+    if world % (stage.sp * stage.ulysses):
+        raise ValueError(f"stage {stage.name!r}: world size {world} is not a multiple of sp x ulysses = "
+                         f"{stage.sp} x {stage.ulysses}")
+    check_layout(stage.seq_len, stage.sp, stage.ulysses, f"stage {stage.name!r}: seq_len")
     config.model.attention_backend = backend_for_plan(backend or config.model.attention_backend)
     if stage.batch_tokens is not None:
         from ringlwm.parallel import ParallelDims
 
-        dp = ParallelDims(config.parallel.dp_replicate, config.parallel.dp_shard, stage.sp, world).dp
+        dp = ParallelDims(config.parallel.dp_replicate, config.parallel.dp_shard, stage.sp, world, stage.ulysses).dp
         if stage.batch_tokens % (stage.seq_len * stage.batch_size * dp):
             stage.batch_tokens = None  # planning another world or length: one micro-batch per step
     model_config = stage_model_config_planned(config, index, preset, stage.seq_len)
+    check_ulysses_heads(model_config.num_attention_heads, model_config.num_key_value_heads, stage.ulysses)
     return StepSetup(config=config, index=index, model_config=model_config, world=world, mixed=mixed)
 
 
@@ -493,8 +500,9 @@ def summarize(setup: StepSetup, result: dict, budget: Budget) -> dict:
     seconds = result["rank_flops"] / (budget.peak_flops * budget.mfu)
     stage = setup.stage
     return {
-        "stage": stage.name, "world_size": setup.world, "sp": stage.sp, "dp": setup.dims().dp,
-        "seq_len": stage.seq_len, "local_len": stage.seq_len // stage.sp, "batch_size": stage.batch_size,
+        "stage": stage.name, "world_size": setup.world, "sp": stage.sp, "ulysses": stage.ulysses,
+        "dp": setup.dims().dp, "seq_len": stage.seq_len, "local_len": stage.seq_len // (stage.sp * stage.ulysses),
+        "batch_size": stage.batch_size,
         "grad_accum": result["grad_accum"], "backend": setup.config.model.attention_backend,
         "options": {k: getattr(setup.config.model, k) for k in
                     ("activation_checkpointing", "activation_offloading", "mlp_chunk_size",
@@ -512,17 +520,18 @@ def summarize(setup: StepSetup, result: dict, budget: Budget) -> dict:
 
 def max_seq_len(config, index: int, preset, world: int | None, budget: Budget, backend=None, *,
                 granule: int | None = None, log=None, sp: int | None = None,
-                start: int | None = None) -> tuple[int, dict | None]:
+                start: int | None = None, ulysses: int | None = None) -> tuple[int, dict | None]:
     """The longest seq_len (a multiple of 2 x sp x granule: 1024 tokens per rank by default) whose step fits
     ``budget``, by secant steps over fake runs. Returns (length, its record), (0, None) when even the smallest
     does not fit. ``start``: the first length probed (default the stage's)."""
-    sp = make_setup(config, index, preset, world, None, backend, sp=sp).stage.sp
-    unit = 2 * sp * (granule or 512)
+    planned = make_setup(config, index, preset, world, None, backend, sp=sp, ulysses=ulysses).stage
+    sp, ulysses = planned.sp, planned.ulysses
+    unit = 2 * sp * ulysses * (granule or 512)
     cache: dict[int, dict] = {}
 
     def fits(units: int) -> bool:
         if units not in cache:
-            setup = make_setup(config, index, preset, world, units * unit, backend, sp=sp)
+            setup = make_setup(config, index, preset, world, units * unit, backend, sp=sp, ulysses=ulysses)
             cache[units] = summarize(setup, plan_step(setup), budget)
             if log:
                 r = cache[units]
@@ -564,7 +573,7 @@ def max_seq_len(config, index: int, preset, world: int | None, budget: Budget, b
 def format_table(rec: dict) -> str:
     mem = rec["memory_bytes"]
     lines = [f"stage {rec['stage']!r}: seq_len {fmt_tokens(rec['seq_len'])} ({rec['local_len']} tokens per rank), "
-             f"world {rec['world_size']} (sp {rec['sp']}, dp {rec['dp']}), batch {rec['batch_size']} x accum "
+             f"world {rec['world_size']} (sp {rec['sp']}, ulysses {rec['ulysses']}, dp {rec['dp']}), batch {rec['batch_size']} x accum "
              f"{rec['grad_accum']}, backend {rec['backend']}, {rec['num_params'] / 1e9:.2f}B parameters",
              f"  options: {', '.join(f'{k}={v}' for k, v in rec['options'].items())}",
              "  peak memory per rank (at the step's highest total):"]
@@ -634,14 +643,15 @@ def measure(rank: int, world: int, setup: StepSetup, warmup: bool = True) -> dic
     with ring_settings(skip_unshared_steps=False):  # the real run computes every ring step too, as the plan
         dims, mesh, model, optimizer = build(setup, torch.device("cpu"), init=True)
         stage = setup.stage
+        ring, ulysses = mesh["sp"].get_group(), dims.ulysses_group(mesh)
         micro = [synthetic_batch(setup.model_config, stage.batch_size, stage.seq_len // stage.sp, stage.sp,
-                                 setup.config.model.vision, torch.device("cpu"), group=mesh["sp"].get_group(),
-                                 documents=1)]
+                                 setup.config.model.vision, torch.device("cpu"), group=ring, documents=1,
+                                 ulysses_group=ulysses)]
         prime_optimizer(model, optimizer)
         if warmup:  # the kernels' and libraries' first-call allocations happen here, not in the measured step
-            one_step(setup, model, optimizer, micro, mesh["sp"].get_group())
+            one_step(setup, model, optimizer, micro, ring, ulysses)
         gc.collect()
-        raw = tracked_step(setup, model, optimizer, micro, mesh["sp"].get_group(), on_start=step_starts)
+        raw = tracked_step(setup, model, optimizer, micro, ring, on_start=step_starts, ulysses_group=ulysses)
     peak = _rss_bytes("VmHWM") if marks["reset"] else float("nan")
     return {"raw": raw, "memory": categories(raw), "rss_growth": peak - base,
             "rss_step_growth": peak - marks["before_step"]}
@@ -718,6 +728,8 @@ def main(argv=None) -> None:
     group.add_argument("--max-seq-len", action="store_true", help="search the longest sequence that fits")
     parser.add_argument("--sp", type=int, default=None, help="ring size (default: the stage's; the whole world "
                         "when --world-size is not a multiple of it)")
+    parser.add_argument("--ulysses", type=int, default=None, help="Ulysses degree inside each ring rank (the 2-D "
+                        "layout; default: the stage's)")
     parser.add_argument("--model", default=None, choices=sorted(PRESETS),
                         help="architecture preset (default: the recipe's; LWM placeholder checkpoints: llama-2-7b)")
     parser.add_argument("--backend", default=None, help="attention block backend (default: triton if it traces "
@@ -743,14 +755,15 @@ def main(argv=None) -> None:
     for index in indices:
         if args.max_seq_len:
             length, rec = max_seq_len(config, index, preset, args.world_size, budget, args.backend, log=log,
-                                      sp=args.sp)
+                                      sp=args.sp, ulysses=args.ulysses)
             if rec is None:
                 msg = {"stage": names[index], "max_seq_len": 0, "fits": False}
                 print(json.dumps(msg) if args.json else f"stage {names[index]!r}: nothing fits", flush=True)
                 continue
             rec = {**rec, "max_seq_len": length}
         else:
-            setup = make_setup(config, index, preset, args.world_size, args.seq_len, args.backend, sp=args.sp)
+            setup = make_setup(config, index, preset, args.world_size, args.seq_len, args.backend, sp=args.sp,
+                               ulysses=args.ulysses)
             rec = summarize(setup, plan_step(setup), budget)
         if log:
             if args.max_seq_len:

@@ -95,8 +95,8 @@ def shard_sequence(x: torch.Tensor, dim: int, group: dist.ProcessGroup | None = 
         chunks = x.chunk(2 * world_size, dim=dim)
         x = torch.cat([chunks[rank], chunks[2 * world_size - 1 - rank]], dim=dim)
     if ulysses > 1:
-        x = x.chunk(ulysses, dim=dim)[u_rank]
-    return x.contiguous() if world_size > 1 or ulysses > 1 else x
+        return x.chunk(ulysses, dim=dim)[u_rank].clone(memory_format=torch.contiguous_format)  # its own storage
+    return x.contiguous() if world_size > 1 else x
 
 
 def unshard_sequence(x_local: torch.Tensor, dim: int, group: dist.ProcessGroup | None = None,
