@@ -60,6 +60,13 @@ CHECKS = [
      ALL_LABEL),
     ("Llama-3.1-8B, 16M on 32 GPUs (goal)", "llama-3.1-8b", TABLE_STAGE, 32, 16 * 2**20, ALL_LABEL),
 ]
+# The 2-D layout at the same scales: (label, model, stage, GPUs, sequence length, options, ulysses degree).
+CHECKS_2D = [
+    ("Llama-3.1-8B, 4M on 8 GPUs, Ulysses 8 (one node, no ring)", "llama-3.1-8b", TABLE_STAGE, 8, 4 * 2**20,
+     ALL_LABEL, 8),
+    ("Llama-3.1-8B, 16M on 32 GPUs, Ulysses 8 x ring 4", "llama-3.1-8b", TABLE_STAGE, 32, 16 * 2**20, ALL_LABEL, 8),
+]
+CHECKS_2D_CSV = RESULTS / "plan_2d.csv"
 CHECKS_CSV = RESULTS / "plan_checks.csv"
 VALIDATION_CSV = RESULTS / "plan_validation.csv"
 TABLE_CSV = RESULTS / "plan_8b.csv"
@@ -148,15 +155,15 @@ def table_row(gpus: int, label: str, start: int, log=print) -> dict:
     return row
 
 
-def check_row(label: str, model: str, stage: str, gpus: int, seq_len: int, options: str) -> dict:
+def check_row(label: str, model: str, stage: str, gpus: int, seq_len: int, options: str, ulysses: int = 1) -> dict:
     from ringlwm.plan import make_setup, plan_step, summarize
 
     config, preset, index, budget = _table_config(options, model, stage)
     t0 = time.perf_counter()
-    setup = make_setup(config, index, preset, gpus, seq_len, sp=gpus)
+    setup = make_setup(config, index, preset, gpus, seq_len, sp=gpus // ulysses, ulysses=ulysses)
     rec = summarize(setup, plan_step(setup), budget)
-    row = {"check": label, "model": model, "stage": stage, "gpus": gpus, "seq_len": seq_len, "tokens_per_gpu": seq_len // gpus,
-           "options": options, **_memory_columns(rec),
+    row = {"check": label, "model": model, "stage": stage, "gpus": gpus, "sp": gpus // ulysses, "ulysses": ulysses,
+           "seq_len": seq_len, "tokens_per_gpu": seq_len // gpus, "options": options, **_memory_columns(rec),
            "headroom_gib": round((rec["gpu_memory"] - rec["gpu_bytes"]) / 2**30, 2),
            "plan_seconds": round(time.perf_counter() - t0, 1)}
     return row
@@ -184,6 +191,11 @@ def main(quick: bool = False, validation: bool = True, table: bool = True) -> No
             rows.append(check_row(label, model, stage, gpus, seq_len, options))
             print(json.dumps(rows[-1]), flush=True)
             write_csv(CHECKS_CSV, rows)
+        rows = []
+        for label, model, stage, gpus, seq_len, options, ulysses in CHECKS_2D:
+            rows.append(check_row(label, model, stage, gpus, seq_len, options, ulysses))
+            print(json.dumps(rows[-1]), flush=True)
+            write_csv(CHECKS_2D_CSV, rows)
         rows = []
         for gpus, label, start in TABLE_RUNS:
             rows.append(table_row(gpus, label, start))
