@@ -117,6 +117,77 @@ def main(quick: bool = False) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------
+# Ring vs Ulysses vs 2-D at the same world size (`ring` part, table `ring_layouts`)
+# ------------------------------------------------------------------------------------------------
+
+LAYOUT_WORLD = 4
+LAYOUTS = ((4, 1, "ring"), (1, 4, "ulysses"), (2, 2, "2-D"))  # (sp, ulysses, name)
+
+
+def _layout_worker(rank, world_size, seqlen, sp, ulysses):
+    """One fwd+bwd of ``ring_attention`` on this layout: seconds, and the bytes this rank sent (the ring's
+    point-to-point sends, the all-to-alls' slabs for the other ranks)."""
+    from ringlwm.hf import setup_sequence_parallel
+
+    groups = setup_sequence_parallel(sp, ulysses_size=ulysses)
+    ring, uly = groups.sp_group, groups.ulysses_group
+    q, k, v, dout = _inputs(seqlen // world_size)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    sent = [0]
+    batch, a2a = dist.batch_isend_irecv, dist.all_to_all_single
+
+    def counting_batch(ops):
+        sent[0] += sum(op.tensor.numel() * op.tensor.element_size() for op in ops if op.op is dist.isend)
+        return batch(ops)
+
+    def counting_a2a(out, inp, *args, **kwargs):
+        world = dist.get_world_size(kwargs.get("group"))
+        sent[0] += inp.numel() * inp.element_size() * (world - 1) // world
+        return a2a(out, inp, *args, **kwargs)
+
+    def step():
+        dist.barrier()
+        out = ring_attention(q, k, v, causal=True, group=ring if sp > 1 else None,
+                             ulysses_group=uly if ulysses > 1 else None)
+        out.backward(dout)
+        dist.barrier()
+
+    warmup, reps = _reps(seqlen)
+    dist.batch_isend_irecv, dist.all_to_all_single = counting_batch, counting_a2a
+    try:
+        step()
+        per_step = sent[0]
+        seconds = time_fn(step, q.device, warmup=warmup, reps=reps)
+    finally:
+        dist.batch_isend_irecv, dist.all_to_all_single = batch, a2a
+    return {"seconds": seconds, "sent_mb": per_step / 2**20}
+
+
+def main_layouts(quick: bool = False) -> list[dict]:
+    """Ring, Ulysses and the 2-D layout at W=4, same shapes, same run: time against the ring's, MiB sent per
+    rank per fwd+bwd."""
+    device = torch.device("cpu")
+    base = stamp(device)
+    base["device"] = f"cpu ({os.cpu_count()} cores), gloo, 1 thread per rank"
+    rows = []
+    for seqlen in (4096,) if quick else (4096, 16384):
+        ring_s = None
+        for sp, ulysses, name in LAYOUTS:
+            results = run_local(_layout_worker, LAYOUT_WORLD, seqlen, sp, ulysses)
+            seconds = max(r["seconds"] for r in results)
+            ring_s = ring_s or seconds
+            rows.append(dict(base, world_size=LAYOUT_WORLD, seqlen=seqlen, layout=name, sp=sp, ulysses=ulysses,
+                             heads=HEADS, head_dim=HEAD_DIM, seconds=round(seconds, 4),
+                             vs_ring=round(ring_s / seconds, 3),
+                             sent_mb_per_rank=round(max(r["sent_mb"] for r in results), 2)))
+            print(f"{name} (sp {sp}, ulysses {ulysses}) seq={seqlen}: {seconds:.3f}s", flush=True)
+    path = append_csv("ring_layouts", rows)
+    print(f"\nlayouts on {base['device']} ({base['date']}, {base['git']}); rows appended to {path}")
+    print_table(rows, ["seqlen", "layout", "sp", "ulysses", "seconds", "vs_ring", "sent_mb_per_rank"])
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
 # Training a tiny model at long lengths: memory per rank, and one step at >= 128K tokens (`long`)
 # ------------------------------------------------------------------------------------------------
 

@@ -32,6 +32,7 @@ def main(argv=None) -> None:
             from bench import ring
 
             ring.main(quick=args.quick)
+            ring.main_layouts(quick=args.quick)
             ring.main_memory(quick=args.quick)
         elif part == "data":
             from bench import data
