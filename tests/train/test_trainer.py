@@ -58,6 +58,20 @@ def _train(recipe_path, out, nproc, *args, timeout=300):
     return _metrics(out)
 
 
+def _kill_after(recipe_path, out, nproc, lines: int, *args) -> None:
+    """Start a run and SIGKILL the launcher and every rank once ``lines`` metric lines are written (mid-run)."""
+    proc = subprocess.Popen(_command(recipe_path, out, nproc, *args), env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        metrics = Path(out) / "metrics.jsonl"
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= lines:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def _metrics(out):
     path = Path(out) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -94,16 +108,7 @@ def test_sigkill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
     reference = _train(path, tmp_path / "full", 2, "--save-every", "4")
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_command(path, out, 2, "--save-every", "4"), env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        metrics = out / "metrics.jsonl"
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 10:
-            break
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, mid-run
-    proc.wait()
+    _kill_after(path, out, 2, 10, "--save-every", "4")
     killed_at = len(_metrics(out))
     assert 10 <= killed_at < 16, killed_at
 
@@ -452,16 +457,7 @@ def test_ulysses_x_ring_sigkill_and_resume_is_bitwise(tmp_path):
     path = _write(tmp_path, recipe)
     reference = _train(path, tmp_path / "full", 4, "--save-every", "4")
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_command(path, out, 4, "--save-every", "4"), env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        metrics = out / "metrics.jsonl"
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 5:
-            break
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    _kill_after(path, out, 4, 5, "--save-every", "4")
     assert 5 <= len(_metrics(out)) < 8
     resumed = _train(path, out, 4, "--save-every", "4")
     assert [r["step"] for r in resumed] == list(range(1, 9))

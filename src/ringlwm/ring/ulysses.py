@@ -70,39 +70,31 @@ def _sequence_to_heads(x: torch.Tensor, group, world: int) -> torch.Tensor:
     return got.transpose(0, 1).reshape(b, world * hw, n, d)
 
 
-class _HeadsToSequence(torch.autograd.Function):
+class _AllToAll(torch.autograd.Function):
+    """One of the two all-to-alls; its backward is the other one."""
+
     @staticmethod
-    def forward(ctx, x, group, world):
-        ctx.args = (group, world)
-        return _heads_to_sequence(x, group, world)
+    def forward(ctx, x, group, world, to_sequence: bool):
+        ctx.args = (group, world, to_sequence)
+        return (_heads_to_sequence if to_sequence else _sequence_to_heads)(x, group, world)
 
     @staticmethod
     def backward(ctx, grad):
-        return _sequence_to_heads(grad, *ctx.args), None, None
-
-
-class _SequenceToHeads(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, world):
-        ctx.args = (group, world)
-        return _sequence_to_heads(x, group, world)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _heads_to_sequence(grad, *ctx.args), None, None
+        group, world, to_sequence = ctx.args
+        return (_sequence_to_heads if to_sequence else _heads_to_sequence)(grad, group, world), None, None, None
 
 
 def heads_to_sequence(x: torch.Tensor, group) -> torch.Tensor:
     """Differentiable all-to-all over the Ulysses ``group``: (batch, heads, n, dim), all heads of this rank's
     piece -> (batch, heads / ulysses, ulysses * n, dim), the group's whole shard for this rank's heads."""
     _, world = sp_world(group)
-    return x if world == 1 else _HeadsToSequence.apply(x, group, world)
+    return x if world == 1 else _AllToAll.apply(x, group, world, True)
 
 
 def sequence_to_heads(x: torch.Tensor, group) -> torch.Tensor:
     """The inverse all-to-all of ``heads_to_sequence`` (its backward is ``heads_to_sequence``)."""
     _, world = sp_world(group)
-    return x if world == 1 else _SequenceToHeads.apply(x, group, world)
+    return x if world == 1 else _AllToAll.apply(x, group, world, False)
 
 
 def gather_pieces(x: torch.Tensor, dim: int, group) -> torch.Tensor:
