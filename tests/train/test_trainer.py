@@ -203,7 +203,7 @@ def test_missing_recipe_and_text_without_tokenizer(tmp_path):
 
 def test_parallel_dims_check_the_world():
     assert ParallelDims(1, -1, 2, 8).dp_shard == 4
-    with pytest.raises(ValueError, match=r"dp_replicate=1 x dp_shard=-1 x sp=3 vs world_size=4"):
+    with pytest.raises(ValueError, match=r"dp_replicate=1 x dp_shard=-1 x sp=3 x ulysses=1 vs world_size=4; .* one of \[1, 2, 4\]"):
         ParallelDims(1, -1, 3, 4)
     with pytest.raises(ValueError, match="multiply to the world size"):
         ParallelDims(2, 1, 1, 4)
