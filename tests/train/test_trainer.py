@@ -90,15 +90,32 @@ def test_tiny_run_loss_falls_and_writes_everything(tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "stage00-step0000020" / "meta.json").is_file()
 
 
-def test_sp2_equals_sp1_on_the_same_data(tmp_path):
-    """One process with sp=1 and two processes with sp=2 see the same sequences: same loss curve."""
-    ring = _train(_write(tmp_path, RECIPE, "sp2.yaml"), tmp_path / "sp2", 2, "--steps", "6")
-    single_recipe = json.loads(json.dumps(RECIPE))
-    single_recipe["stages"][0]["sp"] = 1
-    single = _train(_write(tmp_path, single_recipe, "sp1.yaml"), tmp_path / "sp1", 1, "--steps", "6")
-    for a, b in zip(ring, single):
+@pytest.fixture(scope="module")
+def six_steps(tmp_path_factory):
+    """RECIPE's first 6 steps (``--steps 6``) by layout, each run once for the module: {"sp1": 1 process,
+    "sp2": 2 processes at sp=2, "2d": 4 processes at (sp=2, ulysses=2)}."""
+    cache, tmp = {}, tmp_path_factory.mktemp("six_steps")
+
+    def get(name):
+        if name not in cache:
+            recipe = json.loads(json.dumps(RECIPE))
+            sp, ulysses, nproc = {"sp1": (1, 1, 1), "sp2": (2, 1, 2), "2d": (2, 2, 4)}[name]
+            recipe["stages"][0].update(sp=sp, ulysses=ulysses)
+            cache[name] = _train(_write(tmp, recipe, f"{name}.yaml"), tmp / name, nproc, "--steps", "6")
+        return cache[name]
+
+    return get
+
+
+def _same_curve(rows, reference):
+    for a, b in zip(rows, reference, strict=True):
         assert abs(a["loss"] - b["loss"]) <= 1e-4 * abs(b["loss"]), (a, b)
         assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-3 * abs(b["grad_norm"]), (a, b)
+
+
+def test_sp2_equals_sp1_on_the_same_data(six_steps):
+    """One process with sp=1 and two processes with sp=2 see the same sequences: same loss curve."""
+    _same_curve(six_steps("sp2"), six_steps("sp1"))
 
 
 def test_sigkill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
@@ -436,18 +453,12 @@ def test_a_non_finite_step_is_never_applied(tmp_path):
         load_config(path, ["optim.on_nonfinite=ignore"])
 
 
-def test_ulysses_x_ring_equals_sp1(tmp_path):
+def test_ulysses_x_ring_equals_sp1(six_steps):
     """Four processes at (sp=2, ulysses=2), two heads each after the all-to-all, train as one process does: the
     same loss curve and gradient norms over 6 steps."""
-    recipe = json.loads(json.dumps(RECIPE))
-    recipe["stages"][0].update(ulysses=2)
-    two_d = _train(_write(tmp_path, recipe, "2d.yaml"), tmp_path / "2d", 4, "--steps", "6")
+    two_d = six_steps("2d")
     assert {r["ulysses"] for r in two_d} == {2} and {r["sp"] for r in two_d} == {2}
-    recipe["stages"][0].update(sp=1, ulysses=1)
-    single = _train(_write(tmp_path, recipe, "sp1.yaml"), tmp_path / "sp1", 1, "--steps", "6")
-    for a, b in zip(two_d, single, strict=True):
-        assert abs(a["loss"] - b["loss"]) <= 1e-4 * abs(b["loss"]), (a, b)
-        assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-3 * abs(b["grad_norm"]), (a, b)
+    _same_curve(two_d, six_steps("sp1"))
 
 
 @pytest.mark.slow
@@ -479,7 +490,7 @@ def test_ulysses_degrees_that_do_not_fit_are_refused_before_any_step(tmp_path):
         load_config(_write(tmp_path, RECIPE), ["stages.0.seq_len=40", "stages.0.ulysses=3"])
 
 
-def test_two_launchers_as_two_nodes_keep_ulysses_inside_a_node(tmp_path):
+def test_two_launchers_as_two_nodes_keep_ulysses_inside_a_node(tmp_path, six_steps):
     """Two torchrun launchers on localhost (c10d rendezvous, 2 processes each) as two "nodes", training at
     (sp=2, ulysses=2): each Ulysses group is one launcher's pair of ranks (the trainer gathers torchrun's
     GROUP_RANK over it), the ring crosses the launchers, and the losses are one 4-process launcher's."""
@@ -495,11 +506,10 @@ def test_two_launchers_as_two_nodes_keep_ulysses_inside_a_node(tmp_path):
     launchers = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=2", "--rdzv_backend=c10d",
          f"--rdzv_endpoint=localhost:{port}", "--rdzv_id=ringlwm-test", "-m", "ringlwm.train", str(path), "--out",
-         str(out), "--steps", "3"], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+         str(out), "--steps", "6"], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for _ in range(2)]
     logs = [p.communicate(timeout=300)[0] for p in launchers]
     assert [p.returncode for p in launchers] == [0, 0], "\n".join(log[-3000:] for log in logs)
     assert "ulysses 2 (inside one node)" in "".join(logs), "".join(logs)[-3000:]
-    one = _train(path, tmp_path / "one_node", 4, "--steps", "3")
-    for a, b in zip(_metrics(out), one, strict=True):
+    for a, b in zip(_metrics(out), six_steps("2d"), strict=True):
         assert abs(a["loss"] - b["loss"]) <= 1e-6 * abs(b["loss"]) and a["sp"] == 2 and a["ulysses"] == 2, (a, b)
