@@ -156,3 +156,18 @@ def test_plan_of_the_ulysses_x_ring_layout_matches_a_real_step():
     assert (record["ulysses"], record["local_len"]) == (2, 512)
     with pytest.raises(ValueError, match="ulysses = 3"):
         plan.make_setup(case_config(case), 0, None, 6, 2048 * 3, backend="cpu", sp=2, ulysses=3)
+
+
+def test_plan_with_attention_head_chunks_matches_a_real_step_and_shrinks_attention():
+    """attention_head_chunks=4 on a ring of 2 (8 heads, attention-heavy shape: a thin MLP, checkpointing): the
+    plan's categories equal a real step's within 5%, and the planned peak is below all heads at once."""
+    case = ("h512-8k-w2-heads", 512, 64, 2, 8, 8, 256, 4096, 2, True, 256, 256)
+    config = case_config(case)
+    config.model.attention_head_chunks = 4
+    setup = plan.make_setup(config, 0, None, 2, 8192, backend="cpu")
+    assert setup.model_config.ringlwm_options["attention_head_chunks"] == 4
+    r = plan.validate(setup)
+    for name, diff in r["rel_diff"].items():
+        assert diff <= 0.05, (name, r["planned"], r["real"])
+    whole = plan.plan_step(plan.make_setup(case_config(case), 0, None, 2, 8192, backend="cpu"), documents=1)
+    assert r["planned"]["total"] < 0.9 * whole["memory"]["total"], (r["planned"], whole["memory"])

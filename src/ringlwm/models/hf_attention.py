@@ -41,6 +41,7 @@ DEFAULT_OPTIONS = {
     "activation_checkpointing": False,  # recompute each decoder layer in the backward
     "activation_offloading": False,  # with checkpointing: keep the layer inputs in host memory (models/offload.py)
     "attention_backend": None,  # block kernel for the ring ("triton", "cpu", ...; None: by device)
+    "attention_head_chunks": None,  # run a layer's attention for heads / N at a time (None: all heads at once)
 }
 
 
@@ -301,9 +302,32 @@ def _ring_attention_forward(module, query, key, value, attention_mask, scaling=N
                 raise ValueError("position_ids restart inside this rank's shard (packed documents) but no "
                                  "segment_ids were given; with sequence parallelism pass segment_ids (batch, "
                                  "local_len), sharded like the positions (ringlwm.hf.RingCollator makes both)")
-    out = ring_attention(query, key, value, causal=True, segment_ids=segment_ids, scale=scaling,
-                         group=sp_group, ulysses_group=ulysses_group, backend=backend, plan_cache=ring_plans)
+    outs = [ring_attention(q, k, v, causal=True, segment_ids=segment_ids, scale=scaling, group=sp_group,
+                           ulysses_group=ulysses_group, backend=backend, plan_cache=ring_plans)
+            for q, k, v in head_chunks(query, key, value, options.get("attention_head_chunks"))]
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
     return out.transpose(1, 2), None
+
+
+def head_chunks(query, key, value, chunks: int | None) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(q, k, v) per group of heads, for attention run one group at a time (``attention_head_chunks``): the
+    ring's fp32 accumulators, receive buffers and gradient blocks then exist for heads / chunks of the heads
+    at once; the projections stay whole. Each group's K/V heads are its query heads' (GQA); several groups
+    may share one K/V head (its gradient is the sum over them, exact). Heads are independent, so the result
+    is the one of all heads at once."""
+    heads, kv_heads = query.shape[1], key.shape[1]
+    if not chunks or chunks == 1:
+        return [(query, key, value)]
+    if heads % chunks or (kv_heads % chunks and chunks % kv_heads):
+        valid = [c for c in range(1, heads + 1) if heads % c == 0 and (kv_heads % c == 0 or c % kv_heads == 0)]
+        raise ValueError(f"attention_head_chunks = {chunks} does not split {heads} attention heads and {kv_heads} "
+                         f"key/value heads into equal groups; values that do: {valid}")
+    step, group = heads // chunks, heads // kv_heads
+    parts = []
+    for h in range(0, heads, step):
+        kv = slice(h // group, max((h + step) // group, h // group + 1))
+        parts.append((query[:, h:h + step], key[:, kv], value[:, kv]))
+    return parts
 
 
 def _restarts(positions: torch.Tensor, ring: int, u_rank: int, ulysses: int) -> bool:

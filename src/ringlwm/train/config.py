@@ -51,6 +51,9 @@ class ModelConfig:
     """Blockwise cross-entropy chunk (tokens)."""
     attention_backend: str | None = None
     """Block kernel of the ring ("triton", "cpu"); None: by device."""
+    attention_head_chunks: int | None = None
+    """Run each layer's attention for heads / N at a time (the ring's fp32 accumulators, receive buffers and
+    gradient blocks exist for one group of heads; the projections stay whole); exact. None: all heads."""
     vision: bool = False
     """Train LWM's vision-language model (RingLwmForCausalLM: text and vision embeddings and heads). From a
     text checkpoint the vision table and head start new."""
@@ -66,7 +69,7 @@ class ModelConfig:
         for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "loss_chunk_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
-        for name in ("mlp_chunk_size", "norm_chunk_size"):
+        for name in ("mlp_chunk_size", "norm_chunk_size", "attention_head_chunks"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be a positive number of tokens or null (whole sequence), got "
                                  f"{getattr(self, name)}")

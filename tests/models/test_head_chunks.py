@@ -1,0 +1,85 @@
+"""attention_head_chunks: a layer's attention run for a group of heads at a time gives the loss and every
+gradient of all heads at once, bitwise (heads are independent), on one process and on 2 ranks under FSDP2
+and the ring, with GQA (groups sharing a K/V head too) and packed documents; bad counts are refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from dist_utils import run_distributed
+from tiny_models import tiny_llama_config
+
+from ringlwm import shard_sequence
+from ringlwm.models import RingLlamaForCausalLM
+
+
+def _batch(seq=32, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 64, (2, seq), generator=g)
+    labels = torch.randint(0, 64, (2, seq), generator=g)
+    seg = (torch.arange(seq) >= 13).long().expand(2, seq).contiguous()  # two documents
+    pos = torch.cat([torch.arange(13), torch.arange(seq - 13)]).expand(2, seq).contiguous()
+    return ids, labels, seg, pos
+
+
+def _run(rank, world, chunks, kv_heads, checkpointing):
+    from ringlwm.parallel import ParallelDims, parallelize_llama
+
+    torch.manual_seed(0)
+    options = {"attention_head_chunks": chunks, "attention_backend": "cpu",
+               "activation_checkpointing": checkpointing}
+    model = RingLlamaForCausalLM(tiny_llama_config(num_hidden_layers=2, num_attention_heads=4,
+                                                   num_key_value_heads=kv_heads, ringlwm_options=options))
+    group = None
+    if world > 1:
+        _, fsdp_mesh = ParallelDims(1, 1, world, world).build_mesh("cpu")
+        parallelize_llama(model, fsdp_mesh, mixed_precision=False)
+        group = torch.distributed.group.WORLD
+    ids, labels, seg, pos = (shard_sequence(t, 1, group) if world > 1 else t for t in _batch())
+    out = model(ids, pos, shift_labels=labels, segment_ids=seg, sp_group=group)
+    out.loss.backward()
+    return out.loss.item(), [p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+                             for p in model.parameters()]
+
+
+@pytest.mark.parametrize("kv_heads,chunks", [(2, 2), (4, 4), (4, 2)])
+def test_head_chunks_are_bitwise_all_heads_at_once(kv_heads, chunks):
+    whole = _run(0, 1, None, kv_heads, False)
+    chunked = _run(0, 1, chunks, kv_heads, True)
+    assert chunked[0] == whole[0]
+    # checkpointing recomputes the same ops: bitwise too
+    for a, b in zip(chunked[1], whole[1]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_groups_sharing_a_kv_head_sum_its_gradient_exactly(kv_heads):
+    """4 groups over 1 or 2 K/V heads: groups attend a shared K/V head, whose gradient autograd sums over the
+    groups (the kernel sums over the heads in another order): the loss bitwise, gradients within fp32 rounding
+    (the fp64 run says how far fp32 is from exact: the chunked run is no farther)."""
+    whole, chunked = _run(0, 1, None, kv_heads, False), _run(0, 1, 4, kv_heads, False)
+    assert chunked[0] == whole[0]
+    torch.set_default_dtype(torch.float64)
+    try:
+        exact = _run(0, 1, None, kv_heads, False)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    for a, b, e in zip(chunked[1], whole[1], exact[1]):
+        scale = e.abs().max()
+        assert (a.double() - e).abs().max() <= 2 * (b.double() - e).abs().max() + 1e-7 * scale
+
+
+def _both(rank, world):
+    return _run(rank, world, None, 2, False), _run(rank, world, 2, 2, True)
+
+
+def test_head_chunks_under_fsdp2_and_the_ring_are_bitwise():
+    whole, chunked = run_distributed(_both, 2)[0]
+    assert chunked[0] == whole[0]
+    for a, b in zip(chunked[1], whole[1]):
+        assert torch.equal(a, b)
+
+
+def test_head_chunks_that_do_not_split_the_heads_are_refused():
+    with pytest.raises(ValueError, match=r"attention_head_chunks = 3 .* values that do: \[1, 2, 4\]"):
+        _run(0, 1, 3, 2, False)
