@@ -109,6 +109,16 @@ def test_offloading_moves_the_layer_inputs_to_host_memory():
     saved = recs[False]["memory_bytes"]["activations"] - recs[True]["memory_bytes"]["activations"]
     assert 3 * layer_input <= saved <= 4 * layer_input, saved / layer_input
 
+    # offload_prefetch false: the step's peak holds one reloaded layer input fewer (none loaded ahead)
+    setup = plan.make_setup(config, 1, preset, 2, 16384)
+    setup.config.model.activation_offloading = setup.config.model.offload_prefetch = False
+    setup.model_config.ringlwm_options.update(activation_offloading=True, offload_prefetch=False)
+    setup.config.model.activation_offloading = True
+    lazy = plan.summarize(setup, plan.plan_step(setup), budget)
+    assert lazy["options"]["offload_prefetch"] is False and lazy["host_bytes"] == 4 * layer_input
+    fewer = recs[True]["memory_bytes"]["total"] - lazy["memory_bytes"]["total"]
+    assert 0 < fewer <= layer_input, fewer / layer_input
+
 
 def _private_ringlwm_names(source: str) -> list[str]:
     """Private names (a leading underscore) of ringlwm modules that ``source`` imports or reaches through an

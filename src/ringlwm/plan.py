@@ -506,7 +506,7 @@ def summarize(setup: StepSetup, result: dict, budget: Budget) -> dict:
         "grad_accum": result["grad_accum"], "backend": setup.config.model.attention_backend,
         "options": {k: getattr(setup.config.model, k) for k in
                     ("activation_checkpointing", "activation_offloading", "mlp_chunk_size",
-                     "norm_chunk_size", "loss_chunk_size", "attention_head_chunks")},
+                     "norm_chunk_size", "loss_chunk_size", "attention_head_chunks", "offload_prefetch")},
         "num_params": result["num_params"], "memory_bytes": mem, "tracker_bytes": result["raw"],
         "gpu_bytes": gpu_need, "gpu_memory": budget.gpu_memory, "host_bytes": result["host_bytes"],
         "host_node_bytes": host_node, "host_memory": budget.host_memory, "gpus_per_node": node_gpus,

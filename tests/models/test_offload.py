@@ -43,11 +43,12 @@ def _loss_and_grads(model, ids, labels, **kwargs):
 def test_offloading_is_bitwise_plain_checkpointing(mlp_chunk):
     ids, labels = _batch()
     runs = {}
+    offloading = {"activation_checkpointing": True, "activation_offloading": True}
     for name, options in (("plain", {}), ("checkpointing", {"activation_checkpointing": True}),
-                          ("offloading", {"activation_checkpointing": True, "activation_offloading": True})):
+                          ("offloading", offloading), ("no prefetch", {**offloading, "offload_prefetch": False})):
         runs[name] = _loss_and_grads(_model(mlp_chunk_size=mlp_chunk, **options), ids, labels)
     ref_loss, ref_grads = runs["plain"]
-    for name in ("checkpointing", "offloading"):
+    for name in ("checkpointing", "offloading", "no prefetch"):
         loss, grads = runs[name]
         assert torch.equal(loss, ref_loss), name
         for key in ref_grads:
@@ -86,6 +87,13 @@ def test_the_device_keeps_no_layer_input_and_the_host_copies_are_counted():
         gc.collect()
         assert store.host_bytes == 0 and store.peak_host_bytes == 3 * ids.numel() * 32 * 8
         assert store.prefetched == 2  # the top layer loads its own input; each layer below was prefetched
+
+
+def test_without_prefetch_each_recompute_loads_its_own_input():
+    ids, labels = _batch()
+    model = _model(activation_checkpointing=True, activation_offloading=True, offload_prefetch=False)
+    model(ids, shift_labels=labels).loss.backward()
+    assert model.offload_store.prefetched == 0 and model.offload_store.host_bytes == 0
 
 
 def test_offloading_needs_checkpointing():

@@ -263,6 +263,7 @@ class RingLlamaForCausalLM(LlamaForCausalLM):
                 if store is None:
                     store = self.offload_store = OffloadStore()
                     self.model.register_forward_pre_hook(lambda *_: store.begin())
+                store.prefetch = bool(opts["offload_prefetch"])
             offload_layer_inputs(self, store)
         elif active:
             disable()

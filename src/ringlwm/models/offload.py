@@ -12,7 +12,9 @@ decoder layers' checkpoint function:
   layer runs checkpointed; only the host copy is kept;
 - backward: when the layer's recompute starts, its input is copied back to the device (waiting on the copy
   that was started earlier), and the copy of the layer below it (the next one the backward reaches) starts
-  on the side stream, so it overlaps this layer's recompute and backward.
+  on the side stream, so it overlaps this layer's recompute and backward. With ``offload_prefetch=False``
+  no copy starts ahead: each recompute loads its own input, so one layer input fewer is on the device (at
+  long context a layer's compute takes minutes against a copy of a second).
 
 The copies are exact (the same bits come back), so losses and gradients are bitwise those of plain
 activation checkpointing. On a CPU device the "host copy" is a copy in the same memory: the mechanism runs
@@ -65,7 +67,7 @@ class _Stash:
         self.prefetch()
         tensor = self.store.wait(self.loaded, self.load_done)
         self.loaded = self.load_done = None  # a second recompute (retain_graph) reloads again
-        below = self.prev() if self.prev is not None else None
+        below = self.prev() if self.prev is not None and self.store.prefetch else None
         if below is not None:
             below.prefetch()
         return tensor.detach().requires_grad_(self.requires_grad)
@@ -81,6 +83,7 @@ class OffloadStore:
     prefetch, and the bytes they hold (``host_bytes``, ``peak_host_bytes``)."""
 
     host_device: str | None = None  # None: "cpu"; the planner sets "meta" (host copies apart from device ones)
+    prefetch: bool = True  # False (option offload_prefetch): each recompute loads its own input, none ahead
 
     def __init__(self):
         self.host_bytes = 0

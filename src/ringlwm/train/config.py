@@ -42,6 +42,9 @@ class ModelConfig:
     activation_offloading: bool = False
     """With activation_checkpointing: the checkpointed layer inputs wait in host memory (pinned, copied on a
     side stream) between the forward and the backward; exact (ringlwm.models.offload)."""
+    offload_prefetch: bool = True
+    """With activation_offloading: load the next layer's input during this layer's backward (one more layer
+    input on the device); false: each recompute loads its own. Exact either way."""
     mlp_chunk_size: int | None = None
     """Blockwise feed-forward chunk (tokens); None: the whole local sequence at once."""
     norm_chunk_size: int | None = None
