@@ -249,7 +249,7 @@ def build(setup: StepSetup, device: torch.device, *, init: bool, tensors=None):
     dims = setup.dims()
     mesh, fsdp_mesh = dims.build_mesh("cpu")
     model = build_model(model_class(setup.config), setup.model_config, fsdp_mesh, device, mixed=setup.mixed,
-                        tensors=tensors)
+                        tensors=tensors, offload=setup.config.parallel.offload == "params")
     with tensors or contextlib.nullcontext():
         if init:
             with torch.no_grad():
@@ -308,6 +308,21 @@ def _device_snapshot(snapshot: dict) -> dict:
     """The tracker's snapshot of the (fake or real) compute device, "cpu"; host copies of offloaded
     activations are made on "meta" in a fake run (``OffloadStore.host_device``) and counted apart."""
     return next((v for k, v in (snapshot or {}).items() if torch.device(k).type == "cpu"), {})
+
+
+HOST_RESIDENT = ("Sharded Param", "Sharded Grad", "OptState")
+"""What ``parallel.offload: params`` keeps in host memory: the sharded parameters and gradients (FSDP2's
+CPUOffloadPolicy) and the AdamW state (it steps on the host)."""
+
+
+def host_resident(raw: dict) -> tuple[dict, int]:
+    """The tracker's bytes with the offloaded categories moved off the device: (device bytes, host bytes at the
+    peak). The fake run places every tensor on one device; the policy's placement is applied here."""
+    moved = {k: raw.get(k, 0) for k in HOST_RESIDENT}
+    device = {**raw, **{k: 0 for k in HOST_RESIDENT}}
+    device["Total"] = raw["Total"] - sum(moved.values())
+    device["Start"] = raw.get("Start", 0) - moved["Sharded Param"] - moved["OptState"]  # no gradients yet
+    return device, sum(moved.values())
 
 
 def categories(raw: dict) -> dict:
@@ -438,6 +453,9 @@ def plan_step(setup: StepSetup, documents: int = 2) -> dict:
                                    on_start=store.reset_peak if store else lambda: None, ulysses_group=ulysses_group)
             host = store.peak_host_bytes if store else 0
         del model, optimizer, micro
+    if setup.config.parallel.offload == "params":
+        raw, moved = host_resident(raw)
+        host += moved
     return {"raw": raw, "memory": categories(raw), "host_bytes": host, "num_params": num_params,
             "assumed": dict(host_reads.sites), "seconds": time.perf_counter() - t0, **step_flops(setup, num_params)}
 
@@ -507,6 +525,7 @@ def summarize(setup: StepSetup, result: dict, budget: Budget) -> dict:
         "options": {k: getattr(setup.config.model, k) for k in
                     ("activation_checkpointing", "activation_offloading", "mlp_chunk_size",
                      "norm_chunk_size", "loss_chunk_size", "attention_head_chunks", "offload_prefetch")},
+        "offload": setup.config.parallel.offload,
         "num_params": result["num_params"], "memory_bytes": mem, "tracker_bytes": result["raw"],
         "gpu_bytes": gpu_need, "gpu_memory": budget.gpu_memory, "host_bytes": result["host_bytes"],
         "host_node_bytes": host_node, "host_memory": budget.host_memory, "gpus_per_node": node_gpus,
@@ -583,8 +602,9 @@ def format_table(rec: dict) -> str:
     lines.append(f"    {'+ overhead':<14}{fmt_bytes(rec['gpu_bytes'] - mem['total']):>14}   (CUDA context, NCCL, "
                  "fragmentation)")
     verdict = "fits" if rec["fits"] else "DOES NOT FIT"
+    what = "activations" + (", parameters, gradients, optimizer state" if rec.get("offload") == "params" else "")
     lines.append(f"  GPU: {fmt_bytes(rec['gpu_bytes'])} of {fmt_bytes(rec['gpu_memory'])}; host (offloaded "
-                 f"activations): {fmt_bytes(rec['host_bytes'])} per GPU, {fmt_bytes(rec['host_node_bytes'])} per "
+                 f"{what}): {fmt_bytes(rec['host_bytes'])} per GPU, {fmt_bytes(rec['host_node_bytes'])} per "
                  f"node of {rec['gpus_per_node']} of {fmt_bytes(rec['host_memory'])}: {verdict}")
     lines.append(f"  time: {rec['flops_per_token'] / 1e9:.1f} GFLOP/token, {rec['step_flops_per_rank'] / 1e12:.1f} "
                  f"TFLOP per rank per step -> {rec['step_seconds']:.2f} s/step on {rec['gpu']} at MFU "

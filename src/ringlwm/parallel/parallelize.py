@@ -19,16 +19,20 @@ from __future__ import annotations
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
 
-def apply_fsdp(model, shard_mesh: DeviceMesh, mixed_precision: bool) -> None:
+def apply_fsdp(model, shard_mesh: DeviceMesh, mixed_precision: bool, offload: bool = False) -> None:
     """FSDP2 over the (dp_replicate, dp_shard x sp) mesh (the second mesh of ``ParallelDims.build_mesh``). bf16 compute with fp32
     gradient reduction on GPU; plain fp32 on CPU (gloo). Gradients are averaged over the whole FSDP mesh (the trainer scales its loss
-    to make that a sum over sequence shards and the exact token mean over the global batch)."""
+    to make that a sum over sequence shards and the exact token mean over the global batch). ``offload``: the sharded
+    parameters and gradients live in host memory (FSDP2's ``CPUOffloadPolicy``, pinned on a GPU machine); each unit's
+    parameters come to the device when gathered, and the optimizer steps on the host."""
     kwargs = {"mesh": shard_mesh}
     if mixed_precision:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
     for layer in model.model.layers:
         fully_shard(layer, **kwargs)
     # The input embeddings are their own unit: gathered for the forward's first op and for the backward's
@@ -41,11 +45,13 @@ def apply_fsdp(model, shard_mesh: DeviceMesh, mixed_precision: bool) -> None:
     fully_shard(model, **kwargs)
 
 
-def materialize(model, device: torch.device, full_state_dict: dict | None, *, broadcast: bool) -> None:
-    """Allocate the sharded parameters on ``device``; with ``broadcast``, fill them from ``full_state_dict``
-    (given on rank 0, None elsewhere), else leave them for a checkpoint load. Non-persistent buffers
-    (RoPE frequencies) are recomputed from the config."""
-    model.to_empty(device=device)
+def materialize(model, device: torch.device, full_state_dict: dict | None, *, broadcast: bool,
+                offload: bool = False) -> None:
+    """Allocate the sharded parameters on ``device`` (on the host with ``offload``, as ``apply_fsdp(...,
+    offload=True)`` wants them); with ``broadcast``, fill them from ``full_state_dict`` (given on rank 0, None
+    elsewhere), else leave them for a checkpoint load. Non-persistent buffers (RoPE frequencies) are
+    recomputed from the config, on ``device``."""
+    model.to_empty(device="cpu" if offload else device)  # offloaded shards live on the host
     if broadcast:
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         set_model_state_dict(model, full_state_dict or {}, options=options)
@@ -55,5 +61,5 @@ def materialize(model, device: torch.device, full_state_dict: dict | None, *, br
     model.model.rotary_emb = type(rotary)(config=model.config).to(device)
 
 
-def parallelize_llama(model, fsdp_mesh: DeviceMesh, *, mixed_precision: bool) -> None:
-    apply_fsdp(model, fsdp_mesh, mixed_precision)
+def parallelize_llama(model, fsdp_mesh: DeviceMesh, *, mixed_precision: bool, offload: bool = False) -> None:
+    apply_fsdp(model, fsdp_mesh, mixed_precision, offload)

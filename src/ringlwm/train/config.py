@@ -223,6 +223,14 @@ class ParallelConfig:
     dp_replicate: int = 1
     dp_shard: int = -1
     """-1: all ranks not used by dp_replicate x sp."""
+    offload: str = "none"
+    """"params": FSDP2's CPUOffloadPolicy: sharded parameters, gradients and AdamW state in (pinned) host
+    memory, each unit's parameters gathered to the device when it runs, the optimizer step on the host (torch's
+    fused CPU AdamW). "none": all on the device."""
+
+    def __post_init__(self):
+        if self.offload not in ("none", "params"):
+            raise ValueError(f"parallel.offload must be 'none' or 'params', got {self.offload!r}")
 
 
 @dataclass

@@ -101,26 +101,29 @@ def initial_state_dict(config: TrainConfig, model_config: LlamaConfig, init_conf
 
 
 def build_model(cls, model_config: LlamaConfig, fsdp_mesh, device: torch.device, *, mixed: bool,
-                state: dict | None = None, broadcast: bool = False, tensors=None) -> torch.nn.Module:
+                state: dict | None = None, broadcast: bool = False, tensors=None, offload: bool = False) -> torch.nn.Module:
     """``cls(model_config)`` built on the meta device, sharded with FSDP2 over ``fsdp_mesh`` (activation
     checkpointing and the other memory options are model options) and materialised on ``device``: filled from
     ``state`` (rank 0's, broadcast when ``broadcast``), else left to the caller (a checkpoint load).
-    ``tensors``: a mode to materialise in (the planner's FakeTensorMode; the mesh is made outside it)."""
+    ``tensors``: a mode to materialise in (the planner's FakeTensorMode; the mesh is made outside it).
+    ``offload``: parameters, gradients and optimizer state in host memory (``parallel.offload: params``)."""
     with torch.device("meta"):
         model = cls(model_config)
-    parallelize_llama(model, fsdp_mesh, mixed_precision=mixed)
+    parallelize_llama(model, fsdp_mesh, mixed_precision=mixed, offload=offload)
     with tensors or contextlib.nullcontext():
-        materialize(model, device, state, broadcast=broadcast)
+        materialize(model, device, state, broadcast=broadcast, offload=offload)
     return model
 
 
 def build_optimizer(config: TrainConfig, model, lr: float) -> torch.optim.Optimizer:
-    """AdamW over the (sharded) parameters: weight decay on matrices, none on vectors (norms)."""
+    """AdamW over the (sharded) parameters: weight decay on matrices, none on vectors (norms). With
+    ``parallel.offload: params`` the parameters are host tensors and the step is torch's fused CPU AdamW."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
+    fused = {"fused": True} if config.parallel.offload == "params" else {}
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr, betas=tuple(config.optim.betas), eps=config.optim.eps,
+        lr=lr, betas=tuple(config.optim.betas), eps=config.optim.eps, **fused,
     )
 
 
@@ -207,7 +210,7 @@ def build_stage(config: TrainConfig, index: int, world: int, device: torch.devic
     coords = dims.coordinates(mesh)
     state = initial_state_dict(config, model_config, init_config) if fresh else None
     model = build_model(model_class(config), model_config, fsdp_mesh, device, mixed=mixed, state=state,
-                        broadcast=fresh)
+                        broadcast=fresh, offload=config.parallel.offload == "params")
     del state
     optimizer = build_optimizer(config, model, stage.lr)
     loader = build_loader(data_cfg, stage, tokenizer=tokenizer, vocab_size=model_config.vocab_size,
