@@ -5,7 +5,6 @@ parameters, gradients and optimizer state to host memory and counts them there."
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from test_trainer import RECIPE, _train, _write
