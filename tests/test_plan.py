@@ -37,7 +37,7 @@ def _check(case):
     return r
 
 
-@pytest.mark.parametrize("case", SMALL, ids=[c[0] for c in SMALL])
+@pytest.mark.parametrize("case", [SMALL[0], pytest.param(SMALL[1], marks=pytest.mark.slow)], ids=[c[0] for c in SMALL])
 def test_plan_matches_real_step(case):
     _check(case)
 

@@ -51,7 +51,7 @@ def test_single_process_greedy_equals_hf(checkpoint_dir):
     assert _ours(0, 1, checkpoint_dir) == expected
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("world_size", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_sharded_kv_cache_greedy_equals_hf(checkpoint_dir, world_size):
     expected = _hf_continuations(checkpoint_dir)
     results = run_distributed(_ours, world_size, checkpoint_dir)

@@ -338,6 +338,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_older_one(tmp_path):
     assert (out / "metrics.jsonl").read_text() == before
 
 
+@pytest.mark.slow
 def test_checkpoints_off_trains_the_same_and_writes_none(tmp_path):
     """checkpoint.enabled: false (benchmarks, gpu-check) changes nothing but the files written."""
     recipe = json.loads(json.dumps(RECIPE))
@@ -356,6 +357,7 @@ def test_checkpoints_off_trains_the_same_and_writes_none(tmp_path):
         load_config(_write(tmp_path, two, "two.yaml"), ["checkpoint.enabled=false"])
 
 
+@pytest.mark.slow
 def test_breakdown_and_profile_change_nothing_and_account_for_the_step(tmp_path):
     """logging.breakdown: phases that add up to the step's wall time; logging.profile_steps: a per-category
     summary per rank, attention and communication among them (sp=2); the losses are bitwise those of a run
