@@ -49,3 +49,15 @@ def test_the_planner_counts_offloaded_state_in_host_memory():
     assert offloaded["memory_bytes"]["optimizer"] == 0
 
 
+
+
+def test_the_scale_recipes_load_as_shipped():
+    """Each recipe under recipes/scale/ is a valid TrainConfig as it is shipped (no path to fill in)."""
+    from ringlwm.train.config import load_config
+
+    paths = sorted((ROOT / "recipes" / "scale").glob("*.yaml"))
+    assert paths
+    for path in paths:
+        assert load_config(path).stages, path
+    scale = load_config(ROOT / "recipes" / "scale" / "llama3_8b_1gpu.yaml")
+    assert scale.parallel.offload == "params" and scale.stages[0].seq_len == 1536 * 1024
