@@ -19,14 +19,12 @@ both uses ``shift_labels``.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ringlwm.constants import IGNORE_INDEX, PAD_SEGMENT
 from ringlwm.data.loader import shard_batch
 from ringlwm.ring.agreement import FINGERPRINT_KEY, sequence_fingerprint
-from ringlwm.ring.layout import check_layout
+from ringlwm.ring.layout import check_layout, layout_unit
 
 
 class RingCollator:
@@ -40,7 +38,7 @@ class RingCollator:
     def __init__(self, sp, seq_len: int | None = None, pad_id: int = 0):
         self.sp_rank, self.sp_size = int(sp.sp_rank), int(sp.sp_size)
         self.ulysses_rank, self.ulysses_size = int(getattr(sp, "ulysses_rank", 0)), int(getattr(sp, "ulysses_size", 1))
-        self.unit = math.lcm(2 * self.sp_size if self.sp_size > 1 else 2, self.sp_size * self.ulysses_size)
+        self.unit = layout_unit(self.sp_size, self.ulysses_size)
         if seq_len is not None:
             check_layout(seq_len, self.sp_size, self.ulysses_size, "seq_len")
         self.seq_len, self.pad_id = seq_len, pad_id

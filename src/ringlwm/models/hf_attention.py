@@ -27,8 +27,8 @@ from ringlwm.ring import ring_attention, sp_world
 from ringlwm.ring.agreement import FINGERPRINT_KEY, any_rank, check_batch_agreement
 from ringlwm.ring.attention import autocast_dtype
 from ringlwm.ring.decode import sharded_decode_attention
-from ringlwm.ring.layout import ulysses_world
-from ringlwm.ring.ulysses import ring_world, sequence_group
+from ringlwm.ring.layout import ring_world, ulysses_world
+from ringlwm.ring.ulysses import sequence_group
 
 ATTN_IMPLEMENTATION = "ringlwm_ring"
 

@@ -41,6 +41,7 @@ from ringlwm.models.hf_attention import (  # noqa: F401 (re-exported: the names 
     SharedGroup,
     bind_group,
     bound_group,
+    bound_ulysses,
     check_padding_mask,
     check_ring_call,
     generation_refused,
@@ -304,11 +305,10 @@ class RingLlamaForCausalLM(LlamaForCausalLM):
         ``enable_ring`` bound, else the world and no Ulysses. Then the checks every ringlwm forward makes first:
         the sequence group agrees on the batch (``sequence_fingerprint``, popped from ``kwargs``) and the padding
         mask is a 2-D one of ones and zeros."""
-        holder = getattr(self, "ringlwm_group", None)
         if sp_group is None:
             sp_group = bound_group(self)
-        if ulysses_group is None and holder is not None:
-            ulysses_group = holder.ulysses
+        if ulysses_group is None:
+            ulysses_group = bound_ulysses(self)
         sequence = sequence_group(sp_group, ulysses_group)
         fingerprint = kwargs.pop(FINGERPRINT_KEY, None)
         if fingerprint is not None:

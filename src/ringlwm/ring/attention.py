@@ -44,7 +44,7 @@ from ringlwm.kernels import (
     resolve_backend,
 )
 from ringlwm.ring.agreement import agree_once, call_signature, check_call_agreement
-from ringlwm.ring.comm import RingComm, moves_host_memory
+from ringlwm.ring.comm import RingComm, all_gather_by_rank
 from ringlwm.ring.layout import sp_world, ulysses_world
 from ringlwm.ring.ulysses import check_ulysses_heads, gather_pieces, heads_to_sequence, sequence_to_heads
 
@@ -75,13 +75,8 @@ def _step_slices(step: int, rank: int, world_size: int, causal: bool, local_len:
 
 
 def _gather_segment_ids(segment_ids: torch.Tensor, group, world_size: int) -> list[torch.Tensor]:
-    """Every rank's (batch, local_len) segment ids, by rank."""
-    local = segment_ids.contiguous()
-    if moves_host_memory(group):
-        local = local.cpu()  # gloo: GPU ids (ranks sharing a GPU) travel through host memory
-    parts = [torch.empty_like(local) for _ in range(world_size)]
-    dist.all_gather(parts, local, group=group)
-    return [p.to(segment_ids.device) for p in parts]
+    """Every rank's (batch, local_len) segment ids, by rank (gloo: GPU ids travel through host memory)."""
+    return all_gather_by_rank(segment_ids, group, world_size)
 
 
 def _shared_segments(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[bool]:

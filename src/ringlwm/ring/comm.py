@@ -22,6 +22,17 @@ def moves_host_memory(group: dist.ProcessGroup | None) -> bool:
     return any(name in backend for name in ("gloo", "mpi", "ucc", "cpu:"))
 
 
+def all_gather_by_rank(x: torch.Tensor, group, world_size: int) -> list[torch.Tensor]:
+    """Every rank's ``x`` (same shape everywhere), by rank, on ``x``'s device (not differentiable). On a group
+    that moves host memory (gloo) GPU tensors travel through host copies."""
+    local = x.contiguous()
+    if moves_host_memory(group):
+        local = local.cpu()
+    parts = [torch.empty_like(local) for _ in range(world_size)]
+    dist.all_gather(parts, local, group=group)
+    return [p.to(x.device) for p in parts]
+
+
 class RingComm:
     """Double-buffered send-to-next / receive-from-previous exchanges within ``group``."""
 

@@ -57,13 +57,19 @@ def zigzag_positions(seq_len: int, rank: int, world_size: int, device=None, *, u
     return positions.chunk(ulysses)[ulysses_rank] if ulysses > 1 else positions
 
 
+def layout_unit(sp: int, ulysses: int = 1) -> int:
+    """The smallest sequence length step of the 2-D layout: 2 * sp zigzag chunks (2 on one rank), each ring
+    shard in ``ulysses`` equal pieces (Ulysses alone: ``ulysses`` pieces, no zigzag)."""
+    return math.lcm(2 * sp if sp > 1 or ulysses == 1 else 1, sp * ulysses)
+
+
 def check_layout(seq_len: int, sp: int, ulysses: int = 1, what: str = "sequence length") -> None:
     """``check_divisible`` for the 2-D layout: the zigzag over ``sp`` ring ranks, each ring shard cut into
     ``ulysses`` equal pieces. Names the lengths that work when ``seq_len`` is not one of them."""
     if sp > 1 or ulysses == 1:
         check_divisible(seq_len, sp, what)
     if ulysses > 1:
-        unit = (2 * sp if sp > 1 else 1) * ulysses // math.gcd(2 if sp > 1 else 1, ulysses)
+        unit = layout_unit(sp, ulysses)
         if seq_len % unit:
             lower, upper = seq_len - seq_len % unit, seq_len + unit - seq_len % unit
             hint = f"{upper}" if lower == 0 else f"{lower} or {upper}"
@@ -71,12 +77,12 @@ def check_layout(seq_len: int, sp: int, ulysses: int = 1, what: str = "sequence 
                              f"(each ring shard in {ulysses} equal pieces); use a multiple of {unit} (e.g. {hint})")
 
 
-def _ring_and_ulysses(group, ulysses_group) -> tuple[int, int, int, int]:
-    """(ring rank, ring size, Ulysses rank, Ulysses size). ``group`` None with a Ulysses group of several
-    ranks: no ring (Ulysses alone); without one: the world, as always."""
-    u_rank, ulysses = ulysses_world(ulysses_group)
-    rank, world_size = (0, 1) if group is None and ulysses > 1 else sp_world(group)
-    return rank, world_size, u_rank, ulysses
+def ring_world(group, ulysses_group) -> tuple[int, int]:
+    """(rank, size) in the ring of a 2-D layout. ``group`` None: the world without Ulysses (the ring's default),
+    no ring at all (Ulysses alone) with a Ulysses group of several ranks."""
+    if group is None and ulysses_world(ulysses_group)[1] > 1:
+        return 0, 1
+    return sp_world(group)
 
 
 def shard_sequence(x: torch.Tensor, dim: int, group: dist.ProcessGroup | None = None,
@@ -88,7 +94,7 @@ def shard_sequence(x: torch.Tensor, dim: int, group: dist.ProcessGroup | None = 
     x: any shape with the full sequence (seq_len) along ``dim``; returns the same shape with local_len =
     seq_len / (sp * ulysses) along ``dim``.
     """
-    rank, world_size, u_rank, ulysses = _ring_and_ulysses(group, ulysses_group)
+    (rank, world_size), (u_rank, ulysses) = ring_world(group, ulysses_group), ulysses_world(ulysses_group)
     dim = dim % x.dim()
     check_layout(x.shape[dim], world_size, ulysses)
     if world_size > 1:
@@ -102,7 +108,7 @@ def shard_sequence(x: torch.Tensor, dim: int, group: dist.ProcessGroup | None = 
 def unshard_sequence(x_local: torch.Tensor, dim: int, group: dist.ProcessGroup | None = None,
                      ulysses_group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Gather every rank's part back into the full tensor, in sequence order (not differentiable)."""
-    _, world_size, _, ulysses = _ring_and_ulysses(group, ulysses_group)
+    (_, world_size), (_, ulysses) = ring_world(group, ulysses_group), ulysses_world(ulysses_group)
     dim = dim % x_local.dim()
     if ulysses > 1:
         parts = [torch.empty_like(x_local) for _ in range(ulysses)]

@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ringlwm.ring.comm import moves_host_memory
-from ringlwm.ring.layout import sp_world, ulysses_world
+from ringlwm.ring.comm import all_gather_by_rank, moves_host_memory
+from ringlwm.ring.layout import ring_world, sp_world, ulysses_world
 
 
 def check_ulysses_heads(heads: int, kv_heads: int, ulysses: int) -> int:
@@ -101,14 +101,7 @@ def gather_pieces(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     """Every Ulysses rank's piece of ``x`` along ``dim``, concatenated in rank order (not differentiable): the
     ring rank's whole zigzag shard (segment ids, positions)."""
     _, world = sp_world(group)
-    if world == 1:
-        return x
-    local = x.contiguous()
-    if moves_host_memory(group):
-        local = local.cpu()
-    parts = [torch.empty_like(local) for _ in range(world)]
-    dist.all_gather(parts, local, group=group)
-    return torch.cat([p.to(x.device) for p in parts], dim=dim)
+    return x if world == 1 else torch.cat(all_gather_by_rank(x, group, world), dim=dim)
 
 
 _SEQUENCE_GROUPS: dict[tuple, tuple] = {}
@@ -145,10 +138,3 @@ def register_sequence_group(ring_group, ulysses_group, group) -> None:
     for them, instead of a group it would make itself."""
     _SEQUENCE_GROUPS[(id(ring_group), id(ulysses_group))] = (ring_group, ulysses_group, group)
 
-
-def ring_world(group, ulysses_group) -> tuple[int, int]:
-    """(rank, size) in the ring of a 2-D layout. ``group`` None: the world without Ulysses (the ring's default),
-    no ring at all (Ulysses alone) with a Ulysses group of several ranks."""
-    if group is None and ulysses_world(ulysses_group)[1] > 1:
-        return 0, 1
-    return sp_world(group)
