@@ -61,7 +61,8 @@ import torch.utils._python_dispatch
 from transformers import LlamaConfig
 
 from ringlwm.constants import VISION_VOCAB_SIZE
-from ringlwm.ring import check_layout, check_ulysses_heads, ring_settings
+from ringlwm.models import check_attention_heads
+from ringlwm.ring import check_layout, ring_settings
 
 GiB = 2**30
 
@@ -491,7 +492,8 @@ def make_setup(config, index: int, preset: str | None, world: int | None, seq_le
         if stage.batch_tokens % (stage.seq_len * stage.batch_size * dp):
             stage.batch_tokens = None  # planning another world or length: one micro-batch per step
     model_config = stage_model_config_planned(config, index, preset, stage.seq_len)
-    check_ulysses_heads(model_config.num_attention_heads, model_config.num_key_value_heads, stage.ulysses)
+    check_attention_heads(model_config.num_attention_heads, model_config.num_key_value_heads,
+                          config.model.attention_head_chunks, stage.ulysses)
     return StepSetup(config=config, index=index, model_config=model_config, world=world, mixed=mixed)
 
 

@@ -83,3 +83,26 @@ def test_head_chunks_under_fsdp2_and_the_ring_are_bitwise():
 def test_head_chunks_that_do_not_split_the_heads_are_refused():
     with pytest.raises(ValueError, match=r"attention_head_chunks = 3 .* values that do: \[1, 2, 4\]"):
         _run(0, 1, 3, 2, False)
+
+
+def test_head_chunks_and_ulysses_are_checked_together():
+    """The chunks split the heads first, then Ulysses scatters each group's heads: Llama-3.1-8B's 32/8 heads
+    in 8 groups leave 4/1 per group, which 8 Ulysses ranks cannot scatter. Refused before any step (the trainer
+    and the planner call this at stage build), naming the chunk counts that fit."""
+    from ringlwm.models import check_attention_heads
+
+    check_attention_heads(32, 8, 4, 8)  # 8 heads and 2 K/V heads per group: 1 head per rank, K/V repeated
+    check_attention_heads(32, 8, 8, 4)
+    with pytest.raises(ValueError, match=r"attention_head_chunks = 8 leaves 4 attention heads and 1 key/value "
+                                         r"heads per group.*that fit ulysses = 8: \[1, 2, 4\]"):
+        check_attention_heads(32, 8, 8, 8)
+    with pytest.raises(ValueError, match=r"ulysses = 3 does not fit 32 attention heads"):
+        check_attention_heads(32, 8, None, 3)
+
+
+def test_the_planner_refuses_head_chunks_ulysses_cannot_scatter():
+    from ringlwm.plan import load_recipe, make_setup
+
+    config, preset = load_recipe("recipes/scale/llama3_8b_1gpu.yaml", ["stages.0.ulysses=8"])
+    with pytest.raises(ValueError, match="attention_head_chunks = 8 leaves 4 attention heads"):
+        make_setup(config, 0, preset, 8, None)

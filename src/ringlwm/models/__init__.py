@@ -7,6 +7,7 @@
 """
 
 from ringlwm.models.families import SUPPORTED_FAMILIES, disable_ring, enable_ring
+from ringlwm.models.hf_attention import check_attention_heads
 from ringlwm.models.llama import (
     ATTN_IMPLEMENTATION,
     ChunkedLlamaMLP,
@@ -27,6 +28,7 @@ __all__ = [
     "RingLlamaForCausalLM",
     "RingLwmForCausalLM",
     "SUPPORTED_FAMILIES",
+    "check_attention_heads",
     "disable_ring",
     "enable_ring",
     "linear_cross_entropy",

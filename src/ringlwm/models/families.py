@@ -29,6 +29,7 @@ from ringlwm.models.hf_attention import (
     ATTN_IMPLEMENTATION,
     DEFAULT_OPTIONS,
     SharedGroup,
+    check_attention_heads,
     check_ring_call,
     local_group,
 )
@@ -36,7 +37,6 @@ from ringlwm.models.llama import RingLlamaForCausalLM
 from ringlwm.models.loss import IGNORE_INDEX, reduce_head_losses
 from ringlwm.registry import FAMILIES
 from ringlwm.ring.layout import sp_world, ulysses_world
-from ringlwm.ring.ulysses import check_ulysses_heads
 
 # model_type -> what is checked for it (logits and gradients against eager on 1, 2 and 4 gloo ranks)
 SUPPORTED_FAMILIES = {model_type: family.checked for model_type, family in FAMILIES.items()}
@@ -51,7 +51,7 @@ def enable_ring(model: nn.Module, *, sp_group: dist.ProcessGroup | None = None,
                 ulysses_group: dist.ProcessGroup | None = None, **options) -> nn.Module:
     """Switch ``model`` (a transformers decoder of a supported family, or a ringlwm model) to ring attention
     over ``sp_group``, in place, and return it. ``ulysses_group``: the 2-D layout (``ringlwm.ring.ulysses``),
-    Ulysses' all-to-all over these ranks inside the ring (its heads must fit: ``check_ulysses_heads``). options: ``ringlwm_options`` (``attention_backend`` for any
+    Ulysses' all-to-all over these ranks inside the ring (its heads, in groups of ``attention_head_chunks``, must fit: ``check_attention_heads``). options: ``ringlwm_options`` (``attention_backend`` for any
     family; ring models also take ``mlp_chunk_size``, ``norm_chunk_size``, ``loss_chunk_size``,
     ``activation_checkpointing``, ``activation_offloading``).
 
@@ -85,9 +85,10 @@ def enable_ring(model: nn.Module, *, sp_group: dist.ProcessGroup | None = None,
     if not modules:
         raise ValueError(f"found no self-attention modules in {type(model).__name__}")
     if ulysses_group is not None:
-        check_ulysses_heads(config.num_attention_heads,
-                            getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-                            ulysses_world(ulysses_group)[1])
+        check_attention_heads(config.num_attention_heads,
+                              getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+                              options.get("attention_head_chunks", (getattr(config, "ringlwm_options", None) or {}).get(
+                                  "attention_head_chunks")), ulysses_world(ulysses_group)[1])
     holder = SharedGroup(sp_group, ulysses_group)
     base = transformers_model(model)
     if isinstance(base, RingLlamaForCausalLM):

@@ -28,7 +28,7 @@ from ringlwm.ring.agreement import FINGERPRINT_KEY, any_rank, check_batch_agreem
 from ringlwm.ring.attention import autocast_dtype
 from ringlwm.ring.decode import sharded_decode_attention
 from ringlwm.ring.layout import ring_world, ulysses_world
-from ringlwm.ring.ulysses import sequence_group
+from ringlwm.ring.ulysses import check_ulysses_heads, sequence_group
 
 ATTN_IMPLEMENTATION = "ringlwm_ring"
 
@@ -319,16 +319,50 @@ def head_chunks(query, key, value, chunks: int | None) -> list[tuple[torch.Tenso
     heads, kv_heads = query.shape[1], key.shape[1]
     if not chunks or chunks == 1:
         return [(query, key, value)]
-    if heads % chunks or (kv_heads % chunks and chunks % kv_heads):
-        valid = [c for c in range(1, heads + 1) if heads % c == 0 and (kv_heads % c == 0 or c % kv_heads == 0)]
-        raise ValueError(f"attention_head_chunks = {chunks} does not split {heads} attention heads and {kv_heads} "
-                         f"key/value heads into equal groups; values that do: {valid}")
+    chunk_heads(heads, kv_heads, chunks)
     step, group = heads // chunks, heads // kv_heads
     parts = []
     for h in range(0, heads, step):
         kv = slice(h // group, max((h + step) // group, h // group + 1))
         parts.append((query[:, h:h + step], key[:, kv], value[:, kv]))
     return parts
+
+
+def chunk_heads(heads: int, kv_heads: int, chunks: int | None) -> tuple[int, int]:
+    """(attention heads, key/value heads) of one group of ``attention_head_chunks``; raises ValueError naming
+    the values that split these heads into equal groups."""
+    if not chunks or chunks == 1:
+        return heads, kv_heads
+    if heads % chunks or (kv_heads % chunks and chunks % kv_heads):
+        valid = [c for c in range(1, heads + 1) if heads % c == 0 and (kv_heads % c == 0 or c % kv_heads == 0)]
+        raise ValueError(f"attention_head_chunks = {chunks} does not split {heads} attention heads and {kv_heads} "
+                         f"key/value heads into equal groups; values that do: {valid}")
+    return heads // chunks, max(kv_heads // chunks, 1)
+
+
+def check_attention_heads(heads: int, kv_heads: int, chunks: int | None, ulysses: int) -> None:
+    """Whether ``attention_head_chunks`` and the Ulysses degree fit these heads together: the chunks split
+    the heads first, then each group's heads are scattered over the Ulysses ranks. Raises ValueError naming
+    what works."""
+    group_heads, group_kv = chunk_heads(heads, kv_heads, chunks)
+    try:
+        check_ulysses_heads(group_heads, group_kv, ulysses)
+    except ValueError as exc:
+        if group_heads == heads:
+            raise
+        fits = [c for c in range(1, heads + 1) if heads % c == 0 and (kv_heads % c == 0 or c % kv_heads == 0)
+                and _ulysses_fits(*chunk_heads(heads, kv_heads, c), ulysses)]
+        raise ValueError(f"attention_head_chunks = {chunks} leaves {group_heads} attention heads and {group_kv} "
+                         f"key/value heads per group, which ulysses = {ulysses} cannot scatter ({exc}); "
+                         f"attention_head_chunks that fit ulysses = {ulysses}: {fits}") from None
+
+
+def _ulysses_fits(heads: int, kv_heads: int, ulysses: int) -> bool:
+    try:
+        check_ulysses_heads(heads, kv_heads, ulysses)
+    except ValueError:
+        return False
+    return True
 
 
 def _restarts(positions: torch.Tensor, ring: int, u_rank: int, ulysses: int) -> bool:

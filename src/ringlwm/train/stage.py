@@ -18,11 +18,10 @@ import torch
 import torch.distributed as dist
 from transformers import LlamaConfig
 
-from ringlwm.models import set_context_length
+from ringlwm.models import check_attention_heads, set_context_length
 from ringlwm.models.lwm import lwm_config_from_text
 from ringlwm.parallel import ParallelDims, materialize, parallelize_llama
 from ringlwm.registry import training_class
-from ringlwm.ring import check_ulysses_heads
 from ringlwm.runtime import load_model, read_model_config
 from ringlwm.train.checkpoint import Checkpointer, set_rng_state
 from ringlwm.train.config import StageConfig, TrainConfig
@@ -203,7 +202,8 @@ def build_stage(config: TrainConfig, index: int, world: int, device: torch.devic
     init_config = init_checkpoint_config(config)
     model_config = stage_model_config(config, index, config.model.vocab_size or vocab, init_config)
     try:
-        check_ulysses_heads(model_config.num_attention_heads, model_config.num_key_value_heads, stage.ulysses)
+        check_attention_heads(model_config.num_attention_heads, model_config.num_key_value_heads,
+                              config.model.attention_head_chunks, stage.ulysses)
     except ValueError as exc:
         raise ValueError(f"stage {stage.name!r}: {exc}") from None
     mesh, fsdp_mesh = dims.build_mesh(device.type)
