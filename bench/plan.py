@@ -9,6 +9,9 @@
    total.
 2. Checks (bench/results/plan_checks.csv): fixed lengths against 80 GB per GPU, with the headroom: LWM-Text
    7B's 1M stage on 8 GPUs, Llama-3.1-8B at 4M on 8 and 16M on 32.
+0. Goals (bench/results/plan_goals.csv): the shipped recipes under recipes/scale/ planned as they are, with
+   the host-side costs (copies at 25 GB/s, the host AdamW step), and the host AdamW step timed on this CPU
+   (bench/results/host_adamw.csv: fused against foreach, seconds per parameter).
 3. Planning table (bench/results/plan_8b.csv): bf16 Llama-3.1-8B (GQA 32/8, vocabulary 128,256), 80 GB per
    GPU, 2 TiB host memory per node of 8: the longest sequence that fits on 1, 8 and 32 GPUs with each set
    of memory options, and the memory by category at that length.
@@ -66,6 +69,14 @@ CHECKS_2D = [
      ALL_LABEL, 8),
     ("Llama-3.1-8B, 16M on 32 GPUs, Ulysses 8 x ring 4", "llama-3.1-8b", TABLE_STAGE, 32, 16 * 2**20, ALL_LABEL, 8),
 ]
+# Issue 26's goals, each a shipped recipe planned as it is: (label, recipe, GPUs, memory per GPU).
+GOALS = [
+    ("Llama-3.1-8B, 1.5M tokens on one H200", "recipes/scale/llama3_8b_1gpu.yaml", 1, "141GB"),
+    ("Llama-3.1-8B, 6M tokens on 8 x 80 GB", "recipes/scale/llama3_8b_8gpu.yaml", 8, "80GB"),
+    ("Llama-3.1-8B, 24M tokens on 32 x 80 GB", "recipes/scale/llama3_8b_32gpu.yaml", 32, "80GB"),
+]
+GOALS_CSV = RESULTS / "plan_goals.csv"
+HOST_ADAMW_CSV = RESULTS / "host_adamw.csv"
 CHECKS_2D_CSV = RESULTS / "plan_2d.csv"
 CHECKS_CSV = RESULTS / "plan_checks.csv"
 VALIDATION_CSV = RESULTS / "plan_validation.csv"
@@ -169,6 +180,64 @@ def check_row(label: str, model: str, stage: str, gpus: int, seq_len: int, optio
     return row
 
 
+def _host_columns(rec: dict) -> dict:
+    cost = rec["host_costs"]
+    return {"host_to_gpu_gib": round(cost["to_device_bytes"] / 2**30, 1),
+            "gpu_to_host_gib": round(cost["to_host_bytes"] / 2**30, 1),
+            "pcie_gb_per_s": cost["pcie_bytes_per_s"] / 1e9, "copy_seconds": round(cost["copy_seconds"], 1),
+            "copy_seconds_not_overlapped": round(cost["exposed_copy_seconds"], 1),
+            "host_adamw_seconds": round(cost["host_adamw_seconds"], 1),
+            "step_seconds_bound": round(cost["step_seconds_bound"], 1)}
+
+
+def goal_row(label: str, recipe: str, gpus: int, gpu_memory: str) -> dict:
+    """One of issue 26's goals: the shipped recipe planned as it is (its own stage, length and layout)."""
+    from ringlwm.plan import Budget, load_recipe, make_setup, parse_bytes, plan_step, summarize
+
+    config, preset = load_recipe(Path(__file__).resolve().parents[1] / recipe)
+    budget = Budget(gpu_memory=parse_bytes(gpu_memory), host_memory=parse_bytes(HOST_MEMORY))
+    t0 = time.perf_counter()
+    setup = make_setup(config, 0, preset, gpus, None)
+    rec = summarize(setup, plan_step(setup), budget)
+    stage = setup.stage
+    return {"goal": label, "recipe": recipe, "gpus": gpus, "sp": stage.sp, "ulysses": stage.ulysses,
+            "seq_len": stage.seq_len, "tokens_per_gpu": stage.seq_len // gpus, **_memory_columns(rec),
+            "headroom_gib": round((rec["gpu_memory"] - rec["gpu_bytes"]) / 2**30, 2), **_host_columns(rec),
+            "plan_seconds": round(time.perf_counter() - t0, 1)}
+
+
+def host_adamw(sizes=(2**22, 2**25), repeats: int = 5) -> list[dict]:
+    """The optimizer step of ``parallel.offload: params`` on this CPU: torch's fused CPU AdamW against its
+    foreach implementation (the reference, same run), fp32, 8 tensors per step, seconds per parameter at
+    each thread count this machine has."""
+    import torch
+
+    rows = []
+    threads = torch.get_num_threads()
+    for n in sizes:
+        params = [torch.zeros(n // 8, requires_grad=True) for _ in range(8)]
+        for p in params:
+            p.grad = torch.randn_like(p)
+        for t in sorted({1, threads}):
+            torch.set_num_threads(t)
+            per = {}
+            for name, kw in (("fused", {"fused": True}), ("foreach", {"foreach": True})):
+                opt = torch.optim.AdamW(params, lr=1e-5, **kw)
+                opt.step()
+                best = float("inf")
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    opt.step()
+                    best = min(best, time.perf_counter() - t0)
+                per[name] = best / n
+            rows.append({"parameters": n, "threads": t, "fused_ns_per_param": round(per["fused"] * 1e9, 3),
+                         "foreach_ns_per_param": round(per["foreach"] * 1e9, 3),
+                         "fused_speedup": round(per["foreach"] / per["fused"], 2),
+                         "llama_8b_seconds": round(per["fused"] * 8.03e9, 1)})
+        torch.set_num_threads(threads)
+    return rows
+
+
 def write_csv(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fields = list(dict.fromkeys(k for row in rows for k in row))
@@ -178,7 +247,17 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def main(quick: bool = False, validation: bool = True, table: bool = True) -> None:
+def main(quick: bool = False, validation: bool = True, table: bool = True, goals: bool = True) -> None:
+    if goals:
+        rows = host_adamw()
+        for row in rows:
+            print(json.dumps(row), flush=True)
+        write_csv(HOST_ADAMW_CSV, rows)
+        rows = []
+        for goal in GOALS:
+            rows.append(goal_row(*goal))
+            print(json.dumps(rows[-1]), flush=True)
+            write_csv(GOALS_CSV, rows)
     if validation:
         rows = []
         for case in QUICK if quick else CASES:
@@ -208,5 +287,7 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--validate-only", action="store_true")
     parser.add_argument("--table-only", action="store_true")
+    parser.add_argument("--goals-only", action="store_true", help="issue 26's goal recipes and the host AdamW")
     args = parser.parse_args()
-    main(quick=args.quick, validation=not args.table_only, table=not args.validate_only)
+    main(quick=args.quick, validation=not (args.table_only or args.goals_only),
+         table=not (args.validate_only or args.goals_only), goals=not (args.validate_only or args.table_only))

@@ -24,7 +24,10 @@ the fake run makes those copies on "meta" and the offload store counts them (pea
 
 Time: model FLOPs per token as the trainer counts them (``ringlwm.train.metrics.flops_per_token``: 6 x
 parameters + 6 x layers x hidden x seq_len), times this rank's tokens per optimizer step, divided by
-``--mfu`` x the device's dense bf16 peak (``--gpu``).
+``--mfu`` x the device's dense bf16 peak (``--gpu``). Host-side costs beside it (``host_costs``): the
+host<->device copies of offloaded layer inputs and parameters at ``--pcie`` bytes/s, which of them the
+compute cannot hide, and the optimizer step on the host at ``--host-adamw`` seconds per parameter (measured
+on this machine); ``step_seconds_bound`` adds what is not hidden.
 
 What the fake run assumes, where a real step would read values:
 - the ring's cross-rank input agreement (an all_gather of signatures) is skipped, and every ring step is
@@ -84,6 +87,13 @@ GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12
 
 DEFAULT_OVERHEAD = 3 * GiB
 DEFAULT_MFU = 0.4
+DEFAULT_PCIE = 25e9
+"""Host<->device bytes/s per GPU in each direction: what a PCIe Gen4 x16 link moves in practice (Gen5, on
+H100/H200 SXM boards, about twice it). A stated assumption, not a measurement."""
+HOST_ADAMW_SECONDS_PER_PARAM = 1.2e-9
+"""torch's fused CPU AdamW on fp32 parameters, one core of this machine (an Intel Xeon VM): 1.15 ns per
+parameter (`make bench PART=plan` re-measures it: bench/results/host_adamw.csv). Memory-bound (28 bytes
+per parameter), so a node's cores shared by its GPUs' processes step about as fast each."""
 
 # Report categories from FSDPMemTracker's.
 CATEGORIES = {
@@ -316,14 +326,15 @@ HOST_RESIDENT = ("Sharded Param", "Sharded Grad", "OptState")
 CPUOffloadPolicy) and the AdamW state (it steps on the host)."""
 
 
-def host_resident(raw: dict) -> tuple[dict, int]:
-    """The tracker's bytes with the offloaded categories moved off the device: (device bytes, host bytes at the
-    peak). The fake run places every tensor on one device; the policy's placement is applied here."""
+def host_resident(raw: dict) -> tuple[dict, dict]:
+    """The tracker's bytes with the offloaded categories moved off the device: (device bytes, the moved bytes
+    by category at the peak). The fake run places every tensor on one device; the policy's placement is
+    applied here."""
     moved = {k: raw.get(k, 0) for k in HOST_RESIDENT}
     device = {**raw, **{k: 0 for k in HOST_RESIDENT}}
     device["Total"] = raw["Total"] - sum(moved.values())
     device["Start"] = raw.get("Start", 0) - moved["Sharded Param"] - moved["OptState"]  # no gradients yet
-    return device, sum(moved.values())
+    return device, moved
 
 
 def categories(raw: dict) -> dict:
@@ -452,12 +463,13 @@ def plan_step(setup: StepSetup, documents: int = 2) -> dict:
                 store = getattr(model, "offload_store", None)
                 raw = tracked_step(setup, model, optimizer, micro, sp_group,
                                    on_start=store.reset_peak if store else lambda: None, ulysses_group=ulysses_group)
-            host = store.peak_host_bytes if store else 0
+            activations = store.peak_host_bytes if store else 0
         del model, optimizer, micro
+    moved = {}
     if setup.config.parallel.offload == "params":
         raw, moved = host_resident(raw)
-        host += moved
-    return {"raw": raw, "memory": categories(raw), "host_bytes": host, "num_params": num_params,
+    return {"raw": raw, "memory": categories(raw), "host_bytes": activations + sum(moved.values()),
+            "host_activation_bytes": activations, "host_resident_bytes": moved, "num_params": num_params,
             "assumed": dict(host_reads.sites), "seconds": time.perf_counter() - t0, **step_flops(setup, num_params)}
 
 
@@ -505,10 +517,37 @@ class Budget:
     overhead: int = DEFAULT_OVERHEAD
     gpu: str = "H100"
     mfu: float = DEFAULT_MFU
+    pcie: float = DEFAULT_PCIE  # host<->device bytes/s per GPU, each direction
+    host_adamw: float = HOST_ADAMW_SECONDS_PER_PARAM
 
     @property
     def peak_flops(self) -> float:
         return GPU_PEAK_FLOPS[self.gpu]
+
+
+def host_costs(setup: StepSetup, result: dict, budget: Budget, compute_seconds: float) -> dict:
+    """Bounds on what the FLOP count leaves out of a step, per GPU: the host<->device copies and the AdamW
+    step on the host. Per micro-batch, an offloaded layer input goes to the host in the forward and comes
+    back in the backward; with ``parallel.offload: params`` each FSDP unit's fp32 parameter shard comes to
+    the device before each of its two all-gathers (forward, backward) and its gradient shard goes back after
+    the reduce-scatter (torch FSDP2's CPUOffloadPolicy). The copies run on side streams beside the compute
+    (the offload store's, FSDP2's all-gather and reduce-scatter streams) except the reload of layer inputs
+    without ``offload_prefetch``, which the backward waits for; copies longer than the compute show too. The
+    optimizer step follows the backward: with the state on the host it is torch's fused CPU AdamW."""
+    micro = result["grad_accum"]
+    activations = result["host_activation_bytes"]
+    resident = result["host_resident_bytes"]
+    params = resident.get("Sharded Param", 0)  # fp32 shards; every gradient shard (as large) goes back by the
+    to_device = micro * (activations + 2 * params)  # step's end, though only some exist at the peak
+    to_host = micro * (activations + params)
+    copy_seconds = max(to_device, to_host) / budget.pcie  # full duplex: each direction at its own rate
+    waited = 0.0 if setup.config.model.offload_prefetch else micro * activations / budget.pcie
+    exposed = waited + max(0.0, copy_seconds - waited - compute_seconds)
+    adamw = params / 4 * budget.host_adamw if setup.config.parallel.offload == "params" else 0.0
+    return {"to_device_bytes": to_device, "to_host_bytes": to_host, "pcie_bytes_per_s": budget.pcie,
+            "copy_seconds": copy_seconds, "exposed_copy_seconds": exposed, "overlapped": exposed == 0.0,
+            "host_adamw_seconds": adamw, "host_adamw_seconds_per_param": budget.host_adamw,
+            "step_seconds_bound": compute_seconds + exposed + adamw}
 
 
 def summarize(setup: StepSetup, result: dict, budget: Budget) -> dict:
@@ -534,7 +573,7 @@ def summarize(setup: StepSetup, result: dict, budget: Budget) -> dict:
         "fits": gpu_need <= budget.gpu_memory and host_node <= budget.host_memory,
         "flops_per_token": result["flops_per_token"], "step_flops_per_rank": result["rank_flops"],
         "gpu": budget.gpu, "mfu": budget.mfu, "step_seconds": seconds,
-        "tokens_per_s_per_gpu": result["rank_tokens"] / seconds,
+        "tokens_per_s_per_gpu": result["rank_tokens"] / seconds, "host_costs": host_costs(setup, result, budget, seconds),
         "assumed": result["assumed"], "plan_seconds": round(result["seconds"], 2),
     }
 
@@ -611,6 +650,12 @@ def format_table(rec: dict) -> str:
     lines.append(f"  time: {rec['flops_per_token'] / 1e9:.1f} GFLOP/token, {rec['step_flops_per_rank'] / 1e12:.1f} "
                  f"TFLOP per rank per step -> {rec['step_seconds']:.2f} s/step on {rec['gpu']} at MFU "
                  f"{rec['mfu']:.0%} ({rec['tokens_per_s_per_gpu']:.0f} tokens/s/GPU)")
+    cost = rec["host_costs"]
+    if cost["to_device_bytes"] or cost["host_adamw_seconds"]:
+        lines.append(f"  host: copies {fmt_bytes(cost['to_device_bytes'])} to and {fmt_bytes(cost['to_host_bytes'])} "
+                     f"from the GPU, {cost['copy_seconds']:.1f} s at {cost['pcie_bytes_per_s'] / 1e9:.0f} GB/s "
+                     f"({cost['exposed_copy_seconds']:.1f} s not overlapped); AdamW on the host "
+                     f"{cost['host_adamw_seconds']:.1f} s -> at most {cost['step_seconds_bound']:.1f} s/step")
     if rec["assumed"]:
         lines.append("  assumed (fake run): " + "; ".join(f"{k} x{v}" for k, v in rec["assumed"].items()))
     return "\n".join(lines)
@@ -758,6 +803,10 @@ def main(argv=None) -> None:
                         "on fake tensors, else cpu)")
     parser.add_argument("--gpu", default="H100", choices=sorted(GPU_PEAK_FLOPS), help="peak FLOP/s for the time")
     parser.add_argument("--mfu", type=float, default=DEFAULT_MFU, help="model FLOPs utilisation for the time")
+    parser.add_argument("--pcie", default="25GB", help="host<->device bytes per second per GPU, each direction "
+                        "(for the copies' time)")
+    parser.add_argument("--host-adamw", type=float, default=HOST_ADAMW_SECONDS_PER_PARAM,
+                        help="seconds per parameter of the optimizer step on the host (parallel.offload: params)")
     parser.add_argument("--overhead", default="3GiB", help="added to the tracked peak (CUDA context, NCCL, "
                         "allocator fragmentation)")
     parser.add_argument("--json", action="store_true", help="JSON lines only")
@@ -765,7 +814,8 @@ def main(argv=None) -> None:
 
     budget = Budget(gpu_memory=parse_bytes(args.gpu_memory), host_memory=parse_bytes(args.host_memory),
                     gpus_per_node=args.gpus_per_node,
-                    overhead=parse_bytes(args.overhead), gpu=args.gpu, mfu=args.mfu)
+                    overhead=parse_bytes(args.overhead), gpu=args.gpu, mfu=args.mfu, pcie=parse_bytes(args.pcie),
+                    host_adamw=args.host_adamw)
     config, preset = load_recipe(args.recipe, args.overrides, model=args.model)
     names = [s.name for s in config.stages]
     if args.stage is not None and args.stage not in names:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from test_trainer import RECIPE, _train, _write
 
 from ringlwm import plan
@@ -47,6 +48,31 @@ def test_the_planner_counts_offloaded_state_in_host_memory():
     assert offloaded["host_bytes"] == moved
     assert offloaded["memory_bytes"]["total"] == on_device["memory_bytes"]["total"] - moved
     assert offloaded["memory_bytes"]["optimizer"] == 0
+    assert on_device["host_costs"]["host_adamw_seconds"] == 0 and on_device["host_costs"]["to_device_bytes"] == 0
+
+
+def test_the_planner_bounds_the_host_side_costs():
+    """The copies and the host AdamW step of an offloaded step, from the model's own sizes: each rank's fp32
+    parameter shard comes to the device twice (forward and backward all-gathers), its gradient shard goes
+    back once, each layer input goes out and comes back; without prefetch the backward waits for it."""
+    config, preset = plan.load_recipe(ROOT / "recipes" / "tiny.yaml", [
+        "model.activation_checkpointing=true", "model.activation_offloading=true", "model.offload_prefetch=false"])
+    config.parallel.offload = "params"
+    setup = plan.make_setup(config, 0, preset, 2, 2048)
+    budget = plan.Budget(pcie=1e6, host_adamw=1e-6)  # slow enough that the tiny step's copies show
+    rec = plan.summarize(setup, plan.plan_step(setup), budget)
+    cost, mc = rec["host_costs"], setup.model_config
+    layer_input = setup.stage.batch_size * 1024 * mc.hidden_size * 2  # bf16, 1024 tokens per rank
+    activations = mc.num_hidden_layers * layer_input
+    shard = -(-rec["num_params"] // 2)  # parameters per rank (FSDP2 pads each tensor's shards a little)
+    assert rec["tracker_bytes"]["Sharded Param"] == 0  # on the host, not on the device
+    params = cost["to_device_bytes"] - activations
+    assert 2 * 4 * shard <= params <= 2 * 4 * (shard + 64 * mc.num_hidden_layers * 16)
+    assert cost["to_host_bytes"] - activations == params // 2  # fp32 gradient shard = parameter shard
+    assert cost["host_adamw_seconds"] == pytest.approx(params / 2 / 4 * 1e-6)
+    assert cost["exposed_copy_seconds"] >= activations / 1e6 and not cost["overlapped"]
+    assert cost["step_seconds_bound"] == pytest.approx(
+        rec["step_seconds"] + cost["exposed_copy_seconds"] + cost["host_adamw_seconds"])
 
 
 
