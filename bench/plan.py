@@ -28,13 +28,18 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 # (name, hidden, intermediate, layers, heads, kv_heads, vocab, local_len, world, activation checkpointing,
-#  mlp_chunk_size, loss_chunk_size)
+#  mlp_chunk_size, loss_chunk_size[, further recipe overrides])
+OFFLOAD_PARAMS = ("parallel.offload=params",)
+HEAD_CHUNKS = ("model.attention_head_chunks=2",)
 CASES = [
     ("h256-1k-w1", 256, 688, 2, 4, 2, 4096, 1024, 1, False, None, 1024),
     ("h512-4k-w2-ac", 512, 1376, 2, 8, 2, 8192, 4096, 2, True, 1024, 1024),
     ("h1024-2k-w2", 1024, 2752, 2, 8, 4, 8192, 2048, 2, False, None, 2048),
     ("h256-16k-w1-ac", 256, 688, 2, 4, 2, 4096, 16384, 1, True, 4096, 4096),
     ("h512-8k-w4-ac", 512, 1376, 2, 8, 2, 8192, 8192, 4, True, 2048, 2048),
+    # issue 26's options: attention in head chunks; parameters, gradients and AdamW state on the host
+    ("h512-4k-w2-ac-heads2", 512, 1376, 2, 8, 2, 8192, 4096, 2, True, 1024, 1024, HEAD_CHUNKS),
+    ("h512-4k-w2-ac-offload", 512, 1376, 2, 8, 2, 8192, 4096, 2, True, 1024, 1024, OFFLOAD_PARAMS),
 ]
 QUICK = CASES[:3]
 
@@ -86,12 +91,12 @@ TABLE_CSV = RESULTS / "plan_8b.csv"
 def case_config(case):
     from ringlwm.plan import load_recipe
 
-    name, h, inter, layers, heads, kv, vocab, local, world, ac, mlp, loss_chunk = case
+    name, h, inter, layers, heads, kv, vocab, local, world, ac, mlp, loss_chunk, *extra = case
     overrides = [f"model.hidden_size={h}", f"model.intermediate_size={inter}", f"model.num_layers={layers}",
                  f"model.num_heads={heads}", f"model.num_kv_heads={kv}", f"model.vocab_size={vocab}",
                  f"model.activation_checkpointing={str(ac).lower()}",
                  f"model.mlp_chunk_size={mlp if mlp else 'null'}", f"model.loss_chunk_size={loss_chunk}",
-                 f"stages.0.sp={world}", "stages.0.batch_size=1"]
+                 f"stages.0.sp={world}", "stages.0.batch_size=1", *(extra[0] if extra else ())]
     config, _ = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml", overrides)
     return config
 
@@ -100,13 +105,13 @@ def validate_case(case) -> dict:
     """Plan and run one validation case; the CSV row."""
     from ringlwm.plan import make_setup, validate
 
-    name, h, inter, layers, heads, kv, vocab, local, world, ac, mlp, loss_chunk = case
+    name, h, inter, layers, heads, kv, vocab, local, world, ac, mlp, loss_chunk, *extra = case
     setup = make_setup(case_config(case), 0, None, world, local * world, backend="cpu")
     t0 = time.perf_counter()
     r = validate(setup)
     row = {"case": name, "hidden": h, "layers": layers, "heads": f"{heads}/{kv}", "vocab": vocab,
            "local_len": local, "world": world, "activation_checkpointing": ac, "mlp_chunk": mlp or "",
-           "loss_chunk": loss_chunk}
+           "loss_chunk": loss_chunk, "options": " ".join(extra[0]) if extra else ""}
     for cat in ("parameters", "gradients", "optimizer", "activations", "temporaries", "communication", "total"):
         row[f"{cat}_planned"] = r["planned"][cat]
         row[f"{cat}_real"] = r["real"][cat]

@@ -106,3 +106,37 @@ def test_the_planner_refuses_head_chunks_ulysses_cannot_scatter():
     config, preset = load_recipe("recipes/scale/llama3_8b_1gpu.yaml", ["stages.0.ulysses=8"])
     with pytest.raises(ValueError, match="attention_head_chunks = 8 leaves 4 attention heads"):
         make_setup(config, 0, preset, 8, None)
+
+
+def _ulysses_run(rank, world, chunks, recompute):
+    """RingLlama (GQA 4/1: K/V repeated for Ulysses) on Ulysses over ``world`` ranks under FSDP2, layers
+    checkpointed, attention in ``chunks`` groups of heads; the loss and the full gradients."""
+    from ringlwm.parallel import ParallelDims, parallelize_llama
+
+    torch.manual_seed(0)
+    options = {"attention_head_chunks": chunks, "attention_backend": "cpu", "activation_checkpointing": True,
+               "ulysses_recompute": recompute}
+    model = RingLlamaForCausalLM(tiny_llama_config(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                                                   ringlwm_options=options))
+    dims = ParallelDims(1, 1, 1, world, world)
+    mesh, fsdp_mesh = dims.build_mesh("cpu")
+    parallelize_llama(model, fsdp_mesh, mixed_precision=False)
+    uly = dims.ulysses_group(mesh)
+    ids, labels, seg, pos = (shard_sequence(t, 1, None, uly) for t in _batch())
+    out = model(ids, pos, shift_labels=labels, segment_ids=seg, sp_group=None, ulysses_group=uly)
+    out.loss.backward()
+    return out.loss.item(), [p.grad.full_tensor() for p in model.parameters()]
+
+
+def _with_and_without_recompute(rank, world):
+    return [(_ulysses_run(rank, world, chunks, False), _ulysses_run(rank, world, chunks, True))
+            for chunks in (None, 2)]
+
+
+def test_ulysses_recompute_under_fsdp2_and_head_chunks_is_bitwise():
+    """``ulysses_recompute`` (Q, K, V kept in the heads layout, their all-to-alls run again in the backward)
+    inside checkpointed layers, with and without head chunks: the loss and every gradient bit for bit."""
+    for plain, recomputed in run_distributed(_with_and_without_recompute, 2)[0]:
+        assert recomputed[0] == plain[0]
+        for a, b in zip(recomputed[1], plain[1]):
+            assert torch.equal(a, b)

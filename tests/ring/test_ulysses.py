@@ -153,3 +153,50 @@ def _sequence_group_ranks(rank, world_size):
 def test_sequence_group_spans_ring_and_ulysses_ranks():
     got = run_distributed(_sequence_group_ranks, 4)
     assert got == [([0, 1, 2, 3], True)] * 4
+
+
+def _saved_bytes(fn):
+    """Bytes of the distinct storages autograd keeps for the backward of ``fn()``, and its result."""
+    kept = {}
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(kept.values()), out
+
+
+def _recompute_is_bitwise(rank, world_size, sp, ulysses):
+    ring, uly = grid_groups(sp, ulysses)
+    if sp == 1:
+        ring = None
+    results = []
+    for dtype, heads, kv_heads, cuts in ((torch.float32, 4, 4, None), (torch.bfloat16, 4, 1, [5, 17, 30]),
+                                         (torch.bfloat16, 8, 2, None)):
+        q, k, v, dout = (t.to(dtype) for t in _inputs(2, heads, kv_heads, 48, 16, seed=heads + kv_heads))
+        seg = None if cuts is None else shard_sequence(_packed(2, 48, cuts), 1, ring, uly)
+        runs = []
+        for recompute in (False, True):
+            local = [shard_sequence(t, 2, ring, uly).requires_grad_() for t in (q, k, v)]
+            saved, out = _saved_bytes(lambda: ring_attention(*local, causal=True, segment_ids=seg, group=ring,
+                                                             ulysses_group=uly, ulysses_recompute=recompute))
+            out.backward(shard_sequence(dout, 2, ring, uly))
+            runs.append((saved, [out.detach()] + [t.grad for t in local]))
+        for got, want in zip(runs[1][1], runs[0][1]):
+            assert got.dtype == want.dtype and torch.equal(got, want)
+        results.append((runs[0][0], runs[1][0], kv_heads))
+    return results
+
+
+@pytest.mark.parametrize("sp,ulysses", [(1, 2), (2, 2), (1, 4)])
+def test_ulysses_recompute_is_bitwise_and_keeps_less(sp, ulysses):
+    """``ulysses_recompute``: the same output and gradients, bit for bit (fp32 and bf16, K/V repeated for the
+    all-to-all, packed documents), and the backward keeps the heads-layout inputs instead of the all-to-all
+    outputs: as much without K/V repeats (the same bytes in the other layout), less by the repeats with them."""
+    for plain, kept, kv_heads in run_distributed(_recompute_is_bitwise, sp * ulysses, sp, ulysses)[0]:
+        if kv_heads < ulysses:  # K/V heads repeated to fit the Ulysses degree
+            assert kept < plain, (plain, kept, kv_heads)
+        else:
+            assert kept == plain, (plain, kept, kv_heads)

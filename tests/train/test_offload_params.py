@@ -43,11 +43,15 @@ def test_the_planner_counts_offloaded_state_in_host_memory():
     offloaded = plan.summarize(setup := plan.make_setup(config, 0, preset, 2, 2048), plan.plan_step(setup),
                                plan.Budget(overhead=0))
     raw = on_device["tracker_bytes"]
-    moved = raw["Sharded Param"] + raw["Sharded Grad"] + raw["OptState"]
-    assert moved > 0 and offloaded["offload"] == "params"
-    assert offloaded["host_bytes"] == moved
-    assert offloaded["memory_bytes"]["total"] == on_device["memory_bytes"]["total"] - moved
-    assert offloaded["memory_bytes"]["optimizer"] == 0
+    params, opt = raw["Sharded Param"], raw["OptState"]
+    assert params > 0 and 0 <= opt - 2 * params < 1024 and offloaded["offload"] == "params"  # m, v (+ step counts)
+    # On the host: parameter shards, every gradient shard (by the step's end) and the AdamW state.
+    assert offloaded["host_bytes"] == 2 * params + opt
+    # On the device: the peak of what stays there, which is at least what stays at the on-device run's peak.
+    moved_at_peak = params + raw["Sharded Grad"] + opt
+    assert offloaded["memory_bytes"]["total"] >= on_device["memory_bytes"]["total"] - moved_at_peak
+    assert offloaded["memory_bytes"]["total"] <= on_device["memory_bytes"]["total"] - params - opt
+    assert offloaded["memory_bytes"]["optimizer"] == 0 and offloaded["tracker_bytes"]["Sharded Grad"] == 0
     assert on_device["host_costs"]["host_adamw_seconds"] == 0 and on_device["host_costs"]["to_device_bytes"] == 0
 
 

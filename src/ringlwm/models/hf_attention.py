@@ -43,6 +43,7 @@ DEFAULT_OPTIONS = {
     "offload_prefetch": True,  # offloading: load the next layer's input during this one's backward
     "attention_backend": None,  # block kernel for the ring ("triton", "cpu", ...; None: by device)
     "attention_head_chunks": None,  # run a layer's attention for heads / N at a time (None: all heads at once)
+    "ulysses_recompute": False,  # Ulysses: keep Q, K, V in the heads layout, redo their all-to-alls in the backward
 }
 
 
@@ -304,7 +305,8 @@ def _ring_attention_forward(module, query, key, value, attention_mask, scaling=N
                                  "segment_ids were given; with sequence parallelism pass segment_ids (batch, "
                                  "local_len), sharded like the positions (ringlwm.hf.RingCollator makes both)")
     outs = [ring_attention(q, k, v, causal=True, segment_ids=segment_ids, scale=scaling, group=sp_group,
-                           ulysses_group=ulysses_group, backend=backend, plan_cache=ring_plans)
+                           ulysses_group=ulysses_group, backend=backend, plan_cache=ring_plans,
+                           ulysses_recompute=bool(options.get("ulysses_recompute")))
             for q, k, v in head_chunks(query, key, value, options.get("attention_head_chunks"))]
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
     return out.transpose(1, 2), None

@@ -46,7 +46,14 @@ from ringlwm.kernels import (
 from ringlwm.ring.agreement import agree_once, call_signature, check_call_agreement
 from ringlwm.ring.comm import RingComm, all_gather_by_rank
 from ringlwm.ring.layout import sp_world, ulysses_world
-from ringlwm.ring.ulysses import check_ulysses_heads, gather_pieces, heads_to_sequence, sequence_to_heads
+from ringlwm.ring.ulysses import (
+    _heads_to_sequence,
+    _sequence_to_heads,
+    check_ulysses_heads,
+    gather_pieces,
+    heads_to_sequence,
+    sequence_to_heads,
+)
 
 
 class _Step(NamedTuple):
@@ -346,13 +353,20 @@ def _ulysses_segment_ids(segment_ids, ulysses_group, plan_cache):
     return hit[1]
 
 
-def _ulysses_ring_attention(q, k, v, *, causal, segment_ids, scale, group, ulysses_group, backend, plan_cache):
+def _ulysses_ring_attention(q, k, v, *, causal, segment_ids, scale, group, ulysses_group, backend, plan_cache,
+                            recompute=False):
     """``ring_attention`` on the 2-D layout (``ringlwm.ring.ulysses``): all-to-all to heads / ulysses of the ring
-    shard, the ring (or, without one, one block) over it, all-to-all back."""
+    shard, the ring (or, without one, one block) over it, all-to-all back. ``recompute``: the attention keeps
+    Q, K and V as they came (this rank's piece, all heads, K/V not repeated) and runs their all-to-alls again
+    in its backward (``_UlyssesAttention``)."""
     _, ulysses = sp_world(ulysses_group)
     # Checked before the first all-to-all, the same way on every Ulysses rank (shapes agree after this).
     _validate(q, k, v, segment_ids, causal, scale, ulysses_group, backend, ulysses, zigzag=False)
     repeat = check_ulysses_heads(q.shape[1], k.shape[1], ulysses)
+    if recompute:
+        shard_ids = _ulysses_segment_ids(segment_ids, ulysses_group, plan_cache)
+        return _UlyssesAttention.apply(q, k, v, shard_ids, bool(causal), scale, group, ulysses_group, backend,
+                                       plan_cache, repeat)
     if repeat > 1:
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
     q, k, v = (heads_to_sequence(t, ulysses_group) for t in (q, k, v))
@@ -363,6 +377,60 @@ def _ulysses_ring_attention(q, k, v, *, causal, segment_ids, scale, group, ulyss
         out = ring_attention(q, k, v, causal=causal, segment_ids=shard_ids, scale=scale, group=group,
                              backend=backend, plan_cache=plan_cache)
     return sequence_to_heads(out, ulysses_group)
+
+
+class _UlyssesAttention(torch.autograd.Function):
+    """Ulysses (x ring) attention that keeps its inputs in the heads layout (this rank's piece, all heads, K/V
+    heads not repeated) and runs the all-to-alls of Q, K and V again in its backward, instead of keeping their
+    outputs (the sequence layout, K/V repeated up to the Ulysses degree): for Llama-3.1-8B on 8 Ulysses ranks
+    that halves what a layer's attention holds through the backward, for three more all-to-alls per layer.
+    The same calls in the same order as the plain path: results and gradients are bitwise equal."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, shard_ids, causal, scale, group, ulysses_group, backend, plan_cache, repeat):
+        qs, ks, vs = _ulysses_inputs(q, k, v, ulysses_group, repeat)
+        rank, ring = sp_world(group) if group is not None else (0, 1)  # None: Ulysses alone, no ring
+        if group is not None:  # the ring's own input check, as ring_attention makes it after the all-to-all
+            scale = _validate(qs, ks, vs, shard_ids, causal, scale, group, backend, ring)
+        if ring > 1:
+            plan = _cached_plan(plan_cache, rank, ring, causal, qs.shape[2], shard_ids, group)
+            out, lse = _ring_forward(qs, ks, vs, plan, scale, group, backend)
+            out = out.to(q.dtype)
+        else:
+            plan = None
+            out, lse = block_attention_forward(qs, ks, vs, causal=causal, scale=scale, segment_ids=shard_ids,
+                                               kv_segment_ids=shard_ids, backend=backend)
+        ctx.save_for_backward(q, k, v, out, lse, shard_ids)
+        ctx.args = (causal, scale, group, ulysses_group, backend, repeat, plan)
+        return _sequence_to_heads(out, ulysses_group, sp_world(ulysses_group)[1])
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, shard_ids = ctx.saved_tensors
+        causal, scale, group, ulysses_group, backend, repeat, plan = ctx.args
+        ulysses = sp_world(ulysses_group)[1]
+        dout = _heads_to_sequence(dout.contiguous(), ulysses_group, ulysses)
+        qs, ks, vs = _ulysses_inputs(q, k, v, ulysses_group, repeat)
+        if plan is not None:
+            dq, dk, dv = _ring_backward(dout, qs, ks, vs, out, lse, plan, scale, group, backend)
+        else:
+            dq, dk, dv = block_attention_backward(dout, qs, ks, vs, out, lse, causal=causal, scale=scale,
+                                                  segment_ids=shard_ids, kv_segment_ids=shard_ids, backend=backend)
+        dq, dk, dv = (_sequence_to_heads(g.to(q.dtype), ulysses_group, ulysses) for g in (dq, dk, dv))
+        if repeat > 1:  # the sum over the copies, as autograd sums it through repeat_interleave
+            with torch.enable_grad():
+                kd, vd = k.detach().requires_grad_(), v.detach().requires_grad_()
+                dk, dv = torch.autograd.grad((kd.repeat_interleave(repeat, dim=1), vd.repeat_interleave(repeat, dim=1)),
+                                             (kd, vd), (dk, dv))
+        return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+def _ulysses_inputs(q, k, v, ulysses_group, repeat):
+    """Q, K, V after the all-to-all (K/V heads repeated first), outside autograd."""
+    if repeat > 1:
+        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+    ulysses = sp_world(ulysses_group)[1]
+    return tuple(_heads_to_sequence(t, ulysses_group, ulysses) for t in (q, k, v))
 
 
 @dataclass
@@ -417,6 +485,7 @@ def ring_attention(
     ulysses_group: dist.ProcessGroup | None = None,
     backend: str | None = None,
     plan_cache: dict | None = None,
+    ulysses_recompute: bool = False,
 ) -> torch.Tensor:
     """Exact attention over a sequence sharded across ``group`` in the zigzag layout, differentiable.
 
@@ -429,7 +498,9 @@ def ring_attention(
     this rank's piece of its ring shard (``shard_sequence(x, 2, group, ulysses_group)``); four all-to-alls
     over this group (Q, K, V, the output) put heads / ulysses of the ring shard on each rank around the ring.
     ``group`` None then means no ring (Ulysses alone). The heads must divide by its size, and the K/V heads
-    divide by it or it by them (see ``check_ulysses_heads``).
+    divide by it or it by them (see ``check_ulysses_heads``). ``ulysses_recompute``: keep Q, K and V as given
+    (not their all-to-all outputs, K/V repeated) for the backward, which runs their all-to-alls again;
+    bitwise the same results, less memory held through the backward, three more all-to-alls.
     backend: the block kernel ("triton", "cpu", ...; default by device).
     plan_cache: a dict shared by calls that every rank makes in the same order with the same ``segment_ids``
     object (a model's layers within one forward, ``RingLlamaForCausalLM`` passes one): the first call's
@@ -451,10 +522,11 @@ def ring_attention(
         with torch.autocast(q.device.type, enabled=False):
             return ring_attention(q.to(dtype), k.to(dtype), v.to(dtype), causal=causal, segment_ids=segment_ids,
                                   scale=scale, group=group, ulysses_group=ulysses_group, backend=backend,
-                                  plan_cache=plan_cache)
+                                  plan_cache=plan_cache, ulysses_recompute=ulysses_recompute)
     if ulysses_world(ulysses_group)[1] > 1:
         return _ulysses_ring_attention(q, k, v, causal=causal, segment_ids=segment_ids, scale=scale, group=group,
-                                       ulysses_group=ulysses_group, backend=backend, plan_cache=plan_cache)
+                                       ulysses_group=ulysses_group, backend=backend, plan_cache=plan_cache,
+                                       recompute=ulysses_recompute)
     _, world_size = sp_world(group)
     resolved_scale = _validate(q, k, v, segment_ids, causal, scale, group, backend, world_size)
     if world_size == 1:

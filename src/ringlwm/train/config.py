@@ -57,6 +57,10 @@ class ModelConfig:
     attention_head_chunks: int | None = None
     """Run each layer's attention for heads / N at a time (the ring's fp32 accumulators, receive buffers and
     gradient blocks exist for one group of heads; the projections stay whole); exact. None: all heads."""
+    ulysses_recompute: bool = False
+    """With a stage's ulysses > 1: each layer's attention keeps Q, K and V as they came (all heads of this
+    rank's piece, K/V heads not repeated) and runs their all-to-alls again in its backward, instead of keeping
+    the all-to-alls' outputs; three more all-to-alls per layer; bitwise the same."""
     vision: bool = False
     """Train LWM's vision-language model (RingLwmForCausalLM: text and vision embeddings and heads). From a
     text checkpoint the vision table and head start new."""

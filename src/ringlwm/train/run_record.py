@@ -29,7 +29,8 @@ from ringlwm.train.config import TrainConfig, to_dict
 
 RECORD = "recipe.json"
 ADJUSTABLE = ("stages.*.steps", "stages.*.warmup_steps", "checkpoint.*", "logging.*",
-              "model.activation_checkpointing", "model.activation_offloading", "model.offload_prefetch")
+              "model.activation_checkpointing", "model.activation_offloading", "model.offload_prefetch",
+              "model.ulysses_recompute")
 
 
 def flatten(tree, prefix: str = "") -> dict:

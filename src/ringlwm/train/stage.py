@@ -63,7 +63,8 @@ def stage_model_config(config: TrainConfig, index: int, vocab_size: int | None,
     options = {"loss_chunk_size": m.loss_chunk_size, "mlp_chunk_size": m.mlp_chunk_size,
                "norm_chunk_size": m.norm_chunk_size, "activation_checkpointing": m.activation_checkpointing,
                "activation_offloading": m.activation_offloading, "attention_backend": m.attention_backend,
-               "attention_head_chunks": m.attention_head_chunks, "offload_prefetch": m.offload_prefetch}
+               "attention_head_chunks": m.attention_head_chunks, "offload_prefetch": m.offload_prefetch,
+               "ulysses_recompute": m.ulysses_recompute}
     if m.vision:
         model_config = lwm_config_from_text(model_config, vision_vocab_size=m.vision_vocab_size,
                                             vision_loss_weight=m.vision_loss_weight, text_loss_weight=m.text_loss_weight)
