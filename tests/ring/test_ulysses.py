@@ -155,8 +155,9 @@ def test_sequence_group_spans_ring_and_ulysses_ranks():
     assert got == [([0, 1, 2, 3], True)] * 4
 
 
-def _saved_bytes(fn):
-    """Bytes of the distinct storages autograd keeps for the backward of ``fn()``, and its result."""
+def _saved_bytes(*args, **kwargs):
+    """Bytes of the distinct storages autograd keeps for the backward of ``ring_attention(*args, **kwargs)``,
+    and its output."""
     kept = {}
 
     def pack(t):
@@ -164,7 +165,7 @@ def _saved_bytes(fn):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
+        out = ring_attention(*args, **kwargs)
     return sum(kept.values()), out
 
 
@@ -180,8 +181,8 @@ def _recompute_is_bitwise(rank, world_size, sp, ulysses):
         runs = []
         for recompute in (False, True):
             local = [shard_sequence(t, 2, ring, uly).requires_grad_() for t in (q, k, v)]
-            saved, out = _saved_bytes(lambda: ring_attention(*local, causal=True, segment_ids=seg, group=ring,
-                                                             ulysses_group=uly, ulysses_recompute=recompute))
+            saved, out = _saved_bytes(*local, causal=True, segment_ids=seg, group=ring, ulysses_group=uly,
+                                      ulysses_recompute=recompute)
             out.backward(shard_sequence(dout, 2, ring, uly))
             runs.append((saved, [out.detach()] + [t.grad for t in local]))
         for got, want in zip(runs[1][1], runs[0][1]):
