@@ -92,6 +92,7 @@ def _tiled_backward(rank, world_size):
     masked with offsets, tiles above it dropped, segment ids sliced per tile); the fp64 reference holds."""
     from ringlwm.ring import attention
 
+    attention.BACKWARD_TILE_BYTES = 0  # tiles of BACKWARD_TILE tokens, whatever the heads
     attention.BACKWARD_TILE = 5  # local length 12: tiles of 5, 5 and 2 queries and keys
     for causal in (True, False):
         _check_case(world_size=world_size, causal=causal, kv_heads=2, segments=True, seed=21)
@@ -103,6 +104,18 @@ def _tiled_backward(rank, world_size):
 
 def test_ring_backward_in_tiles_matches_full_attention():
     run_distributed(_tiled_backward, 2)
+
+
+def test_backward_tiles_hold_a_bounded_gradient_block():
+    """Tile sides: 64K tokens at Llama-3.1-8B's 32 heads x 128 (a 1 GiB fp32 dq block), more tokens for fewer
+    heads at the same bytes, never fewer than BACKWARD_TILE."""
+    from ringlwm.ring.attention import BACKWARD_TILE, BACKWARD_TILE_BYTES, backward_tile
+
+    meta = lambda b, h, d: torch.empty(b, h, 8, d, device="meta")  # noqa: E731
+    assert backward_tile(meta(1, 32, 128)) == 65536
+    assert backward_tile(meta(1, 1, 128)) == 2**21
+    assert backward_tile(meta(2, 3, 128)) * 2 * 3 * 128 * 4 <= BACKWARD_TILE_BYTES
+    assert backward_tile(meta(4, 64, 256)) == BACKWARD_TILE
 
 
 def _sub_groups(rank, world_size):

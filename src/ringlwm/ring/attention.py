@@ -124,10 +124,22 @@ def _ring_plan(rank: int, world_size: int, causal: bool, local_len: int, segment
 
 
 BACKWARD_TILE = 65536
-"""Most queries and keys per block-backward call. A call returns fp32 gradients of all its queries and keys
-(at 512K tokens per rank, 32 heads: an 8 GiB dq block); above this many local tokens the backward of a step
-runs tile by tile, so those temporaries stay bounded (1 GiB at 32 heads x 128), and its sums are added tile
-by tile in fp32. At or below it (every CPU test and the demo) a step is one call, as before."""
+"""Fewest queries and keys per side of a block-backward tile. A call returns fp32 gradients of all its queries
+and keys (at 512K tokens per rank, 32 heads: an 8 GiB dq block); above the tile size the backward of a step
+runs tile by tile, so those temporaries stay bounded, and its sums are added tile by tile in fp32. At or
+below it (every CPU test and the demo) a step is one call, as before."""
+BACKWARD_TILE_BYTES = 2**30
+"""Most bytes of a tile's fp32 query-gradient block: with fewer heads per call (head chunks, Ulysses) a tile
+holds more tokens for the same bytes (64K tokens at 32 heads x 128; 2M at 1 head), never fewer than
+``BACKWARD_TILE``; fewer tiles, the same temporaries."""
+
+
+def backward_tile(q: torch.Tensor) -> int:
+    """Queries and keys per side of a backward tile for ``q`` (batch, heads, local_len, head_dim): a multiple of
+    ``BACKWARD_TILE`` whose fp32 gradient block is at most ``BACKWARD_TILE_BYTES``."""
+    b, h, _, d = q.shape
+    fit = BACKWARD_TILE_BYTES // max(b * h * d * 4, 1)
+    return max(BACKWARD_TILE, fit // BACKWARD_TILE * BACKWARD_TILE)
 
 
 class _Tile(NamedTuple):
@@ -208,7 +220,7 @@ def _ring_backward(dout, q, k, v, out, lse, plan, scale, group, backend):
             dv = torch.zeros(v.shape, dtype=acc, device=v.device)
         else:
             dk = dv = None  # the accumulated gradients of the block we now hold: in flight from its last holder
-        for tile in _tiles(work, BACKWARD_TILE) if work is not None else ():
+        for tile in _tiles(work, backward_tile(q)) if work is not None else ():
             qs, ks = tile.queries, tile.keys
             dq_blk, dk_blk, dv_blk = block_attention_backward(
                 dout[:, :, qs], q[:, :, qs], block[0][:, :, ks], block[1][:, :, ks], out[:, :, qs],
@@ -409,14 +421,19 @@ class _UlyssesAttention(torch.autograd.Function):
         q, k, v, out, lse, shard_ids = ctx.saved_tensors
         causal, scale, group, ulysses_group, backend, repeat, plan = ctx.args
         ulysses = sp_world(ulysses_group)[1]
-        dout = _heads_to_sequence(dout.contiguous(), ulysses_group, ulysses)
+        dout = _heads_to_sequence(dout, ulysses_group, ulysses)
         qs, ks, vs = _ulysses_inputs(q, k, v, ulysses_group, repeat)
         if plan is not None:
-            dq, dk, dv = _ring_backward(dout, qs, ks, vs, out, lse, plan, scale, group, backend)
+            grads = list(_ring_backward(dout, qs, ks, vs, out, lse, plan, scale, group, backend))
         else:
-            dq, dk, dv = block_attention_backward(dout, qs, ks, vs, out, lse, causal=causal, scale=scale,
-                                                  segment_ids=shard_ids, kv_segment_ids=shard_ids, backend=backend)
-        dq, dk, dv = (_sequence_to_heads(g.to(q.dtype), ulysses_group, ulysses) for g in (dq, dk, dv))
+            grads = list(block_attention_backward(dout, qs, ks, vs, out, lse, causal=causal, scale=scale,
+                                                  segment_ids=shard_ids, kv_segment_ids=shard_ids, backend=backend))
+        del dout, qs, ks, vs
+        for i in range(3):  # one at a time: each fp32 gradient is freed once cast, before its all-to-all
+            cast, grads[i] = grads[i].to(q.dtype), None
+            grads[i] = _sequence_to_heads(cast, ulysses_group, ulysses)
+            del cast
+        dq, dk, dv = grads
         if repeat > 1:  # the sum over the copies, as autograd sums it through repeat_interleave
             with torch.enable_grad():
                 kd, vd = k.detach().requires_grad_(), v.detach().requires_grad_()
