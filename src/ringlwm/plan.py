@@ -303,10 +303,18 @@ def _device_tracker(model, optimizer, host_resident: bool):
 
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 
+    def on_device(snap: dict) -> int:
+        return snap["Total"] - sum(v for k, v in snap.items() if getattr(k, "value", k) in HOST_RESIDENT)
+
     class DeviceTracker(FSDPMemTracker):
+        def __enter__(self):
+            super().__enter__()  # starts the peak at the current total, host-resident bytes included
+            self._peak_mem = {dev: on_device(snap) for dev, snap in self._peak_mem_snap.items()}
+            return self
+
         def _update_peak_stats(self, peak_state) -> None:
             for dev, snap in self._curr_mem_snap.items():
-                total = snap["Total"] - sum(v for k, v in snap.items() if getattr(k, "value", k) in HOST_RESIDENT)
+                total = on_device(snap)
                 if self._peak_mem.get(dev, 0) < total:
                     self._peak_mem[dev] = total
                     self._peak_mem_snap[dev] = deepcopy(snap)

@@ -35,12 +35,18 @@ def test_offloaded_parameters_train_as_on_the_device(tmp_path):
         _same(off, base, exact=False)
 
 
-def test_the_planner_counts_offloaded_state_in_host_memory():
-    config, preset = plan.load_recipe(ROOT / "recipes" / "tiny.yaml", [])
-    on_device = plan.summarize(setup := plan.make_setup(config, 0, preset, 2, 2048), plan.plan_step(setup),
+@pytest.mark.parametrize("world,length,overrides", [
+    (2, 2048, []),
+    # more bytes on the host than the step's peak on the device (as Llama-3.1-8B on one GPU): the peak is the
+    # device's own, not the step's start with the host bytes in it
+    (1, 256, ["model.hidden_size=512", "model.intermediate_size=1024", "model.num_heads=8", "model.num_kv_heads=2"]),
+])
+def test_the_planner_counts_offloaded_state_in_host_memory(world, length, overrides):
+    config, preset = plan.load_recipe(ROOT / "recipes" / "tiny.yaml", overrides)
+    on_device = plan.summarize(setup := plan.make_setup(config, 0, preset, world, length), plan.plan_step(setup),
                                plan.Budget(overhead=0))
     config.parallel.offload = "params"
-    offloaded = plan.summarize(setup := plan.make_setup(config, 0, preset, 2, 2048), plan.plan_step(setup),
+    offloaded = plan.summarize(setup := plan.make_setup(config, 0, preset, world, length), plan.plan_step(setup),
                                plan.Budget(overhead=0))
     raw = on_device["tracker_bytes"]
     params, opt = raw["Sharded Param"], raw["OptState"]
