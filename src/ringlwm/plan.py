@@ -295,22 +295,56 @@ def one_step(setup: StepSetup, model, optimizer, micro: list[dict], sp_group, ul
     return loss
 
 
+@contextlib.contextmanager
+def _shape_inference_untracked(tracker):
+    """DTensor infers an op's output shapes by running it on fake tensors of the global shapes
+    (``ShardingPropagator._propagate_tensor_meta_non_cached``; for the gradient-norm clip: every gradient,
+    unsharded). Those allocate nothing on any run, but a memory tracker on the mode stack saw them as
+    activations (the full model in fp32 at the optimizer step); ``tracker`` skips them meanwhile."""
+    from torch.distributed.tensor._sharding_prop import ShardingPropagator
+
+    original = ShardingPropagator._propagate_tensor_meta_non_cached
+
+    def untracked(self, *args, **kwargs):
+        tracker.inferring += 1
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            tracker.inferring -= 1
+
+    ShardingPropagator._propagate_tensor_meta_non_cached = untracked
+    try:
+        yield
+    finally:
+        ShardingPropagator._propagate_tensor_meta_non_cached = original
+
+
 def _device_tracker(model, optimizer, host_resident: bool):
-    """FSDPMemTracker; with ``host_resident`` its peak is the moment of the highest total without the
-    ``HOST_RESIDENT`` categories (they are in host memory under ``parallel.offload: params``; the sharded
-    gradients grow through the backward, so the peak with them can be a later moment than the device's)."""
+    """FSDPMemTracker that counts what a device holds:
+    - not DTensor's shape inference (``_shape_inference_untracked``);
+    - with ``host_resident``, the peak is the moment of the highest total without the ``HOST_RESIDENT``
+      categories (in host memory under ``parallel.offload: params``; the sharded gradients grow through the
+      backward, so the peak with them is a later moment than the device's), from the step's start on."""
     from copy import deepcopy
 
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 
     def on_device(snap: dict) -> int:
+        if not host_resident:
+            return snap["Total"]
         return snap["Total"] - sum(v for k, v in snap.items() if getattr(k, "value", k) in HOST_RESIDENT)
 
     class DeviceTracker(FSDPMemTracker):
+        inferring = 0
+
         def __enter__(self):
             super().__enter__()  # starts the peak at the current total, host-resident bytes included
             self._peak_mem = {dev: on_device(snap) for dev, snap in self._peak_mem_snap.items()}
             return self
+
+        def _track(self, reftype, t) -> None:
+            if not self.inferring:
+                super()._track(reftype, t)
 
         def _update_peak_stats(self, peak_state) -> None:
             for dev, snap in self._curr_mem_snap.items():
@@ -319,7 +353,7 @@ def _device_tracker(model, optimizer, host_resident: bool):
                     self._peak_mem[dev] = total
                     self._peak_mem_snap[dev] = deepcopy(snap)
 
-    return (DeviceTracker if host_resident else FSDPMemTracker)(model, optimizer)
+    return DeviceTracker(model, optimizer)
 
 
 def tracked_step(setup: StepSetup, model, optimizer, micro, sp_group, on_start=lambda: None,
@@ -330,7 +364,7 @@ def tracked_step(setup: StepSetup, model, optimizer, micro, sp_group, on_start=l
     categories kept in host memory (``host_resident`` then moves them out of the snapshot)."""
     tracker = _device_tracker(model, optimizer, setup.config.parallel.offload == "params")
     tracker.track_inputs(tuple(micro))
-    with tracker:
+    with tracker, _shape_inference_untracked(tracker):
         start = tracker.get_tracker_snapshot("current")
         on_start()
         one_step(setup, model, optimizer, micro, sp_group, ulysses_group)
