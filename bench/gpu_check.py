@@ -14,6 +14,9 @@ skipped; the others go on):
            stages the K/V blocks through host memory: exactness, not speed)
   train    one training step of 4 Llama-3-8B-sized layers (width 4096, GQA 32/8, vocabulary 128,256) at
            32K tokens through the trainer: peak memory, tokens/s and MFU
+  options  the same layers at 16K tokens, two steps, with each memory option of issue 26 on and off
+           (attention_head_chunks, offload_prefetch, parallel.offload: params): equal losses, peak memory
+           against the planner's, step time
 Writes bench/results/gpu/*.csv and prints one table. Without a GPU (the CPU rehearsal) every part that
 needs one says so and is skipped.
 """
@@ -35,8 +38,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results" / "gpu"
 # The benchmark goes last: it takes what the budget leaves and keeps the rows measured by then.
-PARTS = ("tests", "error", "ring", "train", "kernels")
-LIMITS = {"tests": 120, "error": 60, "ring": 60, "train": 120, "kernels": 240}  # seconds
+PARTS = ("tests", "error", "ring", "train", "options", "kernels")
+LIMITS = {"tests": 120, "error": 60, "ring": 60, "train": 120, "options": 150, "kernels": 240}  # seconds
+# issue 26's options, each against the same run without it: (name, recipe overrides)
+OPTION_RUNS = [
+    ("baseline", []),
+    ("attention_head_chunks=4", ["model.attention_head_chunks=4"]),
+    ("offloading, offload_prefetch=false", ["model.activation_offloading=true", "model.offload_prefetch=false"]),
+    ("offloading, offload_prefetch=true", ["model.activation_offloading=true"]),
+    ("parallel.offload=params", ["parallel.offload=params"]),
+]
 
 EIGHT_B_LAYERS = {
     "model": {"init": "random", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
@@ -197,6 +208,49 @@ def part_train(limit: float) -> dict:
               if planned else f", planner failed: {plan_out[-200:]}")
     return {"status": "ok", "result": f"{last['tokens_per_s']:.0f} tok/s, MFU {last['mfu'] or 0:.3f}, "
                                       f"peak {last['max_memory_gb']:.1f} GiB{versus}"}
+
+
+def part_options(limit: float) -> dict:
+    """Each option of ``OPTION_RUNS`` on 4 8B-sized layers at 16K tokens, 2 steps: the losses equal the
+    baseline's (the options are exact), max_memory_allocated within 10 % of the planner's peak."""
+    import yaml
+
+    rows, deadline = [], time.monotonic() + limit
+    with tempfile.TemporaryDirectory() as tmp:
+        recipe = Path(tmp) / "eight_b_layers.yaml"
+        recipe.write_text(yaml.safe_dump(EIGHT_B_LAYERS))
+        for name, overrides in OPTION_RUNS:
+            left = deadline - time.monotonic()
+            if left < 20:
+                break
+            common = ["stages.0.seq_len=16384", "stages.0.steps=2", *overrides]
+            out_dir = Path(tmp) / name.replace(" ", "_").replace(",", "").replace("=", "-")
+            code, out = _run([sys.executable, "-m", "ringlwm.train", str(recipe), "--out", str(out_dir), *common],
+                             left)
+            if code != 0:
+                rows.append({"option": name, "status": f"exit {code}", "detail": out[-200:]})
+                continue
+            steps = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+            code, plan_out = _run([sys.executable, "-m", "ringlwm.plan", str(recipe), *common, "--json",
+                                   "--overhead", "0", "--world-size", "1"], max(20.0, deadline - time.monotonic()))
+            planned = json.loads(plan_out.strip().splitlines()[-1])["memory_bytes"]["total"] / 2**30 if code == 0 else None
+            real = max(s["max_memory_gb"] for s in steps)
+            rows.append({"option": name, "status": "ok", "losses": [s["loss"] for s in steps],
+                         "peak_gib": real, "planned_gib": planned,
+                         "planned_vs_real": None if planned is None else round(planned / real - 1, 4),
+                         "step_seconds": steps[-1]["tokens"] / steps[-1]["tokens_per_s"]})
+    _write_csv("options_8b_layers", rows)
+    base = next((r for r in rows if r["option"] == "baseline" and r["status"] == "ok"), None)
+    notes = []
+    for r in rows:
+        if r["status"] != "ok":
+            notes.append(f"{r['option']}: {r['status']}")
+            continue
+        same = base is not None and r["losses"] == base["losses"]
+        notes.append(f"{r['option']}: losses {'equal' if same else 'DIFFER'}, peak {r['peak_gib']:.1f} GiB "
+                     f"(planner {r['planned_vs_real']:+.1%})" if r["planned_vs_real"] is not None else
+                     f"{r['option']}: peak {r['peak_gib']:.1f} GiB, planner failed")
+    return {"status": "ok" if rows else "no run", "result": "; ".join(notes)}
 
 
 def main(argv=None) -> None:
