@@ -190,7 +190,7 @@ def ruler_slice(out: Path, tokenizer: Path, *, lengths: str, seed: int, nproc: i
 
 def ruler_summary(out: Path) -> list[str]:
     """The summary's RULER lines (none when the slice has not run)."""
-    from ringlwm.eval.ruler import THRESHOLD, describe_effective, length_averages, score_table
+    from ringlwm.eval.ruler import THRESHOLD, describe_effective, length_averages, score_table, summarize
 
     path = out / "ruler.json"
     if not path.is_file():
@@ -206,7 +206,11 @@ def ruler_summary(out: Path) -> list[str]:
     for task in tasks:
         lines.append(f"    {task:<16}" + "".join(f"{table.get((task, n), float('nan')):7.0f}" for n in lengths))
     lines.append(f"    {'average':<16}" + "".join(f"{averages[n]:7.0f}" for n in lengths))
-    lines.append(f"    effective length: {describe_effective(averages, THRESHOLD)}")
+    claim = summarize(results, THRESHOLD)
+    if claim["complete_lengths"]:
+        complete = {n: averages[n] for n in claim["complete_lengths"]}
+        lines.append(f"    effective length: {describe_effective(complete, THRESHOLD)}")
+    lines.extend(f"    {note}" for note in claim["notes"])
     example = results[-1]
     lines.append(f"    e.g. {example['task']} at {example['length']} tokens, expected {example['references']}: "
                  f"{example['answer'][:70]!r}")

@@ -214,7 +214,36 @@ def test_effective_length_on_a_constructed_table():
     assert table == {("a", 1024): 75.0, ("b", 1024): 100.0, ("a", 2048): 50.0, ("b", 2048): 75.0}
     assert length_averages(table) == {1024: 87.5, 2048: 62.5}
     text = format_table(results, skipped={"qa_1": "no file"})
-    assert "effective length: 1024 (threshold 85.6)" in text and "skipped qa_1: no file" in text
+    # 2 of RULER's 13 tasks: the averages are shown (marked) but no effective length is claimed
+    assert "effective length: not claimed (2 of 13 tasks" in text and "skipped qa_1: no file" in text
+    assert "87.5*" in text and "2 of 13 tasks at 1024, 2048: not comparable with RULER" in text
+
+
+def test_comparability_rules():
+    """RULER's average and effective length are over its 13 tasks and 500 samples per cell: a length with
+    fewer tasks gets no effective length; fewer samples are stated with 95 % (Wilson) intervals."""
+    from ringlwm.eval.ruler import RULER_SAMPLES, TASKS, interval95, summarize
+
+    assert len(TASKS) == 13 and RULER_SAMPLES == 500
+    low, high = interval95(80.0, 20)  # 16 of 20: the textbook Wilson interval 0.584-0.919
+    assert round(low, 1) == 58.4 and round(high, 1) == 91.9
+    assert interval95(100.0, 500)[0] > 99.0 and interval95(0.0, 3)[1] < 60.0
+
+    def run(tasks_at, samples, score=1.0):
+        return [{"task": t, "length": n, "index": i, "score": score}
+                for n, count in tasks_at.items() for t in list(TASKS)[:count] for i in range(samples)]
+
+    full = summarize(run({4096: 13, 8192: 13}, RULER_SAMPLES))
+    assert full["comparable"] and full["effective"] == 8192 and not full["notes"]
+    few = summarize(run({4096: 13, 8192: 13}, 20))
+    assert few["effective"] == 8192 and not few["comparable"] and "20 samples per cell" in few["notes"][0]
+    part = summarize(run({4096: 13, 8192: 11}, RULER_SAMPLES))
+    assert part["complete_lengths"] == [4096] and part["effective"] == 4096 and not part["comparable"]
+    assert "11 of 13 tasks at 8192" in part["notes"][0]
+    three = summarize(run({1024: 3, 2048: 3}, 8))
+    assert three["effective"] is None and three["complete_lengths"] == []
+    text = format_table(run({1024: 3, 2048: 3}, 8))
+    assert "effective length: not claimed (3 of 13 tasks" in text and "8 samples per cell" in text
 
 
 # --- model runs ---------------------------------------------------------------------------------------------
@@ -318,10 +347,18 @@ def test_results_without_provenance_or_not_json_are_refused(tokenizer, tmp_path)
     with pytest.raises(ValueError, match="is not JSON .*--overwrite"):
         run_ruler_eval(gen, SampleMaker(tokenizer), **kw)
     assert gen.prompts == 0
-    with pytest.raises(ValueError, match="vt does not fit 600 tokens"):  # checked before anything is generated
-        run_ruler_eval(gen, SampleMaker(tokenizer), **{**kw, "tasks": ["niah_single_1", "vt"], "lengths": [600],
-                                                       "overwrite": True})
-    assert gen.prompts == 0
+    # a task that does not fit a length is skipped there, with the reason; the run goes on
+    cells: dict = {}
+    results = run_ruler_eval(gen, SampleMaker(tokenizer), **{**kw, "tasks": ["niah_single_1", "vt"],
+                                                             "lengths": [600], "overwrite": True,
+                                                             "skipped_cells": cells})
+    assert list(cells) == ["vt/600"] and "vt does not fit 600 tokens" in cells["vt/600"]
+    assert [r["task"] for r in results] == ["niah_single_1"] and gen.prompts == 1
+    assert json.loads(out.read_text())["skipped_cells"] == cells
+    assert "skipped vt/600: vt does not fit 600 tokens" in format_table(results, skipped_cells=cells)
+    with pytest.raises(ValueError, match="no task fits any length: vt does not fit 600"):  # before generating
+        run_ruler_eval(gen, SampleMaker(tokenizer), **{**kw, "tasks": ["vt"], "lengths": [600], "overwrite": True})
+    assert gen.prompts == 1
 
 
 def test_cli_dump_samples_and_qa_note(tok_path, tmp_path, capsys):
@@ -343,14 +380,14 @@ def test_cli_dump_samples_and_qa_note(tok_path, tmp_path, capsys):
 
 def test_cli_runs_writes_a_heatmap_and_refuses_another_seed(model_dir, tok_path, tmp_path, capsys):
     out = tmp_path / "r.json"
-    args = ["--model", str(model_dir), "--tokenizer", str(tok_path), "--tasks", "niah_single_1,qa_2", "--lengths",
-            "1024,1536", "--samples", "1", "--max-new-tokens", "4", "--out", str(out)]
+    args = ["--model", str(model_dir), "--tokenizer", str(tok_path), "--tasks", "niah_single_1", "qa_2", "--lengths",
+            "1024", "1536", "--samples", "1", "--max-new-tokens", "4", "--out", str(out)]  # spaces, not commas
     ruler_main(args)
     saved = json.loads(out.read_text())
     assert len(saved["results"]) == 2 and "qa_2" in saved["skipped"]
     assert saved["provenance"]["model"]["path"] == str(Path(model_dir).resolve())
     assert (tmp_path / "r_heatmap.png").read_bytes()[:4] == b"\x89PNG"
-    assert "effective length: < 1024" in capsys.readouterr().out
+    assert "effective length: not claimed (1 of 13 tasks" in capsys.readouterr().out
     with pytest.raises(ValueError, match=r"different settings .*seed: 42 -> 1"):
         ruler_main(args + ["--seed", "1"])
 
@@ -377,3 +414,21 @@ def test_demo_ruler_slice_runs_on_a_tiny_model(tmp_path):
     assert (tmp_path / "ruler_heatmap.png").is_file()
     lines = ruler_summary(tmp_path)
     assert lines[0].startswith("  RULER slice") and any("effective length" in line for line in lines)
+
+
+def test_cli_tasks_all_and_lengths_with_spaces_or_commas(tok_path, tmp_path, capsys):
+    """``--tasks all`` is RULER's 13 (qa skipped with the reason when its file is absent); lengths take spaces,
+    commas or both; a task that does not fit a length is left out there with the reason (cwe's smallest
+    prompt at 4096 takes about 4,750 tokens of this tokenizer), the others go on."""
+    dump = tmp_path / "s.jsonl"
+    ruler_main(["--tokenizer", str(tok_path), "--tasks", "all", "--lengths", "2048, 4096", "6144", "--samples", "1",
+                "--dump-samples", str(dump)])
+    rows = [json.loads(line) for line in dump.read_text().splitlines()]
+    from ringlwm.eval.ruler import QA_TASKS, TASKS
+
+    assert {r["task"] for r in rows} == set(TASKS) - set(QA_TASKS)
+    assert sorted({r["length"] for r in rows}) == [2048, 4096, 6144]
+    assert {r["length"] for r in rows if r["task"] == "cwe"} == {2048, 6144}  # its example grows with the length
+    printed = capsys.readouterr()
+    assert "skipped cwe/4096: cwe does not fit 4096 tokens" in printed.out
+    assert "skipping qa_1: no local squad file" in printed.err

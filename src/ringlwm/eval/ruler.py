@@ -81,6 +81,7 @@ from ringlwm.eval.ruler_tasks import (
     QA_TASKS,
     TASKS,
     TEMPLATES,
+    DoesNotFit,
     SampleMaker,
     definitions,
 )
@@ -94,6 +95,7 @@ from ringlwm.runtime import (
 )
 
 THRESHOLD = 85.6
+RULER_SAMPLES = 500  # RULER's samples per task and length
 DEFAULT_LENGTHS = "4096,8192,16384,32768,65536,131072"
 BACKENDS = ("ring", "hf")
 
@@ -157,6 +159,54 @@ def effective_length(averages: dict[int, float], threshold: float = THRESHOLD) -
     return effective
 
 
+def interval95(score: float, samples: int) -> tuple[float, float]:
+    """The 95 % Wilson interval, in percent, of a task score (percent) over ``samples`` samples; fractional
+    sample scores (multi-value needles) are treated as a proportion."""
+    import math
+
+    if samples < 1:
+        return (0.0, 100.0)
+    p, z = score / 100, 1.959964
+    centre = (p + z * z / (2 * samples)) / (1 + z * z / samples)
+    half = z * math.sqrt(p * (1 - p) / samples + z * z / (4 * samples * samples)) / (1 + z * z / samples)
+    return (100 * max(0.0, centre - half), 100 * min(1.0, centre + half))
+
+
+def summarize(results: list[dict], threshold: float = THRESHOLD) -> dict:
+    """What may be claimed from ``results``, by RULER's rules: the average at a length is RULER's only over all
+    of its 13 tasks there, and the effective length only over lengths that have all 13 (it is not claimed
+    otherwise); fewer than RULER's 500 samples per cell make every number not comparable (the 95 % intervals
+    say how far off they may be). Returns {"cells": {(task, length): (score, samples, low, high)},
+    "complete_lengths", "averages" (every length, over the tasks it has), "tasks_at" {length: count},
+    "effective" (None when not claimed or below the shortest), "comparable_tasks", "min_samples",
+    "comparable", "notes" (why not)}."""
+    counts: dict[tuple[str, int], int] = {}
+    for r in results:
+        counts[(r["task"], r["length"])] = counts.get((r["task"], r["length"]), 0) + 1
+    table = score_table(results)
+    cells = {k: (v, counts[k], *interval95(v, counts[k])) for k, v in table.items()}
+    averages = length_averages(table)
+    tasks_at = {n: sum(1 for _, m in table if m == n) for n in averages}
+    complete = [n for n in averages if tasks_at[n] == len(TASKS)]
+    effective = effective_length({n: averages[n] for n in complete}, threshold) if complete else None
+    min_samples = min(counts.values()) if counts else 0
+    notes = []
+    short = sorted(n for n in averages if tasks_at[n] != len(TASKS))
+    if short:
+        counted = sorted({tasks_at[n] for n in short})
+        notes.append(f"{'/'.join(map(str, counted))} of {len(TASKS)} tasks at "
+                     f"{', '.join(map(str, short))}: not comparable with RULER (its average and effective "
+                     f"length are over all {len(TASKS)} tasks); no effective length claimed"
+                     + (" there" if complete else ""))
+    if min_samples < RULER_SAMPLES:
+        notes.append(f"{min_samples} samples per cell (RULER: {RULER_SAMPLES}): not comparable with RULER; "
+                     f"95 % intervals in brackets")
+    return {"cells": cells, "averages": averages, "tasks_at": tasks_at, "complete_lengths": complete,
+            "effective": effective, "comparable_tasks": bool(averages) and not short,
+            "min_samples": min_samples, "comparable": bool(averages) and not short and min_samples >= RULER_SAMPLES,
+            "notes": notes}
+
+
 def describe_effective(averages: dict[int, float], threshold: float = THRESHOLD) -> str:
     if not averages:
         return "no results"
@@ -168,20 +218,46 @@ def describe_effective(averages: dict[int, float], threshold: float = THRESHOLD)
     return f"{effective} (threshold {threshold:g})"
 
 
-def format_table(results: list[dict], threshold: float = THRESHOLD, skipped: dict | None = None) -> str:
-    table = score_table(results)
+def format_table(results: list[dict], threshold: float = THRESHOLD, skipped: dict | None = None,
+                 skipped_cells: dict | None = None) -> str:
+    """Tasks x lengths: each cell its score, 95 % interval and (when cells differ) its sample count; the
+    average over the tasks at each length, marked "*" where not all 13 are there; the effective length only
+    where RULER's rules allow it (``summarize``), and why not. ``skipped``: {task: why}; ``skipped_cells``:
+    {"task/length": why} (a task that does not fit a length)."""
+    summary = summarize(results, threshold)
+    cells, averages = summary["cells"], summary["averages"]
     tasks = list(dict.fromkeys(r["task"] for r in results))
-    lengths = sorted({n for _, n in table})
-    averages = length_averages(table)
+    lengths = sorted(averages)
+    same_n = len({c[1] for c in cells.values()}) <= 1
     width = max([len(t) for t in tasks] + [len("average")])
-    lines = [f"{'task':<{width}} " + " ".join(f"{n:>8}" for n in lengths)]
+    col = 18 if same_n else 24
+
+    def cell(task, n):
+        if (task, n) not in cells:
+            return f"{'skipped' if f'{task}/{n}' in (skipped_cells or {}) else '-':>{col}}"
+        score, count, low, high = cells[(task, n)]
+        text = f"{score:.1f} [{low:.0f}-{high:.0f}]" + ("" if same_n else f" n={count}")
+        return f"{text:>{col}}"
+
+    lines = [f"{'task':<{width}} " + " ".join(f"{n:>{col}}" for n in lengths)]
     for task in tasks:
-        cells = [f"{table[(task, n)]:8.1f}" if (task, n) in table else f"{'-':>8}" for n in lengths]
-        lines.append(f"{task:<{width}} " + " ".join(cells))
-    lines.append(f"{'average':<{width}} " + " ".join(f"{averages[n]:8.1f}" for n in lengths))
-    lines.append(f"effective length: {describe_effective(averages, threshold)}")
+        lines.append(f"{task:<{width}} " + " ".join(cell(task, n) for n in lengths))
+    marks = [f"{averages[n]:.1f}" + ("" if n in summary["complete_lengths"] else "*") for n in lengths]
+    lines.append(f"{'average':<{width}} " + " ".join(f"{m:>{col}}" for m in marks))
+    if same_n and cells:
+        lines.append(f"{next(iter(cells.values()))[1]} samples per cell; [95 % interval]")
+    if summary["complete_lengths"]:
+        complete = {n: averages[n] for n in summary["complete_lengths"]}
+        lines.append(f"effective length (all {len(TASKS)} tasks): {describe_effective(complete, threshold)}")
+    else:
+        counts = "/".join(str(c) for c in sorted({summary["tasks_at"][n] for n in lengths}))
+        lines.append(f"effective length: not claimed ({counts} of {len(TASKS)} tasks at the lengths tested)"
+                     if lengths else "effective length: no results")
+    lines.extend(f"note: {note}" for note in summary["notes"])
     for task, why in (skipped or {}).items():
         lines.append(f"skipped {task}: {why}")
+    for key, why in (skipped_cells or {}).items():
+        lines.append(f"skipped {key}: {why}")
     return "\n".join(lines)
 
 
@@ -208,7 +284,15 @@ def plot_heatmap(results: list[dict], path: str | Path, threshold: float = THRES
     for i, row in enumerate(grid):
         for j, value in enumerate(row):
             ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=8)
-    ax.set_title(f"{title}\neffective length {describe_effective(averages, threshold).split(' (')[0]}")
+    summary = summarize(results, threshold)
+    if summary["complete_lengths"]:
+        complete = {n: averages[n] for n in summary["complete_lengths"]}
+        claim = f"effective length {describe_effective(complete, threshold).split(' (')[0]}"
+    else:
+        claim = f"{max(summary['tasks_at'].values(), default=0)} of {len(TASKS)} tasks: no effective length"
+    if summary["min_samples"] < RULER_SAMPLES:
+        claim += f" ({summary['min_samples']} samples; not comparable with RULER)"
+    ax.set_title(f"{title}\n{claim}")
     fig.colorbar(image, ax=ax, label="score (%)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -304,8 +388,13 @@ def read_results(path: Path) -> dict:
 
 def run_ruler_eval(generate_fn, maker: SampleMaker, *, tasks: list[str], lengths: list[int], samples: int,
                    out_path: str | Path | None = None, provenance: dict | None = None, overwrite: bool = False,
-                   batch_size: int = 1, skipped: dict | None = None, log=None) -> list[dict]:
+                   batch_size: int = 1, skipped: dict | None = None, skipped_cells: dict | None = None,
+                   log=None) -> list[dict]:
     """Evaluate every (task, length, index < samples); returns the result records of that grid.
+
+    A task that cannot be built at a length (``DoesNotFit``: too short for its smallest prompt) is skipped
+    there: ``skipped_cells`` (a dict, filled) gets {"task/length": why}, the results file records it, the
+    run goes on; when nothing fits at all it raises ValueError before anything is generated.
 
     generate_fn: ``ring_backend(...)`` or ``hf_backend(...)``. provenance: what identifies the run (model,
     tokenizer files, ``suite_provenance``); the results at ``out_path`` are resumed only when they record
@@ -329,13 +418,22 @@ def run_ruler_eval(generate_fn, maker: SampleMaker, *, tasks: list[str], lengths
                              overwrite=False)
             done = {r["key"]: r for r in saved["results"]}
             old_skipped = saved.get("skipped") or {}
-        grid = [(t, n, i) for t in tasks for n in lengths for i in range(samples)]
+        cells_out = {}
+        for task in tasks:
+            for length in lengths:
+                try:
+                    maker.sample(task, length, 0)  # fits? (checked alike on every rank: same tokenizer and seed)
+                except DoesNotFit as err:
+                    cells_out[f"{task}/{length}"] = str(err)
+        if len(cells_out) == len(tasks) * len(lengths):
+            raise ValueError("no task fits any length: " + "; ".join(cells_out.values()))
+        grid = [(t, n, i) for t in tasks for n in lengths for i in range(samples) if f"{t}/{n}" not in cells_out]
         todo = [g for g in grid if f"{g[0]}/{g[1]}/{g[2]}" not in done]
-        for task, length in dict.fromkeys((t, n) for t, n, _ in todo):
-            maker.sample(task, length, 0)  # fits? (else a ValueError naming the shortest length that does)
     except ValueError as err:
         error = err
     _agree(error)
+    if skipped_cells is not None:
+        skipped_cells.update(cells_out)
 
     skipped = {**old_skipped, **(skipped or {})}
     for t in tasks:
@@ -361,21 +459,29 @@ def run_ruler_eval(generate_fn, maker: SampleMaker, *, tasks: list[str], lengths
                 out_path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = out_path.with_suffix(".tmp")
                 tmp.write_text(json.dumps({"provenance": current, "settings": settings, "skipped": skipped,
-                                           "results": list(done.values())}, indent=1))
+                                           "skipped_cells": cells_out, "results": list(done.values())}, indent=1))
                 os.replace(tmp, out_path)
     if out_path is not None and dist.is_initialized():
         dist.barrier()  # rank 0 has written the file: a next call on any rank reads these results, not older ones
     return [done[f"{t}/{n}/{i}"] for t, n, i in grid]
 
 
-def dump_samples(maker: SampleMaker, path: str | Path, *, tasks: list[str], lengths: list[int], samples: int) -> int:
-    """Write every sample as one JSON line (see ``Sample.record``); returns how many."""
+def dump_samples(maker: SampleMaker, path: str | Path, *, tasks: list[str], lengths: list[int], samples: int,
+                 skipped_cells: dict | None = None) -> int:
+    """Write every sample as one JSON line (see ``Sample.record``); returns how many. A task that does not fit
+    a length is left out there (``skipped_cells``, when given, gets {"task/length": why})."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     count = 0
     with open(path, "w", encoding="utf-8") as f:
         for task in tasks:
             for length in lengths:
+                try:
+                    maker.sample(task, length, 0)
+                except DoesNotFit as err:
+                    if skipped_cells is not None:
+                        skipped_cells[f"{task}/{length}"] = str(err)
+                    continue
                 for index in range(samples):
                     f.write(json.dumps(maker.sample(task, length, index).record()) + "\n")
                     count += 1
@@ -387,11 +493,14 @@ def dump_samples(maker: SampleMaker, path: str | Path, *, tasks: list[str], leng
 # ------------------------------------------------------------------------------------------------
 
 
-def _ints(text: str, what: str) -> list[int]:
+def _ints(texts: str | list[str], what: str) -> list[int]:
+    """Integers given with spaces (several arguments), commas, or both."""
+    texts = [texts] if isinstance(texts, str) else texts
+    parts = [x for text in texts for x in re.split(r"[,\s]+", text) if x]
     try:
-        values = [int(x) for x in text.split(",") if x.strip()]
+        values = [int(x) for x in parts]
     except ValueError:
-        raise SystemExit(f"--{what} takes comma-separated integers, got {text!r}") from None
+        raise SystemExit(f"--{what} takes integers separated by spaces or commas, got {' '.join(texts)!r}") from None
     if not values:
         raise SystemExit(f"--{what} is empty")
     return values
@@ -410,9 +519,11 @@ def _parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="a Hugging Face causal LM directory (ring: a Llama)")
     parser.add_argument("--tokenizer", default=None, help="sentencepiece .model or tokenizer folder (default: --model)")
-    parser.add_argument("--tasks", default=",".join(t for t in TASKS if t not in QA_TASKS),
-                        help=f"comma-separated, of: {', '.join(TASKS)} (default: all but qa)")
-    parser.add_argument("--lengths", default=DEFAULT_LENGTHS, help="context lengths in tokens, answer included")
+    parser.add_argument("--tasks", nargs="+", default=["all"],
+                        help=f"'all' (RULER's 13; qa needs --qa-squad / --qa-hotpotqa) or some of: {', '.join(TASKS)} "
+                        "(spaces or commas)")
+    parser.add_argument("--lengths", nargs="+", default=[DEFAULT_LENGTHS],
+                        help="context lengths in tokens, answer included (spaces or commas)")
     parser.add_argument("--samples", type=int, default=20, help="samples per task and length")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--backend", choices=BACKENDS, default="ring",
@@ -443,7 +554,8 @@ def main(argv=None) -> None:
 
     parser = _parser()
     args = parser.parse_args(argv)
-    tasks = list(dict.fromkeys(t.strip() for t in args.tasks.split(",") if t.strip()))
+    named = [t for text in args.tasks for t in re.split(r"[,\s]+", text) if t]
+    tasks = list(dict.fromkeys(t for name in named for t in (TASKS if name == "all" else [name])))
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         parser.error(f"unknown task(s) {', '.join(unknown)}; RULER's tasks are {', '.join(TASKS)}")
@@ -471,8 +583,12 @@ def main(argv=None) -> None:
     maker = SampleMaker(tokenizer, seed=args.seed, template=args.template, haystack=haystack, qa_files=qa_files,
                         max_new_tokens=args.max_new_tokens)
     if args.dump_samples:
-        count = dump_samples(maker, args.dump_samples, tasks=tasks, lengths=lengths, samples=args.samples)
+        left_out: dict = {}
+        count = dump_samples(maker, args.dump_samples, tasks=tasks, lengths=lengths, samples=args.samples,
+                             skipped_cells=left_out)
         print(f"wrote {count} samples to {args.dump_samples}")
+        for key, why in left_out.items():
+            print(f"skipped {key}: {why}")
         return
 
     limit = _position_limit(args.model)
@@ -487,8 +603,9 @@ def main(argv=None) -> None:
     provenance = {"model": model_fingerprint(args.model), "tokenizer": tokenizer_files_fingerprint(tokenizer_path),
                   **suite_provenance(maker, backend=args.backend, stop_token_ids=stops, haystack=haystack,
                                      haystack_name=" ".join(args.haystack) if args.haystack else None)}
+    skipped_cells: dict = {}
     run_kw = dict(tasks=tasks, lengths=lengths, samples=args.samples, out_path=args.out, provenance=provenance,
-                  overwrite=args.overwrite, batch_size=args.batch_size, skipped=skipped)
+                  overwrite=args.overwrite, batch_size=args.batch_size, skipped=skipped, skipped_cells=skipped_cells)
 
     if args.backend == "hf":
         from transformers import AutoModelForCausalLM
@@ -496,7 +613,7 @@ def main(argv=None) -> None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True).to(device).eval()
         results = run_ruler_eval(hf_backend(model, stops), maker, log=print, **run_kw)
-        _report(results, args, skipped)
+        _report(results, args, skipped, skipped_cells)
         return
 
     from ringlwm.runtime import load_model
@@ -506,15 +623,15 @@ def main(argv=None) -> None:
         model = load_model(args.model, device=device, vision=False, purpose="ringlwm.eval.ruler")
         results = run_ruler_eval(ring_backend(model, stops), maker, log=print if is_rank0() else None, **run_kw)
         if is_rank0():
-            _report(results, args, skipped)
+            _report(results, args, skipped, skipped_cells)
     finally:
         close_distributed()
 
 
-def _report(results: list[dict], args, skipped: dict) -> None:
+def _report(results: list[dict], args, skipped: dict, skipped_cells: dict) -> None:
     heatmap = args.heatmap or str(Path(args.out).with_name(Path(args.out).stem + "_heatmap.png"))
     plot_heatmap(results, heatmap, threshold=args.threshold)
-    print(format_table(results, args.threshold, skipped))
+    print(format_table(results, args.threshold, skipped, skipped_cells))
     print(f"results: {args.out}, heatmap: {heatmap}")
 
 

@@ -422,6 +422,11 @@ class Sample:
                 "haystack_units": self.units}
 
 
+class DoesNotFit(ValueError):
+    """A task cannot be built at a length with this tokenizer (the message says why and what length would do);
+    a RULER run skips that task at that length and says so in its table."""
+
+
 class TooShort(ValueError):
     pass
 
@@ -558,13 +563,13 @@ class SampleMaker:
             n = _fit(count, limit, start, builder.min_units)
         except TooShort:
             need = count(builder.min_units) + budget
-            raise ValueError(f"{task} does not fit {length} tokens with this tokenizer: its smallest prompt "
+            raise DoesNotFit(f"{task} does not fit {length} tokens with this tokenizer: its smallest prompt "
                              f"({builder.min_units} haystack units) takes {need - budget} tokens + {budget} "
                              f"for the answer = {need}; use lengths of at least {need}") from None
         while n > builder.min_units and not builder.valid(n):
             n -= 1
         if not builder.valid(n):
-            raise ValueError(f"{task} at {length} tokens has too few words for one right answer (the three "
+            raise DoesNotFit(f"{task} at {length} tokens has too few words for one right answer (the three "
                              "most frequent must each occur more often than the fourth); use a longer length")
         if index == 0:
             self._start[key] = n
