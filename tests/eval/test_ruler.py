@@ -432,3 +432,39 @@ def test_cli_tasks_all_and_lengths_with_spaces_or_commas(tok_path, tmp_path, cap
     printed = capsys.readouterr()
     assert "skipped cwe/4096: cwe does not fit 4096 tokens" in printed.out
     assert "skipping qa_1: no local squad file" in printed.err
+
+
+def _gold_position(maker, task, length, index):
+    from ringlwm.eval.ruler import QA_TASKS
+
+    """(documents in the prompt, 0-based position of the first gold document)."""
+    s = maker.sample(task, length, index)
+    questions, docs = maker.qa_data(QA_TASKS[task])
+    gold = docs[questions[index]["gold"][0]]
+    parts = re.split(r"Document \d+:\n", s.prompt)[1:]
+    return len(parts), next(i for i, part in enumerate(parts) if part.startswith(gold))
+
+
+def test_qa_gold_document_sits_where_ruler_puts_it(tokenizer, tmp_path):
+    """RULER shuffles a QA sample's documents with ``random.Random(seed)`` made anew for each sample, the gold
+    first before it: one depth per document count. ``qa_position="random"`` keeps a shuffle per sample."""
+    import random
+
+    paragraphs = [{"context": f"Record {k}: the river number {k} flows into lake number {k + 100}.",
+                   "qas": [{"question": f"Where does river {k} flow?", "answers": [{"text": f"lake number {k + 100}"}]}]}
+                  for k in range(80)]  # more distinct documents than a 2048-token prompt holds: none repeats
+    (tmp_path / "squad.json").write_text(json.dumps({"data": [{"title": "Rivers", "paragraphs": paragraphs}]}))
+    qa_files = {"squad": tmp_path / "squad.json"}
+    ruler = SampleMaker(tokenizer, seed=7, qa_files=qa_files)
+    seen = {}
+    for index in range(3):
+        count, where = _gold_position(ruler, "qa_1", 2048, index)
+        order = list(range(count))
+        random.Random(7).shuffle(order)  # RULER's permutation of this many documents
+        assert where == order.index(0)
+        seen.setdefault(count, set()).add(where)
+    assert all(len(places) == 1 for places in seen.values())
+    spread = SampleMaker(tokenizer, seed=7, qa_files=qa_files, qa_position="random")
+    assert len({_gold_position(spread, "qa_1", 2048, i)[1] for i in range(3)}) > 1
+    with pytest.raises(ValueError, match="unknown qa_position"):
+        SampleMaker(tokenizer, qa_position="middle")

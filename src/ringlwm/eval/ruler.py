@@ -78,6 +78,7 @@ from ringlwm.eval.ruler_tasks import (
     KINDS,
     NEEDLE,
     NOISE,
+    QA_POSITIONS,
     QA_TASKS,
     TASKS,
     TEMPLATES,
@@ -368,6 +369,7 @@ def suite_provenance(maker: SampleMaker, *, backend: str, stop_token_ids=(), hay
         "haystack": ({"generated_filler_seed": maker.seed} if haystack is None
                      else {"text": text_fingerprint(haystack), "source": haystack_name}),
         "qa_files": {k: path_fingerprint(v) for k, v in sorted(maker.qa_files.items())},
+        "qa_position": maker.qa_position,
         "decoding": {"greedy": True, "stop_token_ids": list(stop_token_ids), "backend": backend,
                      "max_new_tokens": maker.max_new_tokens},
         "tokenization": {"vocab_size": getattr(tok, "vocab_size", None), "bos_id": tok.bos_id, "eos_id": tok.eos_id,
@@ -534,6 +536,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="essay text: .txt files, folders of them, or JSONL (\"text\"); default: generated filler")
     parser.add_argument("--qa-squad", default=None, metavar="FILE", help="a SQuAD JSON for qa_1 (e.g. dev-v2.0.json)")
     parser.add_argument("--qa-hotpotqa", default=None, metavar="FILE", help="a HotpotQA JSON for qa_2")
+    parser.add_argument("--qa-position", choices=QA_POSITIONS, default="ruler",
+                        help="ruler: RULER's fixed shuffle (one gold depth per length); random: a shuffle per sample")
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help="one answer budget for every task (default: RULER's per task)")
     parser.add_argument("--batch-size", type=int, default=1, help="prompts generated together")
@@ -581,7 +585,7 @@ def main(argv=None) -> None:
     tokenizer = load_tokenizer(tokenizer_path)
     haystack = load_haystack(args.haystack) if args.haystack else None
     maker = SampleMaker(tokenizer, seed=args.seed, template=args.template, haystack=haystack, qa_files=qa_files,
-                        max_new_tokens=args.max_new_tokens)
+                        max_new_tokens=args.max_new_tokens, qa_position=args.qa_position)
     if args.dump_samples:
         left_out: dict = {}
         count = dump_samples(maker, args.dump_samples, tasks=tasks, lengths=lengths, samples=args.samples,

@@ -330,8 +330,13 @@ class _FreqWords(_Builder):
         return Draft(kind.template.format(context=" ".join(listed)), kind.answer_prefix, words[1:4])
 
 
+QA_POSITIONS = ("ruler", "random")
+
+
 class _QA(_Builder):
     def __init__(self, maker: SampleMaker, dataset: str, index: int):
+        self.shuffle = maker.qa_position == "ruler"
+        self.seed = maker.seed
         self.questions, self.docs = maker.qa_data(dataset)
         if index >= len(self.questions):
             raise ValueError(f"{dataset}: sample {index} needs question {index}; the file holds "
@@ -346,7 +351,10 @@ class _QA(_Builder):
         others = [i for i in range(len(docs)) if i not in taken]
         order = q["gold"] + rng.sample(near, len(near)) + rng.sample(others, len(others))
         chosen = order[:n] if n <= len(order) else order + [i % len(docs) for i in range(n - len(order))]
-        rng.shuffle(chosen)
+        if self.shuffle:  # RULER: a fresh Random(seed) each time, the gold first before it
+            random.Random(self.seed).shuffle(chosen)
+        else:
+            rng.shuffle(chosen)
         context = "\n\n".join(f"Document {i + 1}:\n{docs[d]}" for i, d in enumerate(chosen))
         kind = KINDS["qa"]
         return Draft(kind.template.format(context=context, query=q["query"]), kind.answer_prefix, q["answers"])
@@ -437,12 +445,18 @@ class SampleMaker:
     template: "lwm" wraps the task as LWM's chat ("You are a helpful assistant. USER: {task} ASSISTANT:"
     + answer prefix), "none" gives the task and its answer prefix alone. haystack: the essay text (None:
     ``ringlwm.eval.needle.generated_haystack`` from the seed). qa_files: {"squad": path, "hotpotqa": path}.
-    max_new_tokens: one answer budget for every task instead of RULER's per-task ones."""
+    max_new_tokens: one answer budget for every task instead of RULER's per-task ones. qa_position: "ruler"
+    (RULER's: the documents of a QA sample are shuffled by ``random.Random(seed)`` made anew for each sample,
+    one permutation per document count, so the gold document sits at one depth per length) or "random"
+    (a permutation per sample: every depth)."""
 
     def __init__(self, tokenizer, *, seed: int = 0, template: str = "lwm", haystack: str | None = None,
-                 qa_files: dict | None = None, max_new_tokens: int | None = None):
+                 qa_files: dict | None = None, max_new_tokens: int | None = None, qa_position: str = "ruler"):
         if template not in TEMPLATES:
             raise ValueError(f"unknown template {template!r}: choose one of {', '.join(TEMPLATES)}")
+        if qa_position not in QA_POSITIONS:
+            raise ValueError(f"unknown qa_position {qa_position!r}: choose one of {', '.join(QA_POSITIONS)}")
+        self.qa_position = qa_position
         self.tokenizer, self.seed, self.template = tokenizer, seed, template
         self.max_new_tokens = max_new_tokens
         self.bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
