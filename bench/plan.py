@@ -31,6 +31,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 #  mlp_chunk_size, loss_chunk_size[, further recipe overrides])
 OFFLOAD_PARAMS = ("parallel.offload=params",)
 HEAD_CHUNKS = ("model.attention_head_chunks=2",)
+ULYSSES_RECOMPUTE = ("stages.0.sp=1", "stages.0.ulysses=2", "model.ulysses_recompute=true")
 CASES = [
     ("h256-1k-w1", 256, 688, 2, 4, 2, 4096, 1024, 1, False, None, 1024),
     ("h512-4k-w2-ac", 512, 1376, 2, 8, 2, 8192, 4096, 2, True, 1024, 1024),
@@ -40,6 +41,7 @@ CASES = [
     # issue 26's options: attention in head chunks; parameters, gradients and AdamW state on the host
     ("h512-4k-w2-ac-heads2", 512, 1376, 2, 8, 2, 8192, 4096, 2, True, 1024, 1024, HEAD_CHUNKS),
     ("h512-4k-w2-ac-offload", 512, 1376, 2, 8, 2, 8192, 4096, 2, True, 1024, 1024, OFFLOAD_PARAMS),
+    ("h512-4k-u2-ac-recompute", 512, 1376, 2, 8, 2, 8192, 4096, 2, True, 1024, 1024, ULYSSES_RECOMPUTE),
 ]
 QUICK = CASES[:3]
 

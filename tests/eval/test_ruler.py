@@ -468,3 +468,96 @@ def test_qa_gold_document_sits_where_ruler_puts_it(tokenizer, tmp_path):
     assert len({_gold_position(spread, "qa_1", 2048, i)[1] for i in range(3)}) > 1
     with pytest.raises(ValueError, match="unknown qa_position"):
         SampleMaker(tokenizer, qa_position="middle")
+
+
+# --- RULER's own template text ------------------------------------------------------------------
+
+RULER_TEMPLATES = {
+    "niah": (128, "Some special magic {type_needle_v} are hidden within the following text. Make sure to memorize "
+                  "it. I will quiz you about the {type_needle_v} afterwards.\n{context}\nWhat are all the special "
+                  "magic {type_needle_v} for {query} mentioned in the provided text?",
+             " The special magic {type_needle_v} for {query} mentioned in the provided text are"),
+    "variable_tracking": (30, "Memorize and track the chain(s) of variable assignment hidden in the following text."
+                              "\n\n{context}\nQuestion: Find all variables that are assigned the value {query} in "
+                              "the text above.",
+                          " Answer: According to the chain(s) of variable assignment in the text above, {num_v} "
+                          "variables are assigned the value {query}, they are: "),
+    "common_words_extraction": (120, "Below is a numbered list of words. In these words, some appear more often "
+                                     "than others. Memorize the ones that appear most often.\n{context}\nQuestion: "
+                                     "What are the 10 most common words in the above list?",
+                                " Answer: The top 10 words that appear most often in the list are:"),
+    "freq_words_extraction": (50, "Read the following coded text and track the frequency of each coded word. Find "
+                                  "the three most frequently appeared coded words. {context}\nQuestion: Do not "
+                                  "provide any explanation. Please ignore the dots '....'. What are the three most "
+                                  "frequently appeared words in the above coded text?",
+                              " Answer: According to the coded text above, the three most frequently appeared "
+                              "words are:"),
+    "qa": (32, "Answer the question based on the given documents. Only give me the answer and do not output any other "
+               "words.\n\nThe following are given documents.\n\n{context}\n\nAnswer the question based on the given "
+               "documents. Only give me the answer and do not output any other words.\n\nQuestion: {query}",
+           " Answer:"),
+}
+LWM_CHAT = "You are a helpful assistant. USER: {task_template} ASSISTANT: "
+SINGULAR = [("Some", "A"), ("are all", "is"), ("are", "is"), ("answers", "answer")]
+
+
+def _pattern(template: str) -> re.Pattern:
+    """The template as a regular expression: literal text, each {field} any text (the same text when named
+    again)."""
+    out, seen = [], set()
+    for literal, field in re.findall(r"([^{]*)(?:\{(\w+)\})?", template):
+        out.append(re.escape(literal))
+        if field:
+            out.append(f"(?P={field})" if field in seen else f"(?P<{field}>.+?)")
+            seen.add(field)
+    return re.compile("".join(out), re.DOTALL)
+
+
+def _rename(template: str, suffix: str) -> str:
+    return re.sub(r"\{(\w+)\}", lambda m: "{" + m.group(1) + suffix + "}", template)
+
+
+def _expected(task: str, references: list[str]) -> str:
+    """RULER's whole prompt template for ``task`` with the lwm-chat model template."""
+    kind, params = TASKS[task]
+    _, template, prefix = RULER_TEMPLATES[kind]
+    full = LWM_CHAT.replace("{task_template}", template) + prefix
+    if kind == "niah":
+        value = params["value"]
+        if len(references) == 1:
+            for plural, one in SINGULAR:
+                full = full.replace(plural, one)
+            value = value[:-1]
+        return full.replace("{type_needle_v}", value)
+    if kind == "variable_tracking":  # the example opens the user's turn
+        example = _rename(template + prefix, "_example") + " {answer_example}\n"
+        user = LWM_CHAT.split("{task_template}")[0]
+        return user + example + "\n" + full[len(user):]
+    if kind == "common_words_extraction":  # one answered whole prompt before the task's
+        return _rename(full, "_example") + " {answer_example}" + "\n" + full
+    return full
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_prompts_are_rulers_templates_byte_for_byte(task, maker):
+    """ringlwm's RULER prompts against RULER's own template text, byte for byte.
+    
+    The strings below are facts copied from NVIDIA/RULER (scripts/data/synthetic/constants.py: each task's
+    template, answer prefix and answer budget; scripts/data/template.py: the "lwm-chat" model template; niah.py:
+    the singular rewording, applied to the whole template string; common_words_extraction.py: the worked example is
+    a whole templated prompt, then " " and its answer, joined by new lines before the task's; variable_tracking.py:
+    the worked example (its task text and answer prefix without the model template, " ", its answer, a new
+    line) opens the user's turn, then a new line). Each template becomes a regular expression (its text literal,
+    its fields free, a field named twice the same text) that a sample's whole prompt must match."""
+    kind = TASKS[task][0]
+    assert KINDS[kind].tokens_to_generate == RULER_TEMPLATES[kind][0]
+    for length, index in ((2048, 0), (8192 if kind == "common_words_extraction" else 4096, 1)):
+        s = maker.sample(task, length, index)
+        match = _pattern(_expected(task, s.references)).fullmatch(s.prompt)
+        assert match, (task, s.prompt[:300], s.prompt[-300:])
+        if kind == "niah":
+            assert match.group("query") in s.prompt.rsplit("for ", 1)[1]
+        if kind == "variable_tracking":
+            assert match.group("num_v") == "5" and re.fullmatch(r"\d+", match.group("query"))
+        if kind == "common_words_extraction":
+            assert re.fullmatch(r"(\d+\. \w+ ?){10}", match.group("answer_example"))

@@ -104,7 +104,9 @@ NEEDLE = "One of the special magic {type_needle_v} for {key} is: {value}."
 DEPTHS = tuple(round(100 * i / 39) for i in range(40))  # 40 evenly spaced depths, 0..100 %
 VT_ICL_TOKENS = 500  # RULER's variable-tracking example: a whole task prompt of up to 500 tokens, answered
 CWE_FEWSHOT_BELOW = 4096  # shorter contexts get a smaller example and fewer repeats (RULER's switch)
-TEMPLATES = ("lwm", "none")
+TEMPLATES = ("lwm", "none", "chat")
+LWM_TEMPLATE = CHAT_PREFIX + "{task_template}" + CHAT_ASSISTANT + " "  # RULER's lwm-chat, its trailing space kept
+SINGULAR = (("Some", "A"), ("are all", "is"), ("are", "is"), ("answers", "answer"))  # RULER's, in its order
 
 
 def definitions() -> dict:
@@ -112,7 +114,7 @@ def definitions() -> dict:
     return {"tasks": {name: {"kind": kind, **params} for name, (kind, params) in TASKS.items()},
             "kinds": {name: vars(k) for name, k in KINDS.items()}, "noise": NOISE, "needle": NEEDLE,
             "depths": list(DEPTHS), "vt_icl_tokens": VT_ICL_TOKENS, "cwe_fewshot_below": CWE_FEWSHOT_BELOW,
-            "version": 1}
+            "lwm_template": LWM_TEMPLATE, "singular": [list(pair) for pair in SINGULAR], "version": 2}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -122,10 +124,24 @@ def definitions() -> dict:
 
 @dataclass
 class Draft:
-    """One task prompt before the chat template: the user's turn, the answer prefix and the references."""
+    """One task prompt before the model's template: the task text (the user's turn), the answer prefix and the
+    references; where RULER puts worked examples: ``turn_start`` opens the user's turn (vt's example), each
+    of ``shots`` (task text, answer prefix, answer: cwe's example) is a whole templated prompt answered,
+    before the task's; ``singular``: RULER's singular rewording, which it applies to the whole template
+    string, the model's template included."""
     text: str
     answer_prefix: str
     references: list[str]
+    turn_start: str = ""
+    shots: tuple = ()
+    singular: bool = False
+
+
+def singular(text: str) -> str:
+    """RULER's rewording of a needle prompt with one answer ("Some ... are" -> "A ... is"), on any text."""
+    for plural, one in SINGULAR:
+        text = text.replace(plural, one)
+    return text
 
 
 def _sentences(text: str) -> list[str]:
@@ -223,12 +239,11 @@ class _Niah(_Builder):
             context = "\n".join(_noise_insert(rng, sentences, needles))
 
         template, prefix, type_v = KINDS["niah"].template, KINDS["niah"].answer_prefix, p["value"]
-        if len(answers) == 1:  # RULER's singular wording, on the task's own text only
-            for plural, singular in (("Some", "A"), ("are all", "is"), ("are", "is"), ("answers", "answer")):
-                template, prefix = template.replace(plural, singular), prefix.replace(plural, singular)
+        if len(answers) == 1:  # RULER's singular wording (also on the model's template: SampleMaker.wrap)
+            template, prefix = singular(template), singular(prefix)
             type_v = type_v[:-1]
         return Draft(template.format(type_needle_v=type_v, context=context, query=query),
-                     prefix.format(type_needle_v=type_v, query=query), answers)
+                     prefix.format(type_needle_v=type_v, query=query), answers, singular=len(answers) == 1)
 
 
 class _VariableTracking(_Builder):
@@ -264,14 +279,15 @@ class _VariableTracking(_Builder):
         return text, prefix, groups[0], values
 
     def icl(self, rng: random.Random, n: int) -> str:
-        """RULER's worked example: a whole shorter task with 3-letter names, answered."""
+        """RULER's worked example: a whole shorter task with 3-letter names (its text and answer prefix, no model
+        template), a space, the answer, a new line."""
         text, prefix, names, _ = self._task(rng, n, 3)
-        return text + prefix + " ".join(names)
+        return text + prefix + " " + " ".join(names) + "\n"
 
     def draft(self, rng: random.Random, n: int) -> Draft:
         example = self.icl(rng, self.icl_units) if self.icl_units is not None else None
         text, prefix, names, _ = self._task(rng, n, 5)
-        return Draft(text if example is None else example + "\n\n" + text, prefix, names)
+        return Draft(text, prefix, names, turn_start="" if example is None else example + "\n")
 
 
 class _CommonWords(_Builder):
@@ -291,8 +307,8 @@ class _CommonWords(_Builder):
         shot_words, shot_repeats, repeats = ((20, (3, 1), (6, 1)) if self.short
                                              else (40, (10, 3), (self.p["freq_cw"], self.p["freq_ucw"])))
         shot_context, shot_answer = self._example(rng.sample(real, shot_words), *shot_repeats, rng)
-        shot = (kind.template.format(context=shot_context) + kind.answer_prefix + " "
-                + " ".join(f"{i + 1}. {w}" for i, w in enumerate(shot_answer)))
+        shot = (kind.template.format(context=shot_context), kind.answer_prefix,
+                " ".join(f"{i + 1}. {w}" for i, w in enumerate(shot_answer)))
         order = rng.sample(real, len(real))
         if n > len(order):
             more = self.maker.made_up_words
@@ -300,7 +316,7 @@ class _CommonWords(_Builder):
                 raise ValueError(f"cwe: {n} distinct words needed, the word lists hold {len(order) + len(more)}")
             order += rng.sample(more, n - len(order))
         context, common = self._example(order[:n], *repeats, rng)
-        return Draft(shot + "\n" + kind.template.format(context=context), kind.answer_prefix, common)
+        return Draft(kind.template.format(context=context), kind.answer_prefix, common, shots=(shot,))
 
 
 class _FreqWords(_Builder):
@@ -457,6 +473,7 @@ class SampleMaker:
         if qa_position not in QA_POSITIONS:
             raise ValueError(f"unknown qa_position {qa_position!r}: choose one of {', '.join(QA_POSITIONS)}")
         self.qa_position = qa_position
+        self._chat: str | None = None
         self.tokenizer, self.seed, self.template = tokenizer, seed, template
         self.max_new_tokens = max_new_tokens
         self.bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
@@ -505,9 +522,42 @@ class SampleMaker:
         return self.max_new_tokens if self.max_new_tokens is not None else KINDS[_kind(task)].tokens_to_generate
 
     def wrap(self, draft: Draft) -> str:
+        """The prompt, as RULER composes it for its model templates: "lwm" is RULER's lwm-chat byte for byte
+        ("... ASSISTANT: " + the answer prefix, which starts with a space), "none" its "base" (the task
+        alone), "chat" the tokenizer's own chat template (a user turn, then the generation prompt). A
+        worked example of cwe is a whole prompt of the same template, answered, before the task's; vt's opens
+        the user's turn; RULER's singular rewording covers the template's text too."""
+        def turn(text: str) -> str:
+            wrapper = self._turn_template()
+            if draft.singular:
+                wrapper = singular(wrapper)
+            return wrapper.replace("{task_template}", text)
+
+        shots = [turn(text) + prefix + " " + answer for text, prefix, answer in draft.shots]
+        prompt = turn(draft.turn_start + draft.text) + draft.answer_prefix
+        return "\n".join([*shots, prompt])
+
+    def _turn_template(self) -> str:
         if self.template == "lwm":
-            return CHAT_PREFIX + draft.text + CHAT_ASSISTANT + draft.answer_prefix
-        return draft.text + draft.answer_prefix
+            return LWM_TEMPLATE
+        if self.template == "none":
+            return "{task_template}"
+        if self._chat is None:
+            tok = getattr(self.tokenizer, "tok", None)
+            if tok is None or not getattr(tok, "chat_template", None):
+                raise ValueError("template 'chat' needs a Hugging Face tokenizer with a chat template (a folder "
+                                 "whose tokenizer_config.json holds chat_template); this tokenizer has none: use "
+                                 "--template lwm or none")
+            marker = "\x00TASK\x00"
+            text = tok.apply_chat_template([{"role": "user", "content": marker}], tokenize=False,
+                                           add_generation_prompt=True)
+            bos = tok.bos_token
+            if bos and text.startswith(bos) and self.bos:  # the prompt's ids start with BOS already
+                text = text[len(bos):]
+            if text.count(marker) != 1:
+                raise ValueError("the tokenizer's chat template does not hold the user's message once")
+            self._chat = text.replace(marker, "{task_template}")
+        return self._chat
 
     def _rng(self, task: str, length: int, index) -> random.Random:
         return random.Random(f"{self.seed}/{task}/{length}/{index}")
