@@ -127,7 +127,7 @@ def _check_content(task, s):
         assert min(counts[r] for r in refs) > max([counts[w] for w in ranked[4:]] or [0])
     else:
         assert "Document 1:\n" in prompt and any(r in prompt for r in refs)
-        assert re.search(r"Question: .+\?" + re.escape(CHAT_ASSISTANT + " Answer:") + "$", prompt)
+        assert re.search(r"Question: .+\?" + re.escape(CHAT_ASSISTANT + "  Answer:") + "$", prompt)
 
 
 @pytest.mark.parametrize("task", list(TASKS))
@@ -147,7 +147,11 @@ def test_every_task_has_rulers_format_and_an_exact_length(maker, tokenizer, task
             else:
                 assert len(more) + s.max_new_tokens > length
             assert maker.prompt_ids(task, length, index, s.units) == s.ids
-            assert s.prompt.startswith(CHAT_PREFIX) and s.prompt.endswith(CHAT_ASSISTANT + s.answer_prefix)
+            # RULER's lwm-chat: "... ASSISTANT: " + the answer prefix (its own leading space: two); its singular
+            # rewording of one-answer needle prompts covers the chat text too ("You is a helpful assistant.")
+            one = TASKS[task][0] == "niah" and len(s.references) == 1
+            assert s.prompt.startswith(ruler_tasks.singular(CHAT_PREFIX) if one else CHAT_PREFIX)
+            assert s.prompt.endswith(CHAT_ASSISTANT + " " + s.answer_prefix)
             _check_content(task, s)
             record = s.record()
             assert {"task", "length", "index", "prompt", "references", "prompt_tokens", "max_new_tokens"} <= set(record)
@@ -561,3 +565,29 @@ def test_prompts_are_rulers_templates_byte_for_byte(task, maker):
             assert match.group("num_v") == "5" and re.fullmatch(r"\d+", match.group("query"))
         if kind == "common_words_extraction":
             assert re.fullmatch(r"(\d+\. \w+ ?){10}", match.group("answer_example"))
+
+
+def test_chat_template_comes_from_the_tokenizer(tokenizer, tmp_path):
+    """``template="chat"``: the tokenizer's own chat template around the task (a user turn, then the
+    generation prompt; the BOS text, if the template writes one, left to the prompt's BOS id); refused for a
+    tokenizer without one. A tokenizer that does not encode the text is refused, not searched forever."""
+    from tiny_models import tiny_chat_tokenizer
+
+    tiny_chat_tokenizer().save_pretrained(tmp_path / "tok")  # characters; "<u>" user turn, "<a>" assistant
+    chat_tok = load_tokenizer(tmp_path / "tok")
+    chat = SampleMaker(chat_tok, seed=2, template="chat").sample("niah_multikey_1", 2048, 0)
+    plain = SampleMaker(chat_tok, seed=2, template="none").sample("niah_multikey_1", 2048, 0)
+    assert chat.prompt.startswith("<u>A special magic number is hidden")  # one answer: singular
+    assert chat.prompt.endswith("mentioned in the provided text?<a>" + chat.answer_prefix)
+    assert chat.ids == [chat_tok.bos_id] + chat_tok.encode(chat.prompt) and chat.references == plain.references
+    with pytest.raises(ValueError, match="template 'chat' needs a Hugging Face tokenizer with a chat template"):
+        SampleMaker(tokenizer, template="chat").sample("niah_single_1", 2048, 0)
+
+    class Mute:  # encodes everything to one token
+        bos_id, eos_id, vocab_size = 1, 2, 3
+
+        def encode(self, text):
+            return [0]
+
+    with pytest.raises(ValueError, match="does not encode this text"):
+        SampleMaker(Mute(), template="none").sample("niah_single_1", 2048, 0)

@@ -26,7 +26,10 @@ mean over its samples, in percent.
 Effective length (RULER's): the per-length score is the mean of the task scores at that length; the
 effective length is the longest tested length L such that L and every shorter tested length score at least
 --threshold (default 85.6, Llama-2-7B's score at 4K in RULER). When the shortest length already fails it
-is reported as "< shortest" (None in the results).
+is reported as "< shortest" (None in the results). Both are RULER's only over its 13 tasks: a length with
+fewer gets its average marked "*" and no effective length is claimed ("N of 13 tasks: not comparable");
+each cell shows a 95 % (Wilson) interval, and fewer samples than RULER's 500 are said to make the numbers
+not comparable. A task that cannot be built at a length is skipped there, with the reason.
 
 Resuming: the output records what produced it ("provenance": the model's path and hashes, the tokenizer's
 files and ids, the seed, the template, the haystack, the QA files, the answer budgets, the backend and
@@ -46,12 +49,12 @@ What differs from RULER:
 - Lengths are exact and per sample: each sample's haystack size is the largest that fits (RULER fits one
   size per task and length and steps down by a fixed increment when a sample does not fit), and the BOS
   the model reads is counted.
-- The chat template wraps the prompt once: LWM's "You are a helpful assistant. USER: {task} ASSISTANT:"
-  + answer prefix, with one space before the prefix (RULER's lwm-chat template ends in "ASSISTANT: "
-  and the prefix starts with a space). RULER's singular rewording of single-answer needle prompts ("A
-  special magic number is hidden ...") is applied to the task's text only (RULER also rewrites "are" in
-  the chat template: "You is a helpful assistant"). cwe's worked example and vt's worked example are
-  task text without the chat template (RULER's cwe example repeats the whole chat template).
+- Nothing else in the prompts: --template lwm is RULER's lwm-chat byte for byte ("... ASSISTANT: " + the
+  answer prefix, which starts with a space; the singular rewording of one-answer needle prompts over the
+  whole template, "You is a helpful assistant" included; cwe's example a whole templated prompt, vt's
+  opening the user's turn), --template none its "base", --template chat the tokenizer's own chat template
+  (apply_chat_template) where RULER has a per-model one. QA's gold document sits where RULER's fixed
+  shuffle puts it (one depth per document count; --qa-position random: a shuffle per sample).
 - vt's worked example fits min(500, L / 4) tokens (RULER: 500), so that short lengths keep room for the task.
 - Random keys are distinct within a sample: the distractor needles of niah_multikey_2 never reuse a key
   asked for (RULER draws them independently).
@@ -531,7 +534,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", choices=BACKENDS, default="ring",
                         help="ring: ringlwm.generate on the torchrun ranks; hf: transformers generate, one process")
     parser.add_argument("--template", choices=TEMPLATES, default="lwm",
-                        help="lwm: LWM's chat ('You are a helpful assistant. USER: ... ASSISTANT:'); none: plain")
+                        help="lwm: RULER's lwm-chat ('You are a helpful assistant. USER: ... ASSISTANT: '); none: "
+                        "RULER's base; chat: the tokenizer's own chat template")
     parser.add_argument("--haystack", nargs="+", default=None, metavar="PATH",
                         help="essay text: .txt files, folders of them, or JSONL (\"text\"); default: generated filler")
     parser.add_argument("--qa-squad", default=None, metavar="FILE", help="a SQuAD JSON for qa_1 (e.g. dev-v2.0.json)")

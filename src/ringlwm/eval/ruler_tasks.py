@@ -655,7 +655,10 @@ def _estimate(count, limit: int, minimum: int) -> int:
     a = max(minimum, 1)
     b = a + max(8, a)
     ca, cb = count(a), count(b)
-    per_unit = max((cb - ca) / (b - a), 1e-3)
+    if cb <= ca:  # more haystack, no more tokens: no size would ever fill the length
+        raise ValueError(f"the tokenizer gives {cb} tokens for a prompt of {b} haystack units and {ca} for {a}: "
+                         "it does not encode this text (an empty or broken vocabulary?); check the tokenizer")
+    per_unit = (cb - ca) / (b - a)
     return max(minimum, int(a + (limit - ca) / per_unit))
 
 
