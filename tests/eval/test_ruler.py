@@ -545,7 +545,7 @@ def _expected(task: str, references: list[str]) -> str:
 @pytest.mark.parametrize("task", list(TASKS))
 def test_prompts_are_rulers_templates_byte_for_byte(task, maker):
     """ringlwm's RULER prompts against RULER's own template text, byte for byte.
-    
+
     The strings below are facts copied from NVIDIA/RULER (scripts/data/synthetic/constants.py: each task's
     template, answer prefix and answer budget; scripts/data/template.py: the "lwm-chat" model template; niah.py:
     the singular rewording, applied to the whole template string; common_words_extraction.py: the worked example is
