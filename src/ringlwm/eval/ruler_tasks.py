@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ringlwm.data.chat import CHAT_ASSISTANT, CHAT_PREFIX
-from ringlwm.eval.ruler_words import ADJECTIVES, NOUNS, VERBS, pseudo_words
+from ringlwm.eval.ruler_words import WordLists, pseudo_words, word_lists
 
 # ------------------------------------------------------------------------------------------------
 # Task definitions (RULER's scripts/data/synthetic/constants.py and scripts/synthetic.yaml)
@@ -160,20 +160,20 @@ def _insert_at_depths(sentences: list[str], needles: list[str], depths: list[int
     return " ".join(parts)
 
 
-def _random_value(rng: random.Random, kind: str) -> str:
+def _random_value(rng: random.Random, kind: str, words: WordLists) -> str:
     if kind == "numbers":
         return str(rng.randint(1_000_000, 9_999_999))
     if kind == "words":
-        return f"{rng.choice(ADJECTIVES)}-{rng.choice(NOUNS)}"
+        return f"{rng.choice(words.adjectives)}-{rng.choice(words.nouns)}"
     if kind == "uuids":
         return str(uuid.UUID(int=rng.getrandbits(128), version=4))
     raise ValueError(f"unknown needle type {kind!r}: numbers, words or uuids")
 
 
-def _distinct(rng: random.Random, kind: str, count: int, avoid=()) -> list[str]:
+def _distinct(rng: random.Random, kind: str, count: int, words: WordLists, avoid=()) -> list[str]:
     out, seen = [], set(avoid)
     while len(out) < count:
-        value = _random_value(rng, kind)
+        value = _random_value(rng, kind, words)
         if value not in seen:
             seen.add(value)
             out.append(value)
@@ -217,8 +217,9 @@ class _Niah(_Builder):
 
     def draft(self, rng: random.Random, n: int) -> Draft:
         p = self.p
-        keys = _distinct(rng, p["key"], p["num_k"])
-        values = [_distinct(rng, p["value"], p["num_v"]) for _ in keys]
+        words = self.maker.words
+        keys = _distinct(rng, p["key"], p["num_k"], words)
+        values = [_distinct(rng, p["value"], p["num_v"], words) for _ in keys]
         needles = [NEEDLE.format(type_needle_v=p["value"], key=k, value=v) for k, vs in zip(keys, values) for v in vs]
         rng.shuffle(needles)
         asked = rng.sample(range(len(keys)), p["num_q"])
@@ -233,8 +234,8 @@ class _Niah(_Builder):
             if p["haystack"] == "noise":
                 sentences = [NOISE] * n
             else:  # "needle": distractor needles of other keys
-                other = _distinct(rng, p["key"], n, avoid=keys)
-                sentences = [NEEDLE.format(type_needle_v=p["value"], key=k, value=_random_value(rng, p["value"]))
+                other = _distinct(rng, p["key"], n, words, avoid=keys)
+                sentences = [NEEDLE.format(type_needle_v=p["value"], key=k, value=_random_value(rng, p["value"], words))
                              for k in other]
             context = "\n".join(_noise_insert(rng, sentences, needles))
 
@@ -311,7 +312,7 @@ class _CommonWords(_Builder):
                 " ".join(f"{i + 1}. {w}" for i, w in enumerate(shot_answer)))
         order = rng.sample(real, len(real))
         if n > len(order):
-            more = self.maker.made_up_words
+            more = list(self.maker.words.extra) + self.maker.made_up_words
             if n > len(order) + len(more):
                 raise ValueError(f"cwe: {n} distinct words needed, the word lists hold {len(order) + len(more)}")
             order += rng.sample(more, n - len(order))
@@ -464,10 +465,12 @@ class SampleMaker:
     max_new_tokens: one answer budget for every task instead of RULER's per-task ones. qa_position: "ruler"
     (RULER's: the documents of a QA sample are shuffled by ``random.Random(seed)`` made anew for each sample,
     one permutation per document count, so the gold document sits at one depth per length) or "random"
-    (a permutation per sample: every depth)."""
+    (a permutation per sample: every depth). words: the word lists (``ringlwm.eval.ruler_words.word_lists``:
+    "auto" is RULER's, wonderwords', when installed)."""
 
     def __init__(self, tokenizer, *, seed: int = 0, template: str = "lwm", haystack: str | None = None,
-                 qa_files: dict | None = None, max_new_tokens: int | None = None, qa_position: str = "ruler"):
+                 qa_files: dict | None = None, max_new_tokens: int | None = None, qa_position: str = "ruler",
+                 words: str = "auto"):
         if template not in TEMPLATES:
             raise ValueError(f"unknown template {template!r}: choose one of {', '.join(TEMPLATES)}")
         if qa_position not in QA_POSITIONS:
@@ -485,15 +488,17 @@ class SampleMaker:
         self._qa: dict[str, tuple] = {}
         self._start: dict[tuple, int] = {}
         self._icl: dict[int, int] = {}
-        self.real_words = sorted(set(ADJECTIVES) | set(NOUNS) | set(VERBS))
+        self.words = word_lists(words)
+        self.real_words = self.words.common_words()
         self._made_up: list[str] | None = None
 
     # --- sources ---
 
     @property
     def made_up_words(self) -> list[str]:
-        if self._made_up is None:
-            self._made_up = pseudo_words()
+        if self._made_up is None:  # none that is a real word of the lists in use
+            real = set(self.real_words) | set(self.words.extra)
+            self._made_up = [w for w in pseudo_words() if w not in real]
         return self._made_up
 
     def essay_words(self, n: int) -> list[str]:

@@ -1,12 +1,14 @@
-"""Word lists for the RULER-style tasks, written for ringlwm (RULER draws its words from the ``wonderwords``
-package and a downloaded ``english_words.json``; ringlwm downloads nothing).
-
-ADJECTIVES x NOUNS give the "words" keys of the needle tasks ("{adjective}-{noun}", as RULER's); NOUNS,
-ADJECTIVES and VERBS are the common-words task's words; past them come made-up words of two
-syllables (``pseudo_words``), enough for any context length.
+"""Word lists for the RULER-style tasks. RULER draws its words from the ``wonderwords`` package (adjective
+and noun lists for the "words" keys of the needle tasks, "{adjective}-{noun}"; nouns, adjectives and verbs
+for the common-words task) and, past those, a downloaded ``english_words.json``. ``word_lists`` reads
+wonderwords' own files when it is installed (a dependency of ringlwm), then the ``english_words`` package's
+list where installed; otherwise ringlwm's own lists below, and past any of them made-up words of two
+syllables (``pseudo_words``), enough for any context length. The results record which.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 ADJECTIVES = tuple("""
 able absent acid active actual adorable afraid agile alert alive amber ample ancient angry annual anxious
@@ -91,6 +93,60 @@ def pseudo_words() -> list[str]:
     syllables = [o + v + c for o in _ONSETS for v in _VOWELS for c in _CODAS]
     real = set(ADJECTIVES) | set(NOUNS) | set(VERBS)
     return [a + b for a in syllables for b in syllables if a + b not in real]
+
+
+@dataclass(frozen=True)
+class WordLists:
+    adjectives: tuple
+    nouns: tuple
+    verbs: tuple
+    extra: tuple = field(default=())  # more real words for cwe past these (english_words), before made-up ones
+    source: str = "ringlwm"
+
+    def common_words(self) -> list[str]:
+        """The common-words task's real words (RULER: nouns + adjectives + verbs, distinct, sorted)."""
+        return sorted(set(self.nouns) | set(self.adjectives) | set(self.verbs))
+
+
+WORD_SOURCES = ("auto", "wonderwords", "ringlwm")
+
+
+def _wonderwords(name: str) -> tuple:
+    from importlib.resources import files
+
+    text = (files("wonderwords") / "assets" / name).read_text(encoding="utf-8")
+    return tuple(dict.fromkeys(w.strip() for w in text.splitlines() if w.strip()))
+
+
+def _english_words(known: set) -> tuple:
+    try:
+        from english_words import get_english_words_set
+    except ImportError:
+        return ()
+    return tuple(sorted(w for w in get_english_words_set(["web2"], lower=True, alpha=True) if w not in known))
+
+
+def word_lists(source: str = "auto") -> WordLists:
+    """RULER's word lists from wonderwords ("wonderwords"; "auto": when installed), or ringlwm's own
+    ("ringlwm"; "auto" without wonderwords)."""
+    import importlib.util
+
+    if source not in WORD_SOURCES:
+        raise ValueError(f"unknown word source {source!r}: choose one of {', '.join(WORD_SOURCES)}")
+    have = importlib.util.find_spec("wonderwords") is not None
+    if source == "wonderwords" and not have:
+        raise ValueError("the wonderwords package is not installed: pip install wonderwords (RULER's word lists), "
+                         "or use ringlwm's own lists (words='ringlwm')")
+    if source == "ringlwm" or not have:
+        return WordLists(ADJECTIVES, NOUNS, VERBS, source="ringlwm")
+    import wonderwords
+
+    adjectives, nouns, verbs = (_wonderwords(f"{kind}list.txt") for kind in ("adjective", "noun", "verb"))
+    lists = WordLists(adjectives, nouns, verbs, source=f"wonderwords {wonderwords.__version__}")
+    extra = _english_words(set(lists.common_words()))
+    if extra:
+        lists = WordLists(adjectives, nouns, verbs, extra, source=lists.source + " + english_words")
+    return lists
 
 
 def _check() -> None:
