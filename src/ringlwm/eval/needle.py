@@ -101,10 +101,11 @@ def essay_folder() -> Path | None:
     return None
 
 
-def resolve_haystack(choice: list[str] | None, seed: int = 0) -> tuple[str, str]:
+def resolve_haystack(choice: list[str] | None, seed: int = 0, quiet: bool = False) -> tuple[str | None, str]:
     """(text, what it is) for a ``--haystack`` choice: ["essays"] the Paul Graham essays (a clear error when
-    absent), ["generated"] ringlwm's filler prose, paths (``load_haystack``), or None / ["auto"]: the essays
-    when installed, else the generated filler with a note on stderr saying how to get them."""
+    absent), ["generated"] ringlwm's filler prose (text None: the caller's ``generated_haystack`` from its
+    seed), paths (``load_haystack``), or None / ["auto"]: the essays when installed, else the generated
+    filler with a note on stderr (unless ``quiet``) saying how to get them."""
     choice = list(choice or ["auto"])
     if choice in (["auto"], ["essays"]):
         folder = essay_folder()
@@ -112,11 +113,12 @@ def resolve_haystack(choice: list[str] | None, seed: int = 0) -> tuple[str, str]
             return load_haystack([str(folder)]), f"Paul Graham essays ({folder})"
         if choice == ["essays"]:
             raise FileNotFoundError(ESSAYS_HINT)
-        print(f"note: {ESSAYS_HINT}; using generated filler prose instead (not comparable with RULER or LWM)",
-              file=sys.stderr)
+        if not quiet:
+            print(f"note: {ESSAYS_HINT}; using generated filler prose instead (not comparable with RULER or LWM)",
+                  file=sys.stderr)
         choice = ["generated"]
     if choice == ["generated"]:
-        return generated_haystack(seed=seed), f"generated filler prose (seed {seed}; not the essays)"
+        return None, f"generated filler prose (seed {seed}; not the essays)"
     return load_haystack(choice), " ".join(choice)
 
 
@@ -377,7 +379,8 @@ def main(argv=None) -> None:
         tokenizer = load_tokenizer(tokenizer_path)
         model = load_model(args.model, device=device, vision=False, purpose="ringlwm.eval.needle")
         provenance = {"model": model_fingerprint(args.model), "tokenizer": tokenizer_files_fingerprint(tokenizer_path)}
-        haystack, haystack_name = resolve_haystack(args.haystack, seed=args.seed)
+        haystack, haystack_name = resolve_haystack(args.haystack, seed=args.seed, quiet=not is_rank0())
+        haystack = haystack if haystack is not None else generated_haystack(seed=args.seed)
         if is_rank0():
             print(f"haystack: {haystack_name}", flush=True)
         results = run_needle_eval(model, tokenizer, haystack=haystack,

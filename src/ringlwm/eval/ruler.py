@@ -568,7 +568,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     from ringlwm.data import load_tokenizer
-    from ringlwm.eval.needle import ESSAYS_HINT, essay_folder, resolve_haystack
+    from ringlwm.eval.needle import resolve_haystack
 
     parser = _parser()
     args = parser.parse_args(argv)
@@ -597,16 +597,8 @@ def main(argv=None) -> None:
 
     tokenizer_path = args.tokenizer or args.model
     tokenizer = load_tokenizer(tokenizer_path)
-    choice = args.haystack
-    if choice == ["auto"] and essay_folder() is None:
-        if not quiet:
-            print(f"note: {ESSAYS_HINT}; the essay tasks use generated filler prose (not comparable with RULER)",
-                  file=sys.stderr)
-        choice = ["generated"]
-    if choice == ["generated"]:
-        haystack, haystack_name = None, f"generated filler prose (seed {args.seed}; not RULER's essays)"
-    else:
-        haystack, haystack_name = resolve_haystack(choice, seed=args.seed)
+    # None: the sample maker's own generated filler from the seed
+    haystack, haystack_name = resolve_haystack(args.haystack, seed=args.seed, quiet=quiet)
     maker = SampleMaker(tokenizer, seed=args.seed, template=args.template, haystack=haystack, qa_files=qa_files,
                         max_new_tokens=args.max_new_tokens, qa_position=args.qa_position, words=args.words)
     if args.dump_samples:

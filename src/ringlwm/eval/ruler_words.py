@@ -8,6 +8,7 @@ syllables (``pseudo_words``), enough for any context length. The results record 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 ADJECTIVES = tuple("""
@@ -128,12 +129,16 @@ def _english_words(known: set) -> tuple:
 
 def word_lists(source: str = "auto") -> WordLists:
     """RULER's word lists from wonderwords ("wonderwords"; "auto": when installed), or ringlwm's own
-    ("ringlwm"; "auto" without wonderwords)."""
+    ("ringlwm"; "auto" without wonderwords). Read once per process and source (``_read_word_lists``)."""
     import importlib.util
 
+    return _read_word_lists(source, importlib.util.find_spec("wonderwords") is not None)
+
+
+@functools.cache
+def _read_word_lists(source: str, have: bool) -> WordLists:
     if source not in WORD_SOURCES:
         raise ValueError(f"unknown word source {source!r}: choose one of {', '.join(WORD_SOURCES)}")
-    have = importlib.util.find_spec("wonderwords") is not None
     if source == "wonderwords" and not have:
         raise ValueError("the wonderwords package is not installed: pip install wonderwords (RULER's word lists), "
                          "or use ringlwm's own lists (words='ringlwm')")
