@@ -97,3 +97,16 @@ def test_the_scale_recipes_load_as_shipped():
         assert load_config(path).stages, path
     scale = load_config(ROOT / "recipes" / "scale" / "llama3_8b_1gpu.yaml")
     assert scale.parallel.offload == "params" and scale.stages[0].seq_len == 1536 * 1024
+
+
+def test_the_planner_does_not_count_dtensors_shape_inference():
+    """DTensor infers the gradient clip's output shapes on fake tensors of the global shapes (every gradient,
+    unsharded, fp32); they allocate nothing, so a parameter-heavy step's peak stays below the step's start plus
+    one unsharded fp32 copy of the model (the tracker counted that copy as activations before)."""
+    config, preset = plan.load_recipe(ROOT / "recipes" / "tiny.yaml", [
+        "model.hidden_size=512", "model.intermediate_size=1024", "model.num_heads=8", "model.num_kv_heads=2",
+        "model.num_layers=8"])
+    setup = plan.make_setup(config, 0, preset, 2, 256)
+    result = plan.plan_step(setup)
+    raw = result["raw"]
+    assert raw["Total"] < raw["Start"] + 4 * result["num_params"], raw
