@@ -91,7 +91,7 @@ DEFAULT_PCIE = 25e9
 """Host<->device bytes/s per GPU in each direction: what a PCIe Gen4 x16 link moves in practice (Gen5, on
 H100/H200 SXM boards, about twice it). A stated assumption, not a measurement."""
 HOST_ADAMW_SECONDS_PER_PARAM = 1.2e-9
-"""torch's fused CPU AdamW on fp32 parameters, one core of this machine (an Intel Xeon VM): 1.15 ns per
+"""torch's fused CPU AdamW on fp32 parameters, one core of this machine (an Intel Xeon VM): 1.11 ns per
 parameter (`make bench PART=plan` re-measures it: bench/results/host_adamw.csv). Memory-bound (28 bytes
 per parameter), so a node's cores shared by its GPUs' processes step about as fast each."""
 
