@@ -26,6 +26,7 @@ from typing import NamedTuple
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
+from . import library_flash
 from .cpu_flash import cpu_attention_backward, cpu_attention_forward
 
 
@@ -43,6 +44,11 @@ def _triton_backend() -> Backend:
 _BACKENDS: dict[str, Callable[[], Backend]] = {
     "triton": _triton_backend,
     "cpu": lambda: Backend(cpu_attention_forward, cpu_attention_backward),
+    # FlashAttention from libraries (``library_flash``): CUDA tensors, fp16/bf16; blocks they cannot express go
+    # to the next backend in ``library_flash.FALLBACK`` with a one-time notice.
+    "torch_flash": lambda: Backend(library_flash.torch_flash_forward, library_flash.torch_flash_backward),
+    "cudnn": lambda: Backend(library_flash.cudnn_forward, library_flash.cudnn_backward),
+    "flash_attn": lambda: Backend(library_flash.flash_attn_forward, library_flash.flash_attn_backward),
 }
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -56,8 +62,9 @@ def register_backend(name: str, factory: Callable[[], Backend]) -> None:
 
 
 def default_backend(device: torch.device) -> str:
-    """Triton on GPUs, the fused CPU kernel on CPU (Triton on CPU tensors needs TRITON_INTERPRET=1)."""
-    return "cpu" if device.type == "cpu" else "triton"
+    """"auto" on GPUs (the measured fastest, ``auto_backend``), the fused CPU kernel on CPU (Triton on CPU tensors
+    needs TRITON_INTERPRET=1)."""
+    return "cpu" if device.type == "cpu" else "auto"
 
 
 def _holds_no_data(t: torch.Tensor) -> bool:
@@ -88,11 +95,13 @@ _NO_KERNEL = Backend(_no_kernel_forward, _no_kernel_backward)
 
 
 def _checked_backend_name(name: str | None, q: torch.Tensor) -> str:
-    """The name of the backend that runs ``q``'s attention: ``name`` checked against q's device, dtype and
-    head_dim, or the device's default; raises naming what would work."""
+    """The name of the backend that runs ``q``'s attention: ``name`` ("auto" resolved) checked against q's device,
+    dtype and head_dim, or the device's default; raises naming what would work."""
     name = name or default_backend(q.device)
+    if name == "auto":
+        name = library_flash.auto_backend(q, _holds_no_data(q))
     if name not in _BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; known: {sorted(_BACKENDS)}")
+        raise ValueError(f"unknown attention backend {name!r}; known: {sorted(_BACKENDS) + ['auto']}")
     if q.device.type == "meta":
         return name  # shape propagation (e.g. a model built on the meta device): whatever the backend, no kernel
     if name == "cpu" and q.device.type != "cpu":
@@ -106,6 +115,33 @@ def _checked_backend_name(name: str | None, q: torch.Tensor) -> str:
             raise TypeError(f"the 'triton' backend supports {_TRITON_DTYPES}, got {q.dtype}")
         if not 16 <= q.shape[-1] <= 256:
             raise ValueError(f"the 'triton' backend supports head_dim 16..256, got {q.shape[-1]}")
+    if name in library_flash.LIBRARY_BACKENDS and not _holds_no_data(q):
+        reason = library_flash.unavailable(name, q.device)
+        if reason:
+            raise ValueError(reason)
+    return name
+
+
+def select_backend(name: str | None, q: torch.Tensor, k: torch.Tensor, causal: bool = False,
+                   segment_ids: torch.Tensor | None = None, kv_segment_ids: torch.Tensor | None = None,
+                   q_offset: int = 0, kv_offset: int = 0) -> str:
+    """The backend that runs this block: ``name`` ("auto" and None resolved, checked as ``resolve_backend``), or,
+    when it is a library backend that cannot express the block (dtype, head_dim, a causal mask with offsets,
+    segment ids that are not contiguous documents), the next one in ``library_flash.FALLBACK``, with a one-time
+    notice naming the reason. Never a different mask: a block goes only where it is computed exactly.
+    On tensors without data the segment ids' values are not read (they are taken to be contiguous documents)."""
+    name = _checked_backend_name(name, q)
+    if q.device.type == "meta":
+        return name
+    while name in library_flash.FALLBACK:
+        reason = library_flash.unsupported(name, q, k, causal, segment_ids, kv_segment_ids, q_offset, kv_offset,
+                                           read_ids=not _holds_no_data(q))
+        if reason is None:
+            return name
+        target = library_flash.FALLBACK[name]
+        library_flash.notice_once(f"attention backend {name!r} cannot express {reason}: those blocks run on "
+                                  f"{target!r}")
+        name = _checked_backend_name(target, q)
     return name
 
 
@@ -255,7 +291,8 @@ def _op_arguments(q, k, v, causal, scale, segment_ids, kv_segment_ids, q_offset,
     """The custom ops' arguments after q, k, v, checked, with the scale and the backend resolved."""
     check_attention_inputs(q, k, v, segment_ids, kv_segment_ids, q_offset, kv_offset)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return segment_ids, kv_segment_ids, bool(causal), scale, q_offset, kv_offset, _checked_backend_name(backend, q)
+    backend = select_backend(backend, q, k, causal, segment_ids, kv_segment_ids, q_offset, kv_offset)
+    return segment_ids, kv_segment_ids, bool(causal), scale, q_offset, kv_offset, backend
 
 
 def block_attention_forward(
