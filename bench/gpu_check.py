@@ -1,17 +1,20 @@
-"""`make gpu-check`: what only a GPU can tell, in one script of at most 8 minutes on one H100/H200.
+"""`make gpu-check`: what only a GPU can tell, in one script of at most 9 minutes on one H100/H200.
 
-    python -m bench.gpu_check [--parts tests,error,kernels,ring,train] [--budget 480]
+    python -m bench.gpu_check [--parts tests,error,backends,ring,train,options,kernels] [--budget 540]
 
 Parts, each in its own subprocess with its own time limit (a part that cannot run prints why and is
 skipped; the others go on):
   tests    the kernel tests, compiled for the GPU (bf16 included: the CPU interpreter gets bf16 tl.dot wrong)
   error    bf16 error against an fp64 reference of ringlwm's Triton kernels and of SDPA's flash backend,
            forward and backward, head_dim 64 and 128, causal
+  backends every block backend that runs here (triton, torch_flash, cudnn, flash_attn) against fp64 (error) and
+           each other (fwd+bwd time, d64/d128, causal and not, 4K-64K tokens, packed documents): bench.backends;
+           writes the table that ``attention_backend: auto`` reads
   kernels  the kernels benchmark against SDPA flash: 16K tokens per batch, model width 2048, head_dim 64/128,
            causal and not, 1K-16K tokens
-  ring     ring_attention on 2 processes sharing the one GPU, blocks computed by the Triton kernel on it,
-           against full attention (NCCL refuses two ranks on one GPU, so the ring runs on gloo, which
-           stages the K/V blocks through host memory: exactness, not speed)
+  ring     ring_attention on 2 processes sharing the one GPU, blocks computed by each backend on it, against
+           fp64 full attention, beside the same backend's single-device error (NCCL refuses two ranks on one
+           GPU, so the ring runs on gloo, which stages the K/V blocks through host memory: exactness, not speed)
   train    one training step of 4 Llama-3-8B-sized layers (width 4096, GQA 32/8, vocabulary 128,256) at
            32K tokens through the trainer: peak memory, tokens/s and MFU
   options  the same layers at 16K tokens, two steps, with each memory option of issue 26 on and off
@@ -38,8 +41,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results" / "gpu"
 # The benchmark goes last: it takes what the budget leaves and keeps the rows measured by then.
-PARTS = ("tests", "error", "ring", "train", "options", "kernels")
-LIMITS = {"tests": 120, "error": 60, "ring": 60, "train": 120, "options": 150, "kernels": 240}  # seconds
+PARTS = ("tests", "error", "backends", "ring", "train", "options", "kernels")
+LIMITS = {"tests": 120, "error": 60, "backends": 200, "ring": 90, "train": 120, "options": 150,
+          "kernels": 240}  # seconds
 # issue 26's options, each against the same run without it: (name, recipe overrides)
 OPTION_RUNS = [
     ("baseline", []),
@@ -149,26 +153,53 @@ def part_kernels(limit: float) -> dict:
     return {"status": "ok", "result": f"fwd+bwd vs SDPA flash, d=128 causal: {speedups}"}
 
 
+def part_backends(limit: float) -> dict:
+    code, out = _run([sys.executable, "-m", "bench.backends", "--budget", str(max(30.0, limit - 60))], limit,
+                     env={"RINGLWM_BENCH_RESULTS": str(OUT)})
+    if code != 0:
+        return {"status": f"exit {code}", "result": out[-300:]}
+    chosen = [line for line in out.splitlines() if line.startswith("auto on")]
+    print(out[-4000:])
+    return {"status": "ok", "result": chosen[-1] if chosen else "no table written (see bench/results/gpu/backends.csv)"}
+
+
 def _ring_worker() -> None:
-    """One rank of the one-GPU ring check (run under torchrun by ``part_ring``)."""
+    """One rank of the one-GPU ring check (run under torchrun by ``part_ring``): each backend's ring against fp64
+    full attention, beside the same backend's error on one device."""
     import torch.distributed as dist
     from ringlwm.kernels import blockwise_attention
 
+    from bench.backends import available_backends
     from ringlwm import ring_attention, shard_sequence, unshard_sequence
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    worst = {}
-    for dtype, causal in ((torch.float32, True), (torch.float32, False), (torch.bfloat16, True)):
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        q = torch.randn(1, 8, 4096, 128, device="cuda", generator=gen, dtype=torch.float64)
-        k, v = (torch.randn(1, 2, 4096, 128, device="cuda", generator=gen, dtype=torch.float64) for _ in range(2))
-        reference = blockwise_attention(q.cpu(), k.cpu(), v.cpu(), causal=causal, backend="cpu").cuda()
-        local = [shard_sequence(t.to(dtype), dim=2) for t in (q, k, v)]
-        out = unshard_sequence(ring_attention(*local, causal=causal, backend="triton"), dim=2)
-        worst[f"{dtype}-causal={causal}"] = (out.double() - reference).abs().max().item()
+    device = torch.device("cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, 8, 4096, 128, device="cuda", generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(1, 2, 4096, 128, device="cuda", generator=gen, dtype=torch.float64) for _ in range(2))
+    ids = torch.zeros(1, 4096, dtype=torch.long)
+    ids[0, torch.tensor([700, 1500, 2900, 3100])] = 1
+    ids = ids.cumsum(-1).cuda()
+    rows = []
+    for backend in available_backends(device):
+        cases = [(torch.bfloat16, True, None), (torch.bfloat16, True, ids), (torch.bfloat16, False, None)]
+        if backend == "triton":
+            cases += [(torch.float32, True, None), (torch.float32, False, None)]
+        for dtype, causal, seg in cases:
+            reference = blockwise_attention(q.cpu(), k.cpu(), v.cpu(), causal=causal, backend="cpu",
+                                            segment_ids=None if seg is None else seg.cpu()).cuda()
+            single = blockwise_attention(*(t.to(dtype) for t in (q, k, v)), causal=causal, segment_ids=seg,
+                                         backend=backend)
+            local = [shard_sequence(t.to(dtype), dim=2) for t in (q, k, v)]
+            local_seg = None if seg is None else shard_sequence(seg, dim=1)
+            out = unshard_sequence(ring_attention(*local, causal=causal, segment_ids=local_seg, backend=backend),
+                                   dim=2)
+            rows.append({"backend": backend, "dtype": str(dtype).replace("torch.", ""), "causal": causal,
+                         "packed": seg is not None, "ring_err_vs_fp64": (out.double() - reference).abs().max().item(),
+                         "single_device_err_vs_fp64": (single.double() - reference).abs().max().item()})
     if rank == 0:
-        print(json.dumps(worst))
+        print(json.dumps(rows))
     dist.destroy_process_group()
 
 
@@ -177,9 +208,14 @@ def part_ring(limit: float) -> dict:
                       "bench.gpu_check", "--ring-worker"], limit)
     if code != 0:
         return {"status": f"exit {code}", "result": out[-300:]}
-    errors = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
-    _write_csv("ring", [{"case": case, "max_abs_error_vs_fp64": err} for case, err in errors.items()])
-    return {"status": "ok", "result": ", ".join(f"{case}: {err:.1e}" for case, err in errors.items())}
+    rows = json.loads([line for line in out.splitlines() if line.startswith("[")][-1])
+    _write_csv("ring", rows)
+    worst = {}
+    for row in rows:
+        worst[row["backend"]] = max(worst.get(row["backend"], 0.0),
+                                    row["ring_err_vs_fp64"] / max(row["single_device_err_vs_fp64"], 1e-30))
+    return {"status": "ok", "result": "ring error / one-device error, worst: "
+                                      + ", ".join(f"{b} {r:.2f}" for b, r in worst.items())}
 
 
 def part_train(limit: float) -> dict:
@@ -257,7 +293,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default=",".join(PARTS))
-    parser.add_argument("--budget", type=float, default=480.0, help="seconds for all parts together")
+    parser.add_argument("--budget", type=float, default=540.0, help="seconds for all parts together")
     parser.add_argument("--ring-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.ring_worker:

@@ -3,8 +3,10 @@
 - ``blockwise_attention``: the differentiable function (causal, packed segments, GQA, returns lse).
 - ``block_attention_forward`` / ``block_attention_backward``: one block's (out, lse) and its float32
   gradients, the pieces a ring calls at each step; ``merge_attention`` combines partial (out, lse).
-- Backends: ``"triton"`` (FlashAttention-2 kernels, default on GPU; on CPU tensors under
-  ``TRITON_INTERPRET=1``) and ``"cpu"`` (PyTorch's fused CPU flash kernel, default on CPU).
+- Backends: ``"triton"`` (ringlwm's FlashAttention-2 kernels; on CPU tensors under ``TRITON_INTERPRET=1``),
+  ``"cpu"`` (PyTorch's fused CPU flash kernel, default on CPU), and library FlashAttention on CUDA
+  (``library_flash``): ``"torch_flash"`` (torch's FlashAttention-2), ``"cudnn"``, ``"flash_attn"`` (the flash-attn
+  package). ``"auto"``, the default on GPUs, takes the fastest that ``make gpu-check`` measured on the GPU at hand.
 - The block functions are the custom ops ``torch.ops.ringlwm.block_attention_forward`` / ``_backward``
   (fake implementations, autograd registered on the forward): ``torch.compile(fullgraph=True)`` traces them,
   and meta / ``FakeTensorMode`` tensors get outputs of the right shapes and dtypes without a kernel or device.
@@ -34,6 +36,7 @@ if _canonical is not None:
 else:
     from .blockwise import (
         Backend,
+        backend_names,
         block_attention_backward,
         block_attention_forward,
         blockwise_attention,
@@ -43,10 +46,12 @@ else:
         merge_attention_,
         register_backend,
         resolve_backend,
+        select_backend,
     )
 
     __all__ = [
         "Backend",
+        "backend_names",
         "block_attention_backward",
         "block_attention_forward",
         "blockwise_attention",
@@ -56,4 +61,5 @@ else:
         "merge_attention_",
         "register_backend",
         "resolve_backend",
+        "select_backend",
     ]

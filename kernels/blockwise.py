@@ -61,6 +61,11 @@ def register_backend(name: str, factory: Callable[[], Backend]) -> None:
     _BACKENDS[name] = factory
 
 
+def backend_names() -> list[str]:
+    """The names a backend argument takes: the registered backends and "auto"."""
+    return sorted(_BACKENDS) + ["auto"]
+
+
 def default_backend(device: torch.device) -> str:
     """"auto" on GPUs (the measured fastest, ``auto_backend``), the fused CPU kernel on CPU (Triton on CPU tensors
     needs TRITON_INTERPRET=1)."""
@@ -405,7 +410,9 @@ def blockwise_attention(
     The ring form: ``segment_ids`` are the queries' (batch, seq_q) and ``kv_segment_ids`` the keys'
     (batch, seq_k); ``q_offset``/``kv_offset`` are the blocks' positions in the full sequence, so that
     causal masking compares ``q_offset + i >= kv_offset + j``.
-    backend: "triton" (default on GPU) or "cpu" (default on CPU: PyTorch's fused CPU flash kernel).
+    backend: "auto" (default on GPU: the fastest measured there, ``library_flash.auto_backend``), "torch_flash",
+    "cudnn", "flash_attn" (library FlashAttention, ``library_flash``), "triton", or "cpu" (default on CPU: PyTorch's
+    fused CPU flash kernel).
 
     Returns out (batch, heads, seq_q, head_dim) in q's dtype, and with ``return_lse`` also the
     log-sum-exp (batch, heads, seq_q) float32. Rows with no visible key give out = 0, lse = -inf.

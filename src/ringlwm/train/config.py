@@ -53,7 +53,9 @@ class ModelConfig:
     loss_chunk_size: int = 4096
     """Blockwise cross-entropy chunk (tokens)."""
     attention_backend: str | None = None
-    """Block kernel of the ring ("triton", "cpu"); None: by device."""
+    """Block kernel of the ring: "auto" (on GPUs the fastest measured by make gpu-check), "torch_flash" (torch's
+    FlashAttention-2), "cudnn", "flash_attn" (the flash-attn package), "triton" (ringlwm's kernels), "cpu"; blocks
+    a library kernel cannot express run on the next (a one-time notice). None: "auto" on GPUs, "cpu" on CPU."""
     attention_head_chunks: int | None = None
     """Run each layer's attention for heads / N at a time (the ring's fp32 accumulators, receive buffers and
     gradient blocks exist for one group of heads; the projections stay whole); exact. None: all heads."""
@@ -88,6 +90,12 @@ class ModelConfig:
                 f"model: hidden_size ({self.hidden_size}) must divide by num_heads ({self.num_heads}) and "
                 f"num_heads by num_kv_heads ({self.num_kv_heads})"
             )
+        if self.attention_backend is not None:
+            from ringlwm.kernels import backend_names
+
+            if self.attention_backend not in backend_names():
+                raise ValueError(f"model.attention_backend {self.attention_backend!r} is not a block backend; known: "
+                                 f"{', '.join(backend_names())} (or null: by device)")
         if self.init != "random" and not Path(self.init).is_dir():
             raise ValueError(f"model.init: no checkpoint directory at {self.init!r} (or use 'random')")
         if self.init != "random":
