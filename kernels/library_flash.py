@@ -347,8 +347,11 @@ def _empty_block(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _tokens(t: torch.Tensor) -> torch.Tensor:
-    """(batch, heads, seq, d) -> (batch * seq, heads, d)."""
+    """(batch, heads, seq, d) -> (batch * seq, heads, d): a strided view for one batch row (a ring's usual case: the
+    kernels take any token and head strides, the last dim contiguous), a copy for more."""
     b, h, s, d = t.shape
+    if b == 1 and t.stride(-1) == 1:
+        return t[0].transpose(0, 1)
     return t.transpose(1, 2).reshape(b * s, h, d)
 
 

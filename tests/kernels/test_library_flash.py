@@ -168,6 +168,8 @@ CASES = [
     ("full by offset", 1, 4, 1, 8, 12, True, 20, 4, None),
     ("empty by offset", 1, 2, 2, 8, 8, True, 0, 8, None),
     ("packed, diagonal", 2, 4, 2, 16, 16, True, 0, 0, "same"),
+    ("packed, one row (token views, no copies)", 1, 4, 2, 16, 16, True, 0, 0, "same"),
+    ("packed, one row, keys from elsewhere", 1, 4, 2, 10, 14, False, 0, 0, "other"),
     ("packed, keys from elsewhere", 2, 4, 2, 10, 14, False, 0, 0, "other"),
 ]
 
