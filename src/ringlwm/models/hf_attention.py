@@ -41,7 +41,7 @@ DEFAULT_OPTIONS = {
     "activation_checkpointing": False,  # recompute each decoder layer in the backward
     "activation_offloading": False,  # with checkpointing: keep the layer inputs in host memory (models/offload.py)
     "offload_prefetch": True,  # offloading: load the next layer's input during this one's backward
-    "attention_backend": None,  # block kernel for the ring ("triton", "cpu", ...; None: by device)
+    "attention_backend": None,  # block kernel for the ring ("auto", "torch_flash", "triton", "cpu", ...; None: by device)
     "attention_head_chunks": None,  # run a layer's attention for heads / N at a time (None: all heads at once)
     "ulysses_recompute": False,  # Ulysses: keep Q, K, V in the heads layout, redo their all-to-alls in the backward
 }

@@ -15,8 +15,10 @@ Every other pair is fully masked and skipped, so each rank does the same work at
 documents (segment_ids), a step whose queries share no document with its keys in any batch row is skipped
 too. Both directions follow one plan, made once per call by ``_ring_plan``.
 
-The ring holds no attention math: blocks go to ``ringlwm.kernels`` (Triton on GPU, the fused CPU kernel
-on CPU, or a backend named by ``backend``), partial results are combined in place by ``merge_attention_``.
+The ring holds no attention math: blocks go to ``ringlwm.kernels`` (on GPU "auto": the backend measured fastest
+there, e.g. torch's FlashAttention-2; the fused CPU kernel on CPU; or a backend named by ``backend``), partial
+results are combined in place by ``merge_attention_``. Every step is an unmasked block or a square causal diagonal,
+which every backend expresses.
 
 Inputs are checked before any communication: first locally (shapes, dtypes, devices, backend), then for
 agreement across the ranks of the group, once per distinct call signature (``ringlwm.ring.agreement``). A
@@ -518,7 +520,7 @@ def ring_attention(
     divide by it or it by them (see ``check_ulysses_heads``). ``ulysses_recompute``: keep Q, K and V as given
     (not their all-to-all outputs, K/V repeated) for the backward, which runs their all-to-alls again;
     bitwise the same results, less memory held through the backward, three more all-to-alls.
-    backend: the block kernel ("triton", "cpu", ...; default by device).
+    backend: the block kernel ("auto", "torch_flash", "cudnn", "flash_attn", "triton", "cpu"; default by device).
     plan_cache: a dict shared by calls that every rank makes in the same order with the same ``segment_ids``
     object (a model's layers within one forward, ``RingLlamaForCausalLM`` passes one): the first call's
     gather of the ids and its skip plan serve the others, so a forward costs one all_gather and one host
