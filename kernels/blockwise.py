@@ -134,13 +134,14 @@ def select_backend(name: str | None, q: torch.Tensor, k: torch.Tensor, causal: b
     when it is a library backend that cannot express the block (dtype, head_dim, a causal mask with offsets,
     segment ids that are not contiguous documents), the next one in ``library_flash.FALLBACK``, with a one-time
     notice naming the reason. Never a different mask: a block goes only where it is computed exactly.
-    On tensors without data the segment ids' values are not read (they are taken to be contiguous documents)."""
+    On tensors without data, and while torch.compile traces, the segment ids' values are not read (they are taken
+    to be contiguous documents; if they are not, the kernel call refuses them with the reason)."""
     name = _checked_backend_name(name, q)
     if q.device.type == "meta":
         return name
     while name in library_flash.FALLBACK:
         reason = library_flash.unsupported(name, q, k, causal, segment_ids, kv_segment_ids, q_offset, kv_offset,
-                                           read_ids=not _holds_no_data(q))
+                                           read_ids=not _holds_no_data(q) and not torch.compiler.is_compiling())
         if reason is None:
             return name
         target = library_flash.FALLBACK[name]

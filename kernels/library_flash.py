@@ -370,8 +370,9 @@ def _expressible(mask: str) -> bool:
 
 def _block_documents(segment_ids, kv_segment_ids, mask):
     docs = packed_documents(segment_ids, kv_segment_ids, causal=mask == "diagonal")
-    if isinstance(docs, str):
-        raise Unsupported(docs)
+    if isinstance(docs, str):  # only when the choice was made without reading the ids (a torch.compile trace)
+        raise Unsupported(f"{docs}: these segment ids need another attention backend (e.g. 'triton'), chosen "
+                          "outside torch.compile or named in the model's attention_backend")
     return docs
 
 
