@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 
 import pytest
 import torch
@@ -448,6 +449,87 @@ def test_library_backends_refuse_what_cannot_run_and_name_the_way_out(fake_gpu, 
     assert "compute capability 8.0" in library_flash.unavailable("torch_flash", gpu)
     with pytest.raises(ValueError, match="unknown attention backend 'flash'.*auto"):
         block_attention_forward(q, q, q, backend="flash")
+
+
+def _fake_flash_attn_modules(old_style: bool):
+    """Stand-ins for flash-attn 2 (``flash_attn.flash_attn_interface``; ``old_style``: the 2.4-2.5 signatures, a
+    window pair and 8 results) and flash-attn 4 (``flash_attn.cute.interface``) on the emulated contract."""
+    fa2 = types.ModuleType("flash_attn.flash_attn_interface")
+
+    def docs_of(cu_q, cu_k, max_q, max_k):
+        return Documents(cu_q, cu_k, max_q, max_k, None)
+
+    def results(out, lse):
+        return (out, None, None, None, out, lse, None, None) if old_style else (out, lse, None, None)
+
+    if old_style:
+        def forward(q, k, v, dropout_p, softmax_scale, causal, window_size, alibi_slopes, return_softmax):
+            assert window_size == (-1, -1) and dropout_p == 0.0
+            return results(*EMULATED.forward(q, k, v, None, causal, softmax_scale))
+    else:
+        def forward(q, k, v, dropout_p, softmax_scale, causal, window_size_left, window_size_right, softcap,
+                    alibi_slopes, return_softmax):
+            assert (window_size_left, window_size_right, softcap) == (-1, -1, 0.0)
+            return results(*EMULATED.forward(q, k, v, None, causal, softmax_scale))
+
+    def varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
+                       causal, window_size_left=-1, window_size_right=-1, softcap=0.0, alibi_slopes=None,
+                       return_softmax=False, block_table=None):
+        docs = docs_of(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        return results(*EMULATED.forward(q, k, v, docs, causal, softmax_scale))
+
+    def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, dropout_p, softmax_scale, causal, window_size_left,
+                 window_size_right, softcap, alibi_slopes, deterministic, rng_state=None):
+        for target, g in zip((dq, dk, dv), EMULATED.backward(dout, q, k, v, out, softmax_lse, None, causal,
+                                                             softmax_scale)):
+            target.copy_(g)
+
+    def varlen_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                        max_seqlen_k, dropout_p, softmax_scale, causal, window_size_left, window_size_right, softcap,
+                        alibi_slopes, deterministic, rng_state=None):
+        docs = docs_of(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        for target, g in zip((dq, dk, dv), EMULATED.backward(dout, q, k, v, out, softmax_lse, docs, causal,
+                                                             softmax_scale)):
+            target.copy_(g)
+
+    fa2._flash_attn_forward, fa2._flash_attn_varlen_forward = forward, varlen_forward
+    fa2._flash_attn_backward, fa2._flash_attn_varlen_backward = backward, varlen_backward
+
+    fa4 = types.ModuleType("flash_attn.cute.interface")
+
+    def fwd(q, k, v, qv=None, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=None, seqused_k=None,
+            max_seqlen_q=None, max_seqlen_k=None, softmax_scale=None, causal=False, return_lse=False):
+        assert return_lse and q.is_contiguous()
+        docs = None if cu_seqlens_q is None else docs_of(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        out, lse = EMULATED.forward(q, k, v, docs, causal, softmax_scale)
+        return out, lse, None, None, None
+
+    def bwd(q, k, v, out, dout, lse, softmax_scale=None, causal=False, cu_seqlens_q=None, cu_seqlens_k=None,
+            max_seqlen_q=None, max_seqlen_k=None):
+        docs = None if cu_seqlens_q is None else docs_of(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        return (*EMULATED.backward(dout, q, k, v, out, lse, docs, causal, softmax_scale), None)
+
+    fa4._flash_attn_fwd, fa4._flash_attn_bwd = fwd, bwd
+    return fa2, fa4
+
+
+@pytest.mark.parametrize("flavour", ["flash-attn-2", "flash-attn-2 (2.4-2.5)", "flash-attn-4"])
+def test_the_flash_attn_backend_on_stand_ins_of_its_versions(flavour, monkeypatch):
+    """The flash_attn backend binds flash-attn 2's private functions by name (both signature generations, both
+    result layouts) and flash-attn 4's, and gives the dense reference's results through them."""
+    fa2, fa4 = _fake_flash_attn_modules(old_style="2.4" in flavour)
+    monkeypatch.setitem(sys.modules, "flash_attn.flash_attn_interface", fa2)
+    monkeypatch.setitem(sys.modules, "flash_attn.cute.interface", fa4)
+    monkeypatch.setattr(library_flash, "flash_attn_flavour", lambda device=None: flavour.split(" ")[0])
+    monkeypatch.setattr(library_flash, "_FLASH_ATTN_OPS", {})
+    for name, batch, heads, kv_heads, seq_q, seq_k, causal, q_offset, kv_offset, kind in CASES:
+        q, k, v, dout = _inputs(batch, heads, kv_heads, seq_q, seq_k, 16, seed=len(name))
+        mask = dict(causal=causal, q_offset=q_offset, kv_offset=kv_offset, **_segments(kind, batch, seq_q, seq_k))
+        ref_out, ref_lse, ref_grads = _reference(q, k, v, dout, **mask)
+        out, lse = library_flash.flash_attn_forward(q, k, v, scale=0.25, **mask)
+        assert max_err(out, ref_out) < 1e-12, name
+        grads = library_flash.flash_attn_backward(dout, q, k, v, ref_out, ref_lse, scale=0.25, **mask)
+        assert all(max_err(g, want) < 1e-12 for g, want in zip(grads, ref_grads)), name
 
 
 def test_flash_attn_signatures_are_bound_by_name():
