@@ -25,7 +25,8 @@ def attention_flops(batch, heads, seqlen, head_dim, causal, mode):
 
 
 def _impls(device):
-    impls = {"ringlwm": lambda q, k, v, causal: blockwise_attention(q, k, v, causal=causal)}
+    backend = "triton" if device.type == "cuda" else "cpu"  # ringlwm's own kernels (auto may pick a library's)
+    impls = {"ringlwm": lambda q, k, v, causal: blockwise_attention(q, k, v, causal=causal, backend=backend)}
     if device.type == "cuda":
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
