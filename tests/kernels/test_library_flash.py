@@ -576,3 +576,29 @@ def test_importing_ringlwm_needs_no_gpu_and_no_flash_attn():
                           env={**env, "CUDA_VISIBLE_DEVICES": ""})
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-2:] == ["[]", "[]"]
+
+
+# ------------------------------------------------------------------------------------------------
+# On a GPU (make gpu-check's tests part): the real kernels against fp64, within 2x of SDPA's own error
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", library_flash.LIBRARY_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case", ["full", "causal", "gqa causal", "packed causal"])
+def test_the_library_kernels_on_a_gpu_within_2x_of_sdpa(backend, dtype, case):
+    from test_blockwise_attention import _packed_segments, check_against_reference
+
+    reason = library_flash.unavailable(backend, torch.device("cuda"))
+    if reason:
+        pytest.skip(reason)
+    kv_heads = 2 if case.startswith("gqa") else 4
+    q, k, v, dout = _inputs(1, 4, kv_heads, 333, 333, 64, seed=5, dtype=torch.float32)
+    q, k, v, dout = (t.to(dtype) for t in (q, k, v, dout))
+    ids = _packed_segments(1, 333, 4, seed=6) if case.startswith("packed") else None
+    causal = case != "full"
+    ran = select_backend(backend, q.cuda(), k.cuda(), causal, None if ids is None else ids.cuda(),
+                         None if ids is None else ids.cuda())
+    assert ran == backend or (backend == "cudnn" and ids is not None and ran == "torch_flash")
+    check_against_reference(backend, q, k, v, dout, causal=causal, segment_ids=ids, kv_segment_ids=ids)
