@@ -375,13 +375,31 @@ def fake_gpu(monkeypatch, tmp_path):
     return tmp_path / "table.json"
 
 
+class _Notices(list):
+    @property
+    def text(self) -> str:
+        return "\n".join(record.getMessage() for record in self)
+
+
+@pytest.fixture
+def notices():
+    """The warnings of the ``ringlwm.kernels`` logger (caught at the logger: ringlwm's logger does not propagate)."""
+    records = _Notices()
+    handler = logging.Handler(level=logging.WARNING)
+    handler.emit = records.append
+    log = logging.getLogger("ringlwm.kernels")
+    log.addHandler(handler)
+    yield records
+    log.removeHandler(handler)
+
+
 def _fake_cuda(shape, dtype=torch.bfloat16):
     mode = FakeTensorMode()
     with mode:
         return torch.empty(shape, dtype=dtype, device="cuda")
 
 
-def test_auto_picks_the_measured_fastest_per_gpu_and_head_dim(fake_gpu, caplog):
+def test_auto_picks_the_measured_fastest_per_gpu_and_head_dim(fake_gpu, notices):
     fake_gpu.write_text(json.dumps({"version": 1, "gpus": {"NVIDIA H200": {"fastest": {"64": "cudnn",
                                                                                       "128": "torch_flash"}}}}))
     q64, q128, q96 = (_fake_cuda((1, 4, 16, d)) for d in (64, 128, 96))
@@ -390,24 +408,22 @@ def test_auto_picks_the_measured_fastest_per_gpu_and_head_dim(fake_gpu, caplog):
     assert library_flash.auto_backend(q96) == "torch_flash"  # the nearest measured head_dim (a tie: the larger)
     assert library_flash.auto_backend(torch.zeros(1, 4, 16, 64)) == "cpu"
     assert library_flash.auto_backend(q64, holds_no_data=True) == "triton"  # fake GPUs: the planner's kernel
-    assert not caplog.records
+    assert not notices
 
 
-def test_auto_without_a_measurement_says_so_once(fake_gpu, caplog, monkeypatch):
+def test_auto_without_a_measurement_says_so_once(fake_gpu, notices, monkeypatch):
     q = _fake_cuda((1, 4, 16, 64))
-    with caplog.at_level(logging.WARNING, logger="ringlwm.kernels"):
-        assert library_flash.auto_backend(q) == "torch_flash"
-        assert library_flash.auto_backend(q) == "torch_flash"
-    assert len(caplog.records) == 1 and "make gpu-check" in caplog.text and "NVIDIA H200" in caplog.text
+    assert library_flash.auto_backend(q) == "torch_flash"
+    assert library_flash.auto_backend(q) == "torch_flash"
+    assert len(notices) == 1 and "make gpu-check" in notices.text and "NVIDIA H200" in notices.text
     monkeypatch.setattr(library_flash, "device_capability", lambda device=None: (7, 5))
     assert library_flash.auto_backend(q) == "triton"  # no FlashAttention-2 before sm80
     # a measured choice that cannot run here (flash-attn not installed) is not taken
     fake_gpu.write_text(json.dumps({"version": 1, "gpus": {"NVIDIA H200": {"fastest": {"64": "flash_attn"}}}}))
     monkeypatch.setattr(library_flash, "_TABLE", {})
     monkeypatch.setattr(library_flash, "device_capability", lambda device=None: (9, 0))
-    with caplog.at_level(logging.WARNING, logger="ringlwm.kernels"):
-        assert library_flash.auto_backend(q) == "torch_flash"
-    assert "'flash_attn', which cannot run here" in caplog.text
+    assert library_flash.auto_backend(q) == "torch_flash"
+    assert "'flash_attn', which cannot run here" in notices.text
 
 
 def test_a_stale_or_broken_table_is_refused(fake_gpu):
@@ -420,17 +436,16 @@ def test_a_stale_or_broken_table_is_refused(fake_gpu):
         library_flash.auto_backend(_fake_cuda((1, 4, 16, 64)))
 
 
-def test_blocks_a_library_cannot_express_fall_back_with_one_notice(fake_gpu, caplog):
+def test_blocks_a_library_cannot_express_fall_back_with_one_notice(fake_gpu, notices):
     q, k = _fake_cuda((1, 4, 16, 64)), _fake_cuda((1, 2, 16, 64))
-    with caplog.at_level(logging.WARNING, logger="ringlwm.kernels"):
-        assert select_backend("torch_flash", q, k, True) == "torch_flash"
-        assert select_backend("cudnn", q, k, False) == "cudnn"
-        assert select_backend("torch_flash", q, k, True, q_offset=4) == "triton"
-        assert select_backend("torch_flash", q, k, True, q_offset=4) == "triton"
-        assert len(caplog.records) == 1 and "with offsets" in caplog.text and "'triton'" in caplog.text
-        q32, k32 = _fake_cuda((1, 4, 16, 64), torch.float32), _fake_cuda((1, 2, 16, 64), torch.float32)
-        assert select_backend("cudnn", q32, k32, True) == "triton"  # cudnn -> torch_flash -> triton
-    assert "'cudnn' cannot express torch.float32" in caplog.text and "'torch_flash' cannot express" in caplog.text
+    assert select_backend("torch_flash", q, k, True) == "torch_flash"
+    assert select_backend("cudnn", q, k, False) == "cudnn"
+    assert select_backend("torch_flash", q, k, True, q_offset=4) == "triton"
+    assert select_backend("torch_flash", q, k, True, q_offset=4) == "triton"
+    assert len(notices) == 1 and "with offsets" in notices.text and "'triton'" in notices.text
+    q32, k32 = _fake_cuda((1, 4, 16, 64), torch.float32), _fake_cuda((1, 2, 16, 64), torch.float32)
+    assert select_backend("cudnn", q32, k32, True) == "triton"  # cudnn -> torch_flash -> triton
+    assert "'cudnn' cannot express torch.float32" in notices.text and "'torch_flash' cannot express" in notices.text
     assert select_backend(None, q, k, True) == "triton"  # auto on a fake GPU
     assert select_backend("auto", torch.zeros(1, 4, 8, 64), torch.zeros(1, 4, 8, 64)) == "cpu"
 
