@@ -5,13 +5,17 @@
 1. Data: generated filler prose (no digits) and a sentencepiece tokenizer trained on it; needle examples
    in LWM's prompt format ("You are a helpful assistant. USER: {haystack with the needle} {question} ...
    ASSISTANT: ") whose answer repeats the needle sentence, so that the number appears in it: short
-   haystacks for the first stage, up to the final length for the second; plain filler text beside them.
+   haystacks for the first stage, up to the final length for the second; plain filler text beside them;
+   and RULER's ``niah_single_1`` in its own format (``ruler_records``: its lwm template, a needle in repeated
+   noise, answered with the number; 256-384 tokens in stage 1, up to the final length in stage 2), from a seed
+   of their own. The slice's other two tasks are never trained on.
 2. Training: ``torchrun -m ringlwm.train recipes/demo.yaml``: two stages, 1024 tokens data parallel
    (sp = 1, dp = 2), then 2048 tokens over the ring (sp = 2) with RoPE theta raised from 1e4 to 4e4.
 3. Evaluation: ``torchrun -m ringlwm.eval.needle`` on fresh haystacks at 256-2048 tokens and depths 0-100%,
    then a RULER slice (``torchrun -m ringlwm.eval.ruler``): three needle tasks in RULER's format (a needle
-   in repeated noise, in an essay of the demo's filler prose, among distractor needles), 3 samples each at
-   256-2048 tokens, with a 32-token answer budget (RULER's is 128: a quarter of the shortest context here).
+   in repeated noise: trained on; in an essay of the demo's filler prose and among distractor needles: held out),
+   10 samples each at 256-2048 tokens, with a 32-token answer budget (RULER's is 128: a quarter of the shortest
+   context here).
 4. runs/demo/: metrics.jsonl, loss.png, needle.json, needle_heatmap.png, ruler.json, ruler_heatmap.png,
    hf/ (the model), and a summary.
 """
@@ -33,7 +37,7 @@ from ringlwm.eval.needle import CITIES, NEEDLE, PREFIX, QUESTION, SUFFIX, accura
 
 # The RULER slice: tasks that fit 256 tokens with the demo's 512-piece tokenizer (vt, cwe and fwe need more).
 RULER_TASKS = "niah_single_1,niah_single_2,niah_multikey_2"
-RULER_SAMPLES = 3
+RULER_SAMPLES = 10
 RULER_NEW_TOKENS = 32
 
 TOKENS_PER_SENTENCE = 13  # about, for the generated filler with the demo's tokenizer
@@ -56,14 +60,41 @@ def needle_record(rng: random.Random, num_sentences: int, early: bool = False) -
     return {"prompt": prompt, "answer": needle}
 
 
+RULER_TRAIN_TASK = "niah_single_1"
+"""The RULER task the demo also trains on, in RULER's own format (its lwm template, a needle in repeated noise); the
+slice's other tasks stay held out: what a narrow model does not generalise to."""
+RULER_EXAMPLES = (4000, 1500)  # stage 1, stage 2
+RULER_SHORT_LENGTHS = (256, 320, 384)  # stage 1: a few noise units around the needle (the template alone is ~200 tokens)
+
+
+def ruler_records(tokenizer, *, seed: int, count: int, lengths) -> list[dict]:
+    """Training examples of ``RULER_TRAIN_TASK`` answered with the number, from RULER's sample maker with a seed of
+    their own (the slice's samples come from the evaluation seed)."""
+    from ringlwm.eval.ruler_tasks import SampleMaker
+
+    maker = SampleMaker(tokenizer, seed=seed, template="lwm", words="ringlwm", max_new_tokens=8)
+    rng = random.Random(seed)
+    records = []
+    for index in range(count):
+        sample = maker.sample(RULER_TRAIN_TASK, rng.choice(list(lengths)), index)
+        records.append({"prompt": sample.prompt, "answer": sample.references[0] + "."})
+    return records
+
+
 def write_data(data_dir: Path, *, seed: int, short_examples: int, long_examples: int, long_max_tokens: int,
-               short_sentences: tuple[int, int] = (0, 10)) -> None:
+               short_sentences: tuple[int, int] = (0, 10), ruler_examples: tuple[int, int] = (0, 0)) -> None:
+    """The demo's data in ``data_dir``: the tokenizer, needles_short/long.jsonl, text.jsonl and, with
+    ``ruler_examples`` = (stage 1, stage 2) counts, ruler_short/long.jsonl (``ruler_records``)."""
     from ringlwm.data import load_tokenizer, train_sentencepiece
+    from ringlwm.eval.ruler_tasks import KINDS, NOISE
+    from ringlwm.eval.ruler_tasks import NEEDLE as RULER_NEEDLE
 
     data_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     corpus = [generated_haystack(2000, seed=seed + 1)]
     corpus += [needle_record(rng, 3)["prompt"] + " " + needle_record(rng, 3)["answer"] for _ in range(200)]
+    if any(ruler_examples):
+        corpus += [NOISE] * 20 + [RULER_NEEDLE, KINDS["niah"].template, KINDS["niah"].answer_prefix] * 5
     train_sentencepiece(corpus, vocab_size=512, model_prefix=data_dir / "tokenizer")
     tokenizer = load_tokenizer(data_dir / "tokenizer.model")
     max_sentences = max(4, (long_max_tokens - 80) // TOKENS_PER_SENTENCE)
@@ -91,6 +122,14 @@ def write_data(data_dir: Path, *, seed: int, short_examples: int, long_examples:
     with open(data_dir / "text.jsonl", "w") as f:
         for i in range(400):
             f.write(json.dumps({"text": generated_haystack(rng.randint(5, 60), seed=seed + 100 + i)}) + "\n")
+    # stage 2: 256 to the final length, the top half twice as often (the measured run missed at 2048 only)
+    long_lengths = [*range(256, long_max_tokens + 1, 256), *range(long_max_tokens // 2 + 256, long_max_tokens + 1, 256)]
+    for name, count, lengths, offset in (("ruler_short", ruler_examples[0], RULER_SHORT_LENGTHS, 1000),
+                                         ("ruler_long", ruler_examples[1], long_lengths, 2000)):
+        if count:
+            with open(data_dir / f"{name}.jsonl", "w") as f:
+                for record in ruler_records(tokenizer, seed=seed + offset, count=count, lengths=lengths):
+                    f.write(json.dumps(record) + "\n")
 
 
 def _torchrun(nproc: int, module: str, *args: str) -> None:
@@ -151,12 +190,14 @@ def main(argv=None) -> None:
     if not (data_dir / "needles_long.jsonl").is_file():
         print("[1/4] data: generated haystacks, needles and a sentencepiece tokenizer", flush=True)
         write_data(data_dir, seed=args.seed, short_examples=40000, long_examples=6000,
-                   long_max_tokens=max(int(x) for x in args.lengths.split(",")))
+                   long_max_tokens=max(int(x) for x in args.lengths.split(",")), ruler_examples=RULER_EXAMPLES)
     paths = [f"data.tokenizer={data_dir / 'tokenizer.model'}",
              f"data.sources.0.path={data_dir / 'needles_short.jsonl'}", f"data.sources.1.path={data_dir / 'text.jsonl'}",
              f"stages.1.data.tokenizer={data_dir / 'tokenizer.model'}",
              f"stages.1.data.sources.0.path={data_dir / 'needles_long.jsonl'}",
-             f"stages.1.data.sources.1.path={data_dir / 'text.jsonl'}"]
+             f"stages.1.data.sources.1.path={data_dir / 'text.jsonl'}",
+             f"data.sources.2.path={data_dir / 'ruler_short.jsonl'}",
+             f"stages.1.data.sources.2.path={data_dir / 'ruler_long.jsonl'}"]
     print(f"[2/4] training on {args.nproc} processes: {args.recipe}", flush=True)
     t_train = time.time()
     _torchrun(args.nproc, "ringlwm.train", args.recipe, "--out", str(out), *paths, *args.overrides)

@@ -421,6 +421,29 @@ def test_demo_ruler_slice_runs_on_a_tiny_model(tmp_path):
     assert lines[0].startswith("  RULER slice") and any("effective length" in line for line in lines)
 
 
+def test_the_demo_trains_on_rulers_niah_single_1_with_its_own_samples_and_holds_the_rest_out(tok_path):
+    """The demo's RULER training records: niah_single_1 prompts exactly as the slice builds them (RULER's lwm
+    template, noise haystack), answered with the needle's number, from a seed of their own: no key or prompt of the
+    slice's samples among them; the slice's other tasks are not trained on."""
+    from ringlwm.demo import RULER_TASKS, RULER_TRAIN_TASK, ruler_records
+
+    tok = load_tokenizer(tok_path)
+    records = ruler_records(tok, seed=1000, count=8, lengths=(512, 768))
+    assert RULER_TRAIN_TASK in RULER_TASKS.split(",") and len(RULER_TASKS.split(",")) == 3
+    same = SampleMaker(tok, seed=1000, template="lwm", words="ringlwm", max_new_tokens=8)
+    evaluation = SampleMaker(tok, seed=2, template="lwm", words="ringlwm", max_new_tokens=32)  # the slice's seed
+    slice_keys = {re.search(r"number for (.+?) mentioned", evaluation.sample("niah_single_1", n, i).prompt).group(1)
+                  for n in (512, 768) for i in range(3)}
+    for index, record in enumerate(records):
+        value = record["answer"].rstrip(".")
+        assert record["answer"].endswith(".") and value.isdigit() and len(value) == 7
+        assert record["prompt"].count(value) == 1 and NOISE in record["prompt"]
+        assert record["prompt"].endswith("mentioned in the provided text is")
+        length = 512 if record["prompt"] == same.sample(RULER_TRAIN_TASK, 512, index).prompt else 768
+        assert record["prompt"] == same.sample(RULER_TRAIN_TASK, length, index).prompt
+        assert re.search(r"number for (.+?) mentioned", record["prompt"]).group(1) not in slice_keys
+
+
 def test_cli_tasks_all_and_lengths_with_spaces_or_commas(tok_path, tmp_path, capsys):
     """``--tasks all`` is RULER's 13 (qa skipped with the reason when its file is absent); lengths take spaces,
     commas or both; a task that does not fit a length is left out there with the reason (cwe's smallest
