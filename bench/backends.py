@@ -149,7 +149,7 @@ def time_rows(device: torch.device, backends: list[str], quick: bool, deadline: 
         q, k, v, dout = _inputs(1, heads, heads // 4, seqlen, head_dim, dtype, device)
         ids = _packed_ids(1, seqlen, 8, device) if packed else None
         leaves = [t.requires_grad_() for t in (q, k, v)]
-        measured = {}
+        measured, timed = {}, []
         for name in backends:
             if time.monotonic() > deadline:
                 break
@@ -167,14 +167,14 @@ def time_rows(device: torch.device, backends: list[str], quick: bool, deadline: 
                              "backend": name, "error": f"{type(error).__name__}: {str(error)[:200]}"})
                 continue
             fwd = 4 * heads * seqlen * seqlen * head_dim / (2 if causal else 1)
-            rows.append({"head_dim": head_dim, "seqlen": seqlen, "causal": causal, "packed": packed, "backend": name,
-                         "ran": _ran(name, q, k, causal, ids), "fwdbwd_ms": measured[name] * 1e3,
-                         "tflops": 3.5 * fwd / measured[name] / 1e12})
-        reference = measured.get("triton", measured.get("cpu"))
-        for row in rows:
-            if row.get("seqlen") == seqlen and row.get("head_dim") == head_dim and row.get("causal") == causal \
-                    and row.get("packed") == packed and "fwdbwd_ms" in row and reference:
+            timed.append({"head_dim": head_dim, "seqlen": seqlen, "causal": causal, "packed": packed,
+                          "backend": name, "ran": _ran(name, q, k, causal, ids), "fwdbwd_ms": measured[name] * 1e3,
+                          "tflops": 3.5 * fwd / measured[name] / 1e12})
+        reference = measured.get("triton", measured.get("cpu"))  # the CPU rehearsal has no triton
+        for row in timed:
+            if reference:
                 row["vs_triton"] = reference * 1e3 / row["fwdbwd_ms"]
+        rows += timed
     return rows
 
 

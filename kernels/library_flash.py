@@ -35,6 +35,7 @@ before a block runs on one.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import inspect
@@ -309,14 +310,30 @@ def _flash_attn4_ops() -> FlashOps:
     return FlashOps(forward, backward)
 
 
+@functools.cache
+def _installed(module: str) -> bool:
+    """Whether ``module`` (a package, or a pure-Python submodule of a regular package) can be imported, found
+    without importing it or its parents (``find_spec`` of a submodule would import the package); once per
+    process, since the selection asks for every block."""
+    top, _, rest = module.partition(".")
+    spec = importlib.util.find_spec(top)
+    if spec is None or not rest:
+        return spec is not None
+    for folder in spec.submodule_search_locations or ():
+        path = Path(folder, *rest.split("."))
+        if (path / "__init__.py").is_file() or path.with_suffix(".py").is_file():
+            return True
+    return False
+
+
 def flash_attn_flavour(device: torch.device | None = None) -> str | None:
     """"flash-attn-4" (sm90+ with ``flash_attn.cute``), "flash-attn-2", or None when flash-attn is not installed
     (found without importing it)."""
-    if importlib.util.find_spec("flash_attn") is None:
+    if not _installed("flash_attn"):
         return None
-    if device_capability(device) >= (9, 0) and importlib.util.find_spec("flash_attn.cute") is not None:
+    if device_capability(device) >= (9, 0) and _installed("flash_attn.cute"):
         return "flash-attn-4"
-    if importlib.util.find_spec("flash_attn.flash_attn_interface") is not None:
+    if _installed("flash_attn.flash_attn_interface"):
         return "flash-attn-2"
     return None
 
@@ -346,6 +363,10 @@ def _empty_block(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.zeros_like(q), torch.full(q.shape[:3], float("-inf"), dtype=_stat_dtype(q.dtype), device=q.device)
 
 
+def _empty_gradients(q, k, v) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.zeros(t.shape, dtype=_stat_dtype(q.dtype), device=q.device) for t in (q, k, v))
+
+
 def _tokens(t: torch.Tensor) -> torch.Tensor:
     """(batch, heads, seq, d) -> (batch * seq, heads, d): a strided view for one batch row (a ring's usual case: the
     kernels take any token and head strides, the last dim contiguous), a copy for more."""
@@ -361,11 +382,13 @@ def _untokens(t: torch.Tensor, batch: int) -> torch.Tensor:
     return t.view(batch, total // batch, h, d).transpose(1, 2)
 
 
-def _expressible(mask: str) -> bool:
+def _expressed_mask(q, k, causal, q_offset, kv_offset) -> str:
+    """``block_mask`` of this block: "full", "diagonal" or "empty"; an "offset" block raises ``Unsupported``."""
+    mask = block_mask(q.shape[2], k.shape[2], causal, q_offset, kv_offset)
     if mask == "offset":
         raise Unsupported("a causal block with offsets other than a square diagonal; the selection sends it to "
                           "another backend")
-    return True
+    return mask
 
 
 def _block_documents(segment_ids, kv_segment_ids, mask):
@@ -379,10 +402,9 @@ def _block_documents(segment_ids, kv_segment_ids, mask):
 def flash_forward(ops: FlashOps, q, k, v, *, causal, scale, segment_ids=None, kv_segment_ids=None, q_offset=0,
                   kv_offset=0):
     """One block's (out, lse) through ``ops`` (``FlashOps``) with ringlwm's contract."""
-    mask = block_mask(q.shape[2], k.shape[2], causal, q_offset, kv_offset)
+    mask = _expressed_mask(q, k, causal, q_offset, kv_offset)
     if mask == "empty":
         return _empty_block(q)
-    _expressible(mask)
     flag = mask == "diagonal"
     if segment_ids is None:
         out, lse = ops.forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, flag, scale)
@@ -402,10 +424,9 @@ def flash_forward(ops: FlashOps, q, k, v, *, causal, scale, segment_ids=None, kv
 def flash_backward(ops: FlashOps, dout, q, k, v, out, lse, *, causal, scale, segment_ids=None, kv_segment_ids=None,
                    q_offset=0, kv_offset=0):
     """One block's fp32 (dq, dk, dv) through ``ops`` from the ring's merged (out, lse)."""
-    mask = block_mask(q.shape[2], k.shape[2], causal, q_offset, kv_offset)
+    mask = _expressed_mask(q, k, causal, q_offset, kv_offset)
     if mask == "empty":
-        return tuple(torch.zeros(t.shape, dtype=_stat_dtype(q.dtype), device=q.device) for t in (q, k, v))
-    _expressible(mask)
+        return _empty_gradients(q, k, v)
     flag = mask == "diagonal"
     stat = _stat_dtype(q.dtype)
     lse = lse.to(stat).where(lse != float("-inf"), float("inf"))  # the libraries' "no key" is +inf
@@ -437,11 +458,10 @@ def _cudnn_inputs(q, k, v, segment_ids, kv_segment_ids):
 def cudnn_forward(q, k, v, *, causal, scale, segment_ids=None, kv_segment_ids=None, q_offset=0, kv_offset=0,
                   ops: CudnnOps | None = None):
     ops = ops or CUDNN_OPS
-    mask = block_mask(q.shape[2], k.shape[2], causal, q_offset, kv_offset)
+    mask = _expressed_mask(q, k, causal, q_offset, kv_offset)
     k, v = _cudnn_inputs(q, k, v, segment_ids, kv_segment_ids)
     if mask == "empty" or k is None:
         return _empty_block(q)
-    _expressible(mask)
     out, lse = ops.forward(q, k, v, mask == "diagonal", scale)
     return out, lse.to(_stat_dtype(q.dtype))
 
@@ -449,12 +469,11 @@ def cudnn_forward(q, k, v, *, causal, scale, segment_ids=None, kv_segment_ids=No
 def cudnn_backward(dout, q, k, v, out, lse, *, causal, scale, segment_ids=None, kv_segment_ids=None, q_offset=0,
                    kv_offset=0, ops: CudnnOps | None = None):
     ops = ops or CUDNN_OPS
-    mask = block_mask(q.shape[2], k.shape[2], causal, q_offset, kv_offset)
+    mask = _expressed_mask(q, k, causal, q_offset, kv_offset)
     kv_heads = k.shape[1]
     k_full, v_full = _cudnn_inputs(q, k, v, segment_ids, kv_segment_ids)
     if mask == "empty" or k_full is None:
-        return tuple(torch.zeros(t.shape, dtype=_stat_dtype(q.dtype), device=q.device) for t in (q, k, v))
-    _expressible(mask)
+        return _empty_gradients(q, k, v)
     stat = _stat_dtype(q.dtype)
     lse = lse.to(stat).where(lse != float("-inf"), float("inf"))
     dq, dk, dv = ops.backward(dout.contiguous(), q, k_full, v_full, out.contiguous(), lse, mask == "diagonal", scale)

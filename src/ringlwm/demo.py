@@ -73,10 +73,10 @@ def ruler_records(tokenizer, *, seed: int, count: int, lengths) -> list[dict]:
     from ringlwm.eval.ruler_tasks import SampleMaker
 
     maker = SampleMaker(tokenizer, seed=seed, template="lwm", words="ringlwm", max_new_tokens=8)
-    rng = random.Random(seed)
+    rng, lengths = random.Random(seed), list(lengths)
     records = []
     for index in range(count):
-        sample = maker.sample(RULER_TRAIN_TASK, rng.choice(list(lengths)), index)
+        sample = maker.sample(RULER_TRAIN_TASK, rng.choice(lengths), index)
         records.append({"prompt": sample.prompt, "answer": sample.references[0] + "."})
     return records
 
