@@ -9,6 +9,12 @@ What we add on top: the masks (causal with position offsets, segment ids) as an 
 built only when is_causal alone cannot express them (documents on a diagonal block: is_causal plus a mask of
 the documents, so the kernel still skips the key blocks above the diagonal); lse = -inf for rows whose keys are all masked
 (the kernel returns out = 0 and lse = 0 for those); skipping blocks that nobody can see.
+
+Packed documents, each one contiguous run of ids on both sides (what the packer makes), are computed one
+document at a time ("documents" plan): a query run attends only to the key run of its own id, so each pair is
+one small kernel call without a float mask (is_causal where it is the pair's causality), and the work falls
+from seq_q x seq_k to the sum of the documents' squares (about 3x less at 1024 tokens of ~150-token
+documents, fwd+bwd, head_dim 16). Ids that repeat in separate runs keep the float mask.
 """
 
 from __future__ import annotations
@@ -26,15 +32,28 @@ class _MaskPlan:
 
     mode: "none" (every key visible), "causal" (the kernel's own is_causal), "mask" (additive float mask
     of shape (batch or 1, 1, seq_q, seq_k)), "causal_mask" (the kernel's is_causal, which skips the key
-    blocks above the diagonal, plus a float mask of the documents), or "empty" (no query sees any key).
+    blocks above the diagonal, plus a float mask of the documents), "documents" (``pieces``: one kernel call
+    per document present on both sides; rows in no piece see nothing), or "empty" (no query sees any key).
     """
 
-    __slots__ = ("mode", "float_mask", "dead_rows")
+    __slots__ = ("mode", "float_mask", "dead_rows", "pieces")
 
-    def __init__(self, mode, float_mask=None, dead_rows=None):
+    def __init__(self, mode, float_mask=None, dead_rows=None, pieces=None):
         self.mode = mode
         self.float_mask = float_mask
         self.dead_rows = dead_rows  # (batch or 1, 1, seq_q) bool: rows with no visible key, or None
+        self.pieces = pieces  # "documents": [_Piece]
+
+
+class _Piece:
+    """One document of one batch row: queries [q_start, q_end) attend to keys [k_start, k_end), with the
+    kernel's is_causal, or a float mask (1, 1, len_q, len_k) and the rows that see none of these keys."""
+
+    __slots__ = ("row", "q_start", "q_end", "k_start", "k_end", "is_causal", "float_mask", "dead_rows")
+
+    def __init__(self, row, q_start, q_end, k_start, k_end, is_causal=False, float_mask=None, dead_rows=None):
+        self.row, self.q_start, self.q_end, self.k_start, self.k_end = row, q_start, q_end, k_start, k_end
+        self.is_causal, self.float_mask, self.dead_rows = is_causal, float_mask, dead_rows
 
 
 _PLAN_CACHE: OrderedDict = OrderedDict()
@@ -89,6 +108,10 @@ def _build_plan(q, k, causal, segment_ids, kv_segment_ids, q_offset, kv_offset) 
             return _MaskPlan("none")
         if aligned:
             return _MaskPlan("causal")
+    else:
+        pieces = _document_pieces(q, causal, segment_ids, kv_segment_ids, q_offset, kv_offset)
+        if pieces is not None:
+            return _MaskPlan("empty") if not pieces else _MaskPlan("documents", pieces=pieces)
     same = None if segment_ids is None else (segment_ids[:, :, None] == kv_segment_ids[:, None, :])[:, None]
     if causal_needed and same is not None and aligned:
         # The kernel's own causal mask skips the key blocks above the diagonal (half the work); the float mask
@@ -109,6 +132,75 @@ def _build_plan(q, k, causal, segment_ids, kv_segment_ids, q_offset, kv_offset) 
     return _MaskPlan("mask", _additive(visible, q.dtype), dead if bool(dead.any()) else None)
 
 
+def _runs(ids: list[int]) -> dict[int, tuple[int, int]] | None:
+    """{id: (start, end)} when each id is one contiguous run, else None."""
+    runs: dict[int, tuple[int, int]] = {}
+    start = 0
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or ids[i] != ids[start]:
+            if ids[start] in runs:
+                return None
+            runs[ids[start]] = (start, i)
+            start = i
+    return runs
+
+
+def _document_pieces(q, causal, segment_ids, kv_segment_ids, q_offset, kv_offset) -> list[_Piece] | None:
+    """The "documents" plan's pieces, or None when some id is not one contiguous run (then the float mask)."""
+    pieces = []
+    for row, (q_ids, kv_ids) in enumerate(zip(segment_ids.tolist(), kv_segment_ids.tolist())):
+        q_runs, kv_runs = _runs(q_ids), _runs(kv_ids)
+        if q_runs is None or kv_runs is None:
+            return None
+        for doc, (q_start, q_end) in q_runs.items():
+            if doc not in kv_runs:
+                continue  # no key of this document here: its rows see nothing
+            k_start, k_end = kv_runs[doc]
+            first_q, last_q = q_offset + q_start, q_offset + q_end - 1
+            first_k, last_k = kv_offset + k_start, kv_offset + k_end - 1
+            if not causal or first_q >= last_k:
+                pieces.append(_Piece(row, q_start, q_end, k_start, k_end))
+            elif last_q < first_k:
+                continue  # every key after every query
+            elif first_q == first_k and q_end - q_start == k_end - k_start:
+                pieces.append(_Piece(row, q_start, q_end, k_start, k_end, is_causal=True))
+            else:
+                q_pos = torch.arange(first_q, last_q + 1, device=q.device)
+                k_pos = torch.arange(first_k, last_k + 1, device=q.device)
+                visible = (q_pos[:, None] >= k_pos[None, :])[None, None]
+                dead = ~visible.any(dim=-1)
+                pieces.append(_Piece(row, q_start, q_end, k_start, k_end, float_mask=_additive(visible, q.dtype),
+                                     dead_rows=dead if bool(dead.any()) else None))
+    return pieces
+
+
+def _forward_documents(q, k, v, pieces, scale, stat_dtype):
+    out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.full(q.shape[:3], float("-inf"), dtype=stat_dtype, device=q.device)
+    for p in pieces:
+        rows, keys = (p.row, slice(None), slice(p.q_start, p.q_end)), (p.row, slice(None), slice(p.k_start, p.k_end))
+        o, piece_lse = _fwd_op(q[rows][None], k[keys][None], v[keys][None], 0.0, p.is_causal,
+                               attn_mask=p.float_mask, scale=scale)
+        if p.dead_rows is not None:
+            piece_lse = piece_lse.masked_fill(p.dead_rows, float("-inf"))
+            o = o.masked_fill(p.dead_rows[..., None], 0.0)
+        out[rows] = o[0]
+        lse[rows] = piece_lse[0]
+    return out, lse
+
+
+def _backward_documents(dout, q, k, v, out, lse, pieces, scale):
+    dq, dk, dv = (torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    for p in pieces:
+        rows, keys = (p.row, slice(None), slice(p.q_start, p.q_end)), (p.row, slice(None), slice(p.k_start, p.k_end))
+        mask = None if p.float_mask is None else p.float_mask.to(q.dtype)
+        grads = _bwd_op(dout[rows][None], q[rows][None], k[keys][None], v[keys][None], out[rows][None],
+                        lse[rows][None], 0.0, p.is_causal, attn_mask=mask, scale=scale)
+        for total, grad, where in zip((dq, dk, dv), grads, (rows, keys, keys)):
+            total[where] = grad[0]
+    return dq, dk, dv
+
+
 def cpu_attention_forward(
     q, k, v, *, causal, scale, segment_ids=None, kv_segment_ids=None, q_offset=0, kv_offset=0
 ):
@@ -119,6 +211,8 @@ def cpu_attention_forward(
     if plan.mode == "empty":
         out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
         return out, torch.full(q.shape[:3], float("-inf"), dtype=stat_dtype, device=q.device)
+    if plan.mode == "documents":
+        return _forward_documents(q, k, v, plan.pieces, scale, stat_dtype)
     out, lse = _fwd_op(q, k, v, 0.0, plan.mode in ("causal", "causal_mask"), attn_mask=plan.float_mask, scale=scale)
     lse = lse.to(stat_dtype)
     if plan.dead_rows is not None:
@@ -145,6 +239,8 @@ def cpu_attention_backward(
     # Rows that attended nothing carry lse = -inf; their scores are all -inf too, so any finite lse
     # gives them zero probabilities (and no NaN from -inf - -inf).
     lse = torch.where(torch.isneginf(lse), 0.0, lse).to(grad_dtype)
+    if plan.mode == "documents":
+        return _backward_documents(dout, q, k, v, out, lse, plan.pieces, scale)
     dq, dk, dv = _bwd_op(dout, q, k, v, out, lse, 0.0, plan.mode in ("causal", "causal_mask"), attn_mask=mask,
                          scale=scale)
     return dq, dk, dv

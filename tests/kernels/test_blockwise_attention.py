@@ -165,6 +165,58 @@ def test_cpu_mask_cache_follows_the_ids():
         del fresh
 
 
+def _runs_of(lengths_per_row, ids_per_row):
+    """Segment ids made of contiguous runs: row r has documents ids_per_row[r] of lengths lengths_per_row[r]."""
+    return torch.tensor([[doc for doc, n in zip(ids, lengths) for _ in range(n)]
+                         for ids, lengths in zip(ids_per_row, lengths_per_row)])
+
+
+DOCUMENT_CASES = [  # (q ids, kv ids, q_offset, kv_offset, causal); one row per batch entry
+    pytest.param(_runs_of([[30, 50, 16, 8], [4, 70, 26, 4]], [[0, 1, 2, -1], [0, 1, 2, -1]]),
+                 None, 0, 0, True, id="diagonal-packed-with-padding"),
+    pytest.param(_runs_of([[30, 50, 20], [1, 98, 1]], [[0, 1, 2], [5, 6, 7]]), None, 0, 0, False,
+                 id="not-causal"),
+    # a later ring step: the document that spans both blocks sees all its earlier keys, the others none
+    pytest.param(_runs_of([[20, 44], [64]], [[3, 4], [4]]), _runs_of([[40, 24], [10, 54]], [[2, 3], [3, 4]]),
+                 64, 0, True, id="below-diagonal"),
+    # overlapping positions: pieces need a causal mask of their own, some of whose rows see nothing
+    pytest.param(_runs_of([[30, 40], [70]], [[1, 2], [2]]), _runs_of([[15, 30], [45]], [[1, 2], [2]]),
+                 50, 60, True, id="partial-overlap-with-keyless-rows"),
+    # documents present on one side only: their rows see nothing
+    pytest.param(_runs_of([[10, 30, 8]], [[9, 1, 2]]), _runs_of([[12, 24, 12]], [[1, 7, 2]]), 0, 0, True,
+                 id="documents-missing-on-one-side"),
+]
+
+
+@pytest.mark.parametrize("q_ids,kv_ids,q_offset,kv_offset,causal", DOCUMENT_CASES)
+def test_cpu_packed_documents_one_call_each_match_fp64(q_ids, kv_ids, q_offset, kv_offset, causal):
+    """Documents that are contiguous runs (what the packer makes) go one kernel call per document present on
+    both sides, without the seq_q x seq_k float mask. Out, lse and the gradients against fp64 SDPA with the
+    full mask, for diagonal, later and overlapping ring steps, keyless rows and padding ids; GQA 4/2."""
+    import ringlwm.kernels.cpu_flash as cpu_flash
+
+    kv_ids = q_ids if kv_ids is None else kv_ids
+    q, k, v, dout = _inputs(q_ids.shape[0], 4, 2, q_ids.shape[1], kv_ids.shape[1], 16, torch.float32, seed=21)
+    plan = cpu_flash._build_plan(q, k, causal, q_ids, kv_ids, q_offset, kv_offset)
+    assert plan.mode == "documents" and plan.float_mask is None
+    assert len(plan.pieces) <= sum(len(set(row.tolist())) for row in q_ids)
+    got, ref = check_against_reference("cpu", q, k, v, dout, causal=causal, segment_ids=q_ids,
+                                       kv_segment_ids=kv_ids, q_offset=q_offset, kv_offset=kv_offset)
+    empty = torch.isneginf(ref[1])
+    assert (got[0][empty] == 0).all() and (got[2][empty] == 0).all()
+
+
+def test_cpu_ids_that_are_not_one_run_each_keep_the_float_mask():
+    """An id in two separate runs (not what the packer makes) cannot be split into documents: the float mask,
+    still exact."""
+    import ringlwm.kernels.cpu_flash as cpu_flash
+
+    ids = _runs_of([[20, 30, 14]], [[0, 1, 0]])
+    q, k, v, dout = _inputs(1, 2, 2, 64, 64, 16, torch.float32, seed=22)
+    assert cpu_flash._build_plan(q, k, True, ids, ids, 0, 0).mode == "causal_mask"
+    check_against_reference("cpu", q, k, v, dout, causal=True, segment_ids=ids, kv_segment_ids=ids)
+
+
 RING_CASES = [  # (seq_q, seq_k, q_offset, kv_offset, causal)
     pytest.param(64, 64, 64, 64, True, id="diagonal"),
     pytest.param(64, 64, 128, 0, True, id="below-diagonal-full"),
