@@ -6,9 +6,9 @@
    in LWM's prompt format ("You are a helpful assistant. USER: {haystack with the needle} {question} ...
    ASSISTANT: ") whose answer repeats the needle sentence, so that the number appears in it: short
    haystacks for the first stage, up to the final length for the second; plain filler text beside them;
-   and RULER's ``niah_single_1`` in its own format (``ruler_records``: its lwm template, a needle in repeated
-   noise, answered with the number; 256-384 tokens in stage 1, up to the final length in stage 2), from a seed
-   of their own. The slice's other two tasks are never trained on.
+   and, for the second stage, RULER's ``niah_single_1`` in its own format (``ruler_records``: its lwm template,
+   a needle in repeated noise, answered with the number; 256 tokens to the final length), from a seed of their
+   own. The slice's other two tasks are never trained on.
 2. Training: ``torchrun -m ringlwm.train recipes/demo.yaml``: two stages, 1024 tokens data parallel
    (sp = 1, dp = 2), then 2048 tokens over the ring (sp = 2) with RoPE theta raised from 1e4 to 4e4.
 3. Evaluation: ``torchrun -m ringlwm.eval.needle`` on fresh haystacks at 256-2048 tokens and depths 0-100%,
@@ -63,7 +63,7 @@ def needle_record(rng: random.Random, num_sentences: int, early: bool = False) -
 RULER_TRAIN_TASK = "niah_single_1"
 """The RULER task the demo also trains on, in RULER's own format (its lwm template, a needle in repeated noise); the
 slice's other tasks stay held out: what a narrow model does not generalise to."""
-RULER_EXAMPLES = (4000, 1500)  # stage 1, stage 2
+RULER_EXAMPLES = (0, 2000)  # stage 1, stage 2 (in stage 1 they delayed the retrieval phase change: recipes/demo.yaml)
 RULER_SHORT_LENGTHS = (256, 320, 384)  # stage 1: a few noise units around the needle (the template alone is ~200 tokens)
 
 
@@ -132,6 +132,26 @@ def write_data(data_dir: Path, *, seed: int, short_examples: int, long_examples:
                     f.write(json.dumps(record) + "\n")
 
 
+def matmul_gflops(size: int = 1024, repeats: int = 8) -> float:
+    """This machine's fp32 matmul speed on one thread (what each training process gets), in GFLOP/s: the demo's
+    time scales with it (2026-12-02: 22-23 on an AVX2 EPYC, ~70 on the machine where the recipe was tuned)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a, b = torch.randn(size, size), torch.randn(size, size)
+        a @ b
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(threads)
+    return 2 * size**3 / best / 1e9
+
+
 def _torchrun(nproc: int, module: str, *args: str) -> None:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
                module, *args]
@@ -186,6 +206,7 @@ def main(argv=None) -> None:
         shutil.rmtree(out)
     data_dir = out / "data"
     start = time.time()
+    gflops = matmul_gflops()
 
     if not (data_dir / "needles_long.jsonl").is_file():
         print("[1/4] data: generated haystacks, needles and a sentencepiece tokenizer", flush=True)
@@ -196,7 +217,6 @@ def main(argv=None) -> None:
              f"stages.1.data.tokenizer={data_dir / 'tokenizer.model'}",
              f"stages.1.data.sources.0.path={data_dir / 'needles_long.jsonl'}",
              f"stages.1.data.sources.1.path={data_dir / 'text.jsonl'}",
-             f"data.sources.2.path={data_dir / 'ruler_short.jsonl'}",
              f"stages.1.data.sources.2.path={data_dir / 'ruler_long.jsonl'}"]
     print(f"[2/4] training on {args.nproc} processes: {args.recipe}", flush=True)
     t_train = time.time()
@@ -217,7 +237,7 @@ def main(argv=None) -> None:
     ruler_slice(out, data_dir / "tokenizer.model", lengths=args.lengths, seed=args.seed + 2, nproc=args.nproc)
     t_ruler = time.time() - t_ruler
     plot_loss(out / "metrics.jsonl", out / "loss.png")
-    summary(out, total=time.time() - start, train=t_train, evaluate=t_eval, ruler=t_ruler)
+    summary(out, total=time.time() - start, train=t_train, evaluate=t_eval, ruler=t_ruler, gflops=gflops)
 
 
 def ruler_slice(out: Path, tokenizer: Path, *, lengths: str, seed: int, nproc: int, tasks: str = RULER_TASKS,
@@ -264,7 +284,8 @@ def ruler_summary(out: Path) -> list[str]:
     return lines
 
 
-def summary(out: Path, *, total: float, train: float, evaluate: float, ruler: float = 0.0) -> None:
+def summary(out: Path, *, total: float, train: float, evaluate: float, ruler: float = 0.0,
+            gflops: float | None = None) -> None:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     results = json.loads((out / "needle.json").read_text())["results"]
     table = accuracy_table(results)
@@ -287,7 +308,9 @@ def summary(out: Path, *, total: float, train: float, evaluate: float, ruler: fl
     ruler_lines = ruler_summary(out)
     lines += ruler_lines + ([""] if ruler_lines else [])
     lines += [f"  time: {total / 60:.1f} min (training {train / 60:.1f}, needle evaluation {evaluate / 60:.1f}, "
-              f"RULER slice {ruler / 60:.1f})",
+              f"RULER slice {ruler / 60:.1f})"
+              + (f", on cores doing {gflops:.0f} GFLOP/s of fp32 matmul each (the time scales with it)"
+                 if gflops else ""),
               f"  files: {out}/metrics.jsonl, loss.png, needle.json, needle_heatmap.png"
               + (", ruler.json, ruler_heatmap.png" if ruler_lines else "") + ", hf/", ""]
     text = "\n".join(lines)
