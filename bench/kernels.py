@@ -6,6 +6,10 @@ Forward, backward and forward+backward time and TFLOP/s in the FlashAttention co
 4*b*h*s*s*d FLOPs, halved when causal; backward 2.5x forward. On a GPU: bf16, the Triton kernels, SDPA
 pinned to its flash backend. On CPU: fp32, ringlwm's CPU path (the fused CPU kernel behind our masks
 and checks) against SDPA's default CPU path. `speedup` = SDPA time / ringlwm time, same run.
+
+On CPU also packed documents (the demo's stage 1: ~150-token documents, causal): ringlwm's one call per document
+against the fused kernel given the whole block's document mask (ringlwm's path before it split documents) and
+SDPA with that mask (``packed_speedup_vs_fused_mask``, same run).
 """
 
 from __future__ import annotations
@@ -76,6 +80,58 @@ def measure(fn, batch, heads, seqlen, head_dim, causal, dtype, device, reps):
     return fwd, bwd, total
 
 
+def packed_ids(seqlen: int, mean_doc: int, seed: int = 0) -> torch.Tensor:
+    """(1, seqlen) segment ids of documents with lengths uniform in [mean_doc / 4, 7 mean_doc / 4]."""
+    gen = torch.Generator().manual_seed(seed)
+    ids, doc = [], 0
+    while len(ids) < seqlen:
+        ids += [doc] * int(torch.randint(mean_doc // 4, 7 * mean_doc // 4 + 1, (1,), generator=gen))
+        doc += 1
+    return torch.tensor([ids[:seqlen]])
+
+
+def _packed_impls():
+    fused = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+    def fused_mask(q, k, v, ids):
+        same = ids[0][:, None] == ids[0][None, :]
+        mask = torch.zeros(same.shape, dtype=q.dtype).masked_fill_(~same, float("-inf"))
+        return fused(q, k, v, 0.0, True, attn_mask=mask[None, None])[0]
+
+    def sdpa_mask(q, k, v, ids):
+        visible = (ids[0][:, None] == ids[0][None, :]).tril()
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+
+    return {"ringlwm": lambda q, k, v, ids: blockwise_attention(q, k, v, causal=True, segment_ids=ids, backend="cpu"),
+            "fused-mask": fused_mask, "sdpa-mask": sdpa_mask}
+
+
+def packed_rows(base: dict, quick: bool) -> list[dict]:
+    """CPU, fp32, causal packed documents: fwd+bwd per implementation, ratio to the fused kernel with the mask."""
+    rows = []
+    for seqlen, heads, head_dim in ((1024, 8, 16),) + (() if quick else ((1024, 8, 64), (4096, 8, 64))):
+        ids = packed_ids(seqlen, 150)
+        gen = torch.Generator().manual_seed(1)
+        q, k, v, dout = (torch.randn(1, heads, seqlen, head_dim, generator=gen) for _ in range(4))
+        times = {}
+        for name, fn in _packed_impls().items():
+            qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+
+            def fwdbwd(fn=fn, qg=qg, kg=kg, vg=vg, ids=ids, dout=dout):
+                fn(qg, kg, vg, ids).backward(dout)
+
+            times[name] = time_fn(fwdbwd, q.device, warmup=1, reps=5)
+        for name, t in times.items():
+            rows.append(dict(base, impl=name, dtype="float32", causal=True, batch=1, heads=heads, seqlen=seqlen,
+                             head_dim=head_dim, documents=int(ids.max()) + 1, fwdbwd_ms=round(t * 1e3, 3),
+                             packed_speedup_vs_fused_mask=round(times["fused-mask"] / t, 3)))
+        print(f"measured packed s={seqlen} d={head_dim} ({int(ids.max()) + 1} documents)", flush=True)
+    path = append_csv("kernels_packed", rows)
+    print(f"\npacked documents on {base['device']}; rows appended to {path}")
+    print_table(rows, ["impl", "seqlen", "head_dim", "documents", "fwdbwd_ms", "packed_speedup_vs_fused_mask"])
+    return rows
+
+
 def main(quick: bool = False) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     reps = 10 if device.type == "cuda" else 3
@@ -100,4 +156,6 @@ def main(quick: bool = False) -> list[dict]:
     print(f"\nkernels on {base['device']} ({base['date']}, {base['git']}); rows appended to {path}")
     print_table(rows, ["impl", "causal", "seqlen", "head_dim", "fwd_ms", "bwd_ms", "fwdbwd_ms", "fwd_tflops",
                        "fwdbwd_tflops", "fwdbwd_speedup_vs_sdpa"])
+    if device.type == "cpu":
+        rows += packed_rows(base, quick)
     return rows

@@ -6,9 +6,9 @@
    in LWM's prompt format ("You are a helpful assistant. USER: {haystack with the needle} {question} ...
    ASSISTANT: ") whose answer repeats the needle sentence, so that the number appears in it: short
    haystacks for the first stage, up to the final length for the second; plain filler text beside them;
-   and, for the second stage, RULER's ``niah_single_1`` in its own format (``ruler_records``: its lwm template,
-   a needle in repeated noise, answered with the number; 256 tokens to the final length), from a seed of their
-   own. The slice's other two tasks are never trained on.
+   and RULER's ``niah_single_1`` in its own format (``ruler_records``: its lwm template, a needle in repeated
+   noise, answered with the number; 256-384 tokens in stage 1, up to the final length in stage 2), from a seed
+   of their own. The slice's other two tasks are never trained on.
 2. Training: ``torchrun -m ringlwm.train recipes/demo.yaml``: two stages, 1024 tokens data parallel
    (sp = 1, dp = 2), then 2048 tokens over the ring (sp = 2) with RoPE theta raised from 1e4 to 4e4.
 3. Evaluation: ``torchrun -m ringlwm.eval.needle`` on fresh haystacks at 256-2048 tokens and depths 0-100%,
@@ -63,7 +63,7 @@ def needle_record(rng: random.Random, num_sentences: int, early: bool = False) -
 RULER_TRAIN_TASK = "niah_single_1"
 """The RULER task the demo also trains on, in RULER's own format (its lwm template, a needle in repeated noise); the
 slice's other tasks stay held out: what a narrow model does not generalise to."""
-RULER_EXAMPLES = (0, 2000)  # stage 1, stage 2 (in stage 1 they delayed the retrieval phase change: recipes/demo.yaml)
+RULER_EXAMPLES = (4000, 1500)  # stage 1, stage 2
 RULER_SHORT_LENGTHS = (256, 320, 384)  # stage 1: a few noise units around the needle (the template alone is ~200 tokens)
 
 
@@ -134,7 +134,8 @@ def write_data(data_dir: Path, *, seed: int, short_examples: int, long_examples:
 
 def matmul_gflops(size: int = 1024, repeats: int = 8) -> float:
     """This machine's fp32 matmul speed on one thread (what each training process gets), in GFLOP/s: the demo's
-    time scales with it (2026-12-02: 22-23 on an AVX2 EPYC, ~70 on the machine where the recipe was tuned)."""
+    time scales with it (2026-12-02: 35 on an AVX2 EPYC, where the demo took ~40 minutes; the machine where the
+    recipe was tuned did 147 GFLOP/s on its 2 threads, ../shared/REFERENCES.md)."""
     import torch
 
     threads = torch.get_num_threads()
@@ -217,6 +218,7 @@ def main(argv=None) -> None:
              f"stages.1.data.tokenizer={data_dir / 'tokenizer.model'}",
              f"stages.1.data.sources.0.path={data_dir / 'needles_long.jsonl'}",
              f"stages.1.data.sources.1.path={data_dir / 'text.jsonl'}",
+             f"data.sources.2.path={data_dir / 'ruler_short.jsonl'}",
              f"stages.1.data.sources.2.path={data_dir / 'ruler_long.jsonl'}"]
     print(f"[2/4] training on {args.nproc} processes: {args.recipe}", flush=True)
     t_train = time.time()
