@@ -35,6 +35,7 @@ import torch.nn.functional as F
 import yaml
 
 from bench.common import append_csv, print_table, stamp
+from ringlwm.train.metrics import cpu_matmul_flops
 
 SHAPES = {
     "tiny": {"model": {"init": "random", "vocab_size": 512, "hidden_size": 128, "intermediate_size": 256,
@@ -173,21 +174,6 @@ def _hf_ddp_tokens_per_s(shape: dict, steps: int, warmup: int) -> float:
     return BATCH * shape["seq"] / max(seconds)
 
 
-def matmul_peak_flops(threads: int = 2) -> float:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-        for _ in range(3):
-            a @ b
-        t0 = time.perf_counter()
-        for _ in range(10):
-            a @ b
-        return 10 * 2 * 2048**3 / (time.perf_counter() - t0)
-    finally:
-        torch.set_num_threads(previous)
-
-
 def run_shape(name: str, shape: dict, base: dict, peak: float, quick: bool) -> list[dict]:
     from transformers import LlamaForCausalLM
 
@@ -227,7 +213,7 @@ def run_shape(name: str, shape: dict, base: dict, peak: float, quick: bool) -> l
 def main(quick: bool = False, shapes=("tiny", "compute")) -> list[dict]:
     base = stamp(torch.device("cpu"))
     base["device"] = f"cpu ({os.cpu_count()} cores)"
-    peak = matmul_peak_flops()
+    peak = cpu_matmul_flops()
     rows = []
     for name in shapes:
         rows += run_shape(name, SHAPES[name], base, peak, quick)

@@ -46,14 +46,13 @@ class _MaskPlan:
 
 
 class _Piece:
-    """One document of one batch row: queries [q_start, q_end) attend to keys [k_start, k_end), with the
-    kernel's is_causal, or a float mask (1, 1, len_q, len_k) and the rows that see none of these keys."""
+    """One document of one batch row: ``queries`` and ``keys`` index (batch, heads, seq, d) tensors (one row, a
+    run of positions); ``plan`` is this sub-block's own (no ids: "none", "causal" or "mask")."""
 
-    __slots__ = ("row", "q_start", "q_end", "k_start", "k_end", "is_causal", "float_mask", "dead_rows")
+    __slots__ = ("queries", "keys", "plan")
 
-    def __init__(self, row, q_start, q_end, k_start, k_end, is_causal=False, float_mask=None, dead_rows=None):
-        self.row, self.q_start, self.q_end, self.k_start, self.k_end = row, q_start, q_end, k_start, k_end
-        self.is_causal, self.float_mask, self.dead_rows = is_causal, float_mask, dead_rows
+    def __init__(self, queries, keys, plan):
+        self.queries, self.keys, self.plan = queries, keys, plan
 
 
 _PLAN_CACHE: OrderedDict = OrderedDict()
@@ -109,7 +108,7 @@ def _build_plan(q, k, causal, segment_ids, kv_segment_ids, q_offset, kv_offset) 
         if aligned:
             return _MaskPlan("causal")
     else:
-        pieces = _document_pieces(q, causal, segment_ids, kv_segment_ids, q_offset, kv_offset)
+        pieces = _document_pieces(q, k, causal, segment_ids, kv_segment_ids, q_offset, kv_offset)
         if pieces is not None:
             return _MaskPlan("empty") if not pieces else _MaskPlan("documents", pieces=pieces)
     same = None if segment_ids is None else (segment_ids[:, :, None] == kv_segment_ids[:, None, :])[:, None]
@@ -145,60 +144,41 @@ def _runs(ids: list[int]) -> dict[int, tuple[int, int]] | None:
     return runs
 
 
-def _document_pieces(q, causal, segment_ids, kv_segment_ids, q_offset, kv_offset) -> list[_Piece] | None:
-    """The "documents" plan's pieces, or None when some id is not one contiguous run (then the float mask)."""
+def _document_pieces(q, k, causal, segment_ids, kv_segment_ids, q_offset, kv_offset) -> list[_Piece] | None:
+    """The "documents" plan's pieces, or None when some id is not one contiguous run (then the float mask). Each
+    piece is a block of one document, planned like any block without ids."""
     pieces = []
     for row, (q_ids, kv_ids) in enumerate(zip(segment_ids.tolist(), kv_segment_ids.tolist())):
         q_runs, kv_runs = _runs(q_ids), _runs(kv_ids)
         if q_runs is None or kv_runs is None:
             return None
-        for doc, (q_start, q_end) in q_runs.items():
+        for doc, q_run in q_runs.items():
             if doc not in kv_runs:
                 continue  # no key of this document here: its rows see nothing
-            k_start, k_end = kv_runs[doc]
-            first_q, last_q = q_offset + q_start, q_offset + q_end - 1
-            first_k, last_k = kv_offset + k_start, kv_offset + k_end - 1
-            if not causal or first_q >= last_k:
-                pieces.append(_Piece(row, q_start, q_end, k_start, k_end))
-            elif last_q < first_k:
-                continue  # every key after every query
-            elif first_q == first_k and q_end - q_start == k_end - k_start:
-                pieces.append(_Piece(row, q_start, q_end, k_start, k_end, is_causal=True))
-            else:
-                q_pos = torch.arange(first_q, last_q + 1, device=q.device)
-                k_pos = torch.arange(first_k, last_k + 1, device=q.device)
-                visible = (q_pos[:, None] >= k_pos[None, :])[None, None]
-                dead = ~visible.any(dim=-1)
-                pieces.append(_Piece(row, q_start, q_end, k_start, k_end, float_mask=_additive(visible, q.dtype),
-                                     dead_rows=dead if bool(dead.any()) else None))
+            k_run = kv_runs[doc]
+            queries = (slice(row, row + 1), slice(None), slice(*q_run))
+            keys = (slice(row, row + 1), slice(None), slice(*k_run))
+            plan = _build_plan(q[queries], k[keys], causal, None, None, q_offset + q_run[0], kv_offset + k_run[0])
+            if plan.mode != "empty":
+                pieces.append(_Piece(queries, keys, plan))
     return pieces
 
 
-def _forward_documents(q, k, v, pieces, scale, stat_dtype):
-    out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.full(q.shape[:3], float("-inf"), dtype=stat_dtype, device=q.device)
-    for p in pieces:
-        rows, keys = (p.row, slice(None), slice(p.q_start, p.q_end)), (p.row, slice(None), slice(p.k_start, p.k_end))
-        o, piece_lse = _fwd_op(q[rows][None], k[keys][None], v[keys][None], 0.0, p.is_causal,
-                               attn_mask=p.float_mask, scale=scale)
-        if p.dead_rows is not None:
-            piece_lse = piece_lse.masked_fill(p.dead_rows, float("-inf"))
-            o = o.masked_fill(p.dead_rows[..., None], 0.0)
-        out[rows] = o[0]
-        lse[rows] = piece_lse[0]
+def _call_forward(plan, q, k, v, scale, stat_dtype):
+    """(out, lse) of a block whose plan calls the kernel once (every mode but "empty" and "documents")."""
+    out, lse = _fwd_op(q, k, v, 0.0, plan.mode in ("causal", "causal_mask"), attn_mask=plan.float_mask, scale=scale)
+    lse = lse.to(stat_dtype)
+    if plan.dead_rows is not None:
+        dead = plan.dead_rows.expand(lse.shape)
+        lse = lse.masked_fill(dead, float("-inf"))
+        out = out.masked_fill(dead[..., None], 0.0)
     return out, lse
 
 
-def _backward_documents(dout, q, k, v, out, lse, pieces, scale):
-    dq, dk, dv = (torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
-    for p in pieces:
-        rows, keys = (p.row, slice(None), slice(p.q_start, p.q_end)), (p.row, slice(None), slice(p.k_start, p.k_end))
-        mask = None if p.float_mask is None else p.float_mask.to(q.dtype)
-        grads = _bwd_op(dout[rows][None], q[rows][None], k[keys][None], v[keys][None], out[rows][None],
-                        lse[rows][None], 0.0, p.is_causal, attn_mask=mask, scale=scale)
-        for total, grad, where in zip((dq, dk, dv), grads, (rows, keys, keys)):
-            total[where] = grad[0]
-    return dq, dk, dv
+def _call_backward(plan, dout, q, k, v, out, lse, scale):
+    """(dq, dk, dv) of such a block; inputs already in the gradients' dtype, lse finite."""
+    mask = None if plan.float_mask is None else plan.float_mask.to(q.dtype)
+    return _bwd_op(dout, q, k, v, out, lse, 0.0, plan.mode in ("causal", "causal_mask"), attn_mask=mask, scale=scale)
 
 
 def cpu_attention_forward(
@@ -211,14 +191,12 @@ def cpu_attention_forward(
     if plan.mode == "empty":
         out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
         return out, torch.full(q.shape[:3], float("-inf"), dtype=stat_dtype, device=q.device)
-    if plan.mode == "documents":
-        return _forward_documents(q, k, v, plan.pieces, scale, stat_dtype)
-    out, lse = _fwd_op(q, k, v, 0.0, plan.mode in ("causal", "causal_mask"), attn_mask=plan.float_mask, scale=scale)
-    lse = lse.to(stat_dtype)
-    if plan.dead_rows is not None:
-        dead = plan.dead_rows.expand(lse.shape)
-        lse = lse.masked_fill(dead, float("-inf"))
-        out = out.masked_fill(dead[..., None], 0.0)
+    if plan.mode != "documents":
+        return _call_forward(plan, q, k, v, scale, stat_dtype)
+    out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.full(q.shape[:3], float("-inf"), dtype=stat_dtype, device=q.device)
+    for p in plan.pieces:
+        out[p.queries], lse[p.queries] = _call_forward(p.plan, q[p.queries], k[p.keys], v[p.keys], scale, stat_dtype)
     return out, lse
 
 
@@ -235,12 +213,13 @@ def cpu_attention_backward(
     if plan.mode == "empty":
         return tuple(torch.zeros(t.shape, dtype=grad_dtype, device=t.device) for t in (q, k, v))
     dout, q, k, v, out = (t.to(grad_dtype) for t in (dout, q, k, v, out))
-    mask = None if plan.float_mask is None else plan.float_mask.to(grad_dtype)
     # Rows that attended nothing carry lse = -inf; their scores are all -inf too, so any finite lse
     # gives them zero probabilities (and no NaN from -inf - -inf).
     lse = torch.where(torch.isneginf(lse), 0.0, lse).to(grad_dtype)
-    if plan.mode == "documents":
-        return _backward_documents(dout, q, k, v, out, lse, plan.pieces, scale)
-    dq, dk, dv = _bwd_op(dout, q, k, v, out, lse, 0.0, plan.mode in ("causal", "causal_mask"), attn_mask=mask,
-                         scale=scale)
+    if plan.mode != "documents":
+        return _call_backward(plan, dout, q, k, v, out, lse, scale)
+    dq, dk, dv = (torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    for p in plan.pieces:
+        dq[p.queries], dk[p.keys], dv[p.keys] = _call_backward(
+            p.plan, dout[p.queries], q[p.queries], k[p.keys], v[p.keys], out[p.queries], lse[p.queries], scale)
     return dq, dk, dv

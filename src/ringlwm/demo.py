@@ -132,27 +132,6 @@ def write_data(data_dir: Path, *, seed: int, short_examples: int, long_examples:
                     f.write(json.dumps(record) + "\n")
 
 
-def matmul_gflops(size: int = 1024, repeats: int = 8) -> float:
-    """This machine's fp32 matmul speed on one thread (what each training process gets), in GFLOP/s: the demo's
-    time scales with it (2026-12-02: 35 on an AVX2 EPYC, where the demo took ~40 minutes; the machine where the
-    recipe was tuned did 147 GFLOP/s on its 2 threads, ../shared/REFERENCES.md)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        a, b = torch.randn(size, size), torch.randn(size, size)
-        a @ b
-        best = float("inf")
-        for _ in range(repeats):
-            t = time.perf_counter()
-            a @ b
-            best = min(best, time.perf_counter() - t)
-    finally:
-        torch.set_num_threads(threads)
-    return 2 * size**3 / best / 1e9
-
-
 def _torchrun(nproc: int, module: str, *args: str) -> None:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
                module, *args]
@@ -207,7 +186,9 @@ def main(argv=None) -> None:
         shutil.rmtree(out)
     data_dir = out / "data"
     start = time.time()
-    gflops = matmul_gflops()
+    from ringlwm.train.metrics import cpu_matmul_flops
+
+    gflops = cpu_matmul_flops(threads=1, size=1024) / 1e9  # per training process: the time scales with it
 
     if not (data_dir / "needles_long.jsonl").is_file():
         print("[1/4] data: generated haystacks, needles and a sentencepiece tokenizer", flush=True)
