@@ -115,6 +115,22 @@ def test_demo_records_are_lwm_prompts_whose_answer_repeats_the_needle():
     assert len(number) == 7 and number.isdigit() and rec["prompt"].count(number) == 1
 
 
+@pytest.mark.parametrize("where, allowed", [("early", range(0, 4)), ("late", range(27, 31)),
+                                            ("anywhere", range(0, 31))])
+def test_demo_records_place_the_needle_where_asked(where, allowed):
+    """Stage 2's needles in the first or last tenth of the haystack (the sentence index of the needle among the
+    haystack's 30 sentences and itself), and anywhere by default: over many draws every allowed index shows up."""
+    seen = set()
+    for i in range(300):
+        rec = needle_record(random.Random(i), 30, where=where)
+        body = rec["prompt"][len(PREFIX):rec["prompt"].index(" What is the special magic")]
+        sentences = [s for s in body.split(". ") if s]
+        index = next(j for j, s in enumerate(sentences) if s.startswith("The special magic"))
+        assert len(sentences) == 31 and index in allowed, (where, index)
+        seen.add(index)
+    assert seen == set(allowed)
+
+
 # --- provenance: a rerun into the same output resumes only what the same model and settings produced ----------
 
 
