@@ -76,20 +76,9 @@ _WORDS = (
 def generated_haystack(num_sentences: int = 4000, seed: int = 0) -> str:
     """Deterministic filler prose (no digits, so the needle's number is the only one in the context)."""
     rng = random.Random(seed)
-    # rng.choice(_WORDS), inlined: the same draws (CPython's getrandbits rejection sampling), a third of the time
-    # (the demo makes ~2 million words of it); a test checks it against rng.choice.
-    getrandbits, count = rng.getrandbits, len(_WORDS)
-    bits = count.bit_length()
-
-    def pick() -> str:
-        r = getrandbits(bits)
-        while r >= count:
-            r = getrandbits(bits)
-        return _WORDS[r]
-
     sentences = []
     for _ in range(num_sentences):
-        words = [pick() for _ in range(rng.randint(6, 16))]
+        words = [rng.choice(_WORDS) for _ in range(rng.randint(6, 16))]
         sentences.append(" ".join(words).capitalize() + ".")
     return " ".join(sentences)
 
