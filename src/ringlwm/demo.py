@@ -10,7 +10,8 @@
    noise, answered with the number; 256-384 tokens in stage 1, up to the final length in stage 2), from a seed
    of their own. The slice's other two tasks are never trained on.
 2. Training: ``torchrun -m ringlwm.train recipes/demo.yaml``: two stages, 1024 tokens data parallel
-   (sp = 1, dp = 2), then 2048 tokens over the ring (sp = 2) with RoPE theta raised from 1e4 to 4e4.
+   (sp = 1, dp = 2, 4 sequences per rank), then 2048 tokens over the ring (sp = 2) with RoPE theta raised
+   from 1e3 to 4e4.
 3. Evaluation: ``torchrun -m ringlwm.eval.needle`` on fresh haystacks at 256-2048 tokens and depths 0-100%,
    then a RULER slice (``torchrun -m ringlwm.eval.ruler``): three needle tasks in RULER's format (a needle
    in repeated noise: trained on; in an essay of the demo's filler prose and among distractor needles: held out),
@@ -195,13 +196,14 @@ def main(argv=None) -> None:
         shutil.rmtree(out)
     data_dir = out / "data"
     start = time.time()
-    from ringlwm.train.metrics import cpu_matmul_flops
+    from ringlwm.train.metrics import cpu_matmul_flops, cpu_times, steal_fraction
 
     gflops = cpu_matmul_flops(threads=1, size=1024) / 1e9  # per training process: the time scales with it
+    ticks = cpu_times()  # a shared cloud machine may lose CPU time to other guests (steal) while the demo runs
 
     if not (data_dir / "needles_long.jsonl").is_file():
         print("[1/4] data: generated haystacks, needles and a sentencepiece tokenizer", flush=True)
-        write_data(data_dir, seed=args.seed, short_examples=40000, long_examples=6000,
+        write_data(data_dir, seed=args.seed, short_examples=30000, long_examples=3000,
                    long_max_tokens=max(int(x) for x in args.lengths.split(",")), ruler_examples=RULER_EXAMPLES)
     paths = [f"data.tokenizer={data_dir / 'tokenizer.model'}",
              f"data.sources.0.path={data_dir / 'needles_short.jsonl'}", f"data.sources.1.path={data_dir / 'text.jsonl'}",
@@ -229,7 +231,8 @@ def main(argv=None) -> None:
     ruler_slice(out, data_dir / "tokenizer.model", lengths=args.lengths, seed=args.seed + 2, nproc=args.nproc)
     t_ruler = time.time() - t_ruler
     plot_loss(out / "metrics.jsonl", out / "loss.png")
-    summary(out, total=time.time() - start, train=t_train, evaluate=t_eval, ruler=t_ruler, gflops=gflops)
+    summary(out, total=time.time() - start, train=t_train, evaluate=t_eval, ruler=t_ruler, gflops=gflops,
+            steal=steal_fraction(ticks, cpu_times()))
 
 
 def ruler_slice(out: Path, tokenizer: Path, *, lengths: str, seed: int, nproc: int, tasks: str = RULER_TASKS,
@@ -277,7 +280,7 @@ def ruler_summary(out: Path) -> list[str]:
 
 
 def summary(out: Path, *, total: float, train: float, evaluate: float, ruler: float = 0.0,
-            gflops: float | None = None) -> None:
+            gflops: float | None = None, steal: float | None = None) -> None:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     results = json.loads((out / "needle.json").read_text())["results"]
     table = accuracy_table(results)
@@ -302,7 +305,9 @@ def summary(out: Path, *, total: float, train: float, evaluate: float, ruler: fl
     lines += [f"  time: {total / 60:.1f} min (training {train / 60:.1f}, needle evaluation {evaluate / 60:.1f}, "
               f"RULER slice {ruler / 60:.1f})"
               + (f", on cores doing {gflops:.0f} GFLOP/s of fp32 matmul each (the time scales with it)"
-                 if gflops else ""),
+                 if gflops else "")
+              + (f"; {steal:.0%} of the CPU time went to other guests of this virtual machine (steal): the run "
+                 "was slower by about that" if steal is not None and steal >= 0.05 else ""),
               f"  files: {out}/metrics.jsonl, loss.png, needle.json, needle_heatmap.png"
               + (", ruler.json, ruler_heatmap.png" if ruler_lines else "") + ", hf/", ""]
     text = "\n".join(lines)

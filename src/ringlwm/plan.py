@@ -260,7 +260,8 @@ def build(setup: StepSetup, device: torch.device, *, init: bool, tensors=None):
     dims = setup.dims()
     mesh, fsdp_mesh = dims.build_mesh("cpu")
     model = build_model(model_class(setup.config), setup.model_config, fsdp_mesh, device, mixed=setup.mixed,
-                        tensors=tensors, offload=setup.config.parallel.offload == "params")
+                        tensors=tensors, offload=setup.config.parallel.offload == "params",
+                        fsdp_units=setup.config.parallel.fsdp_units)
     with tensors or contextlib.nullcontext():
         if init:
             with torch.no_grad():

@@ -239,10 +239,18 @@ class ParallelConfig:
     """"params": FSDP2's CPUOffloadPolicy: sharded parameters, gradients and AdamW state in (pinned) host
     memory, each unit's parameters gathered to the device when it runs, the optimizer step on the host (torch's
     fused CPU AdamW). "none": all on the device."""
+    fsdp_units: str = "layers"
+    """"layers": one FSDP2 unit per decoder layer (each layer's parameters gathered just before it runs and
+    freed after). "model": the whole model one unit (one all-gather and one reduce-scatter per step, every
+    parameter held in full through the step): for tiny models whose step is mostly per-unit overhead (the CPU
+    demo). The same sharded parameters and checkpoints either way (a resumed run may change it); gradients are
+    reduced in one buffer instead of one per unit (equal sums on 2 ranks; on more, gloo may add in another order)."""
 
     def __post_init__(self):
         if self.offload not in ("none", "params"):
             raise ValueError(f"parallel.offload must be 'none' or 'params', got {self.offload!r}")
+        if self.fsdp_units not in ("layers", "model"):
+            raise ValueError(f"parallel.fsdp_units must be 'layers' or 'model', got {self.fsdp_units!r}")
 
 
 @dataclass

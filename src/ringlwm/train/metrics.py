@@ -57,6 +57,27 @@ def cpu_matmul_flops(threads: int = 2, size: int = 2048) -> float:
         torch.set_num_threads(previous)
 
 
+def cpu_times(stat: Path = Path("/proc/stat")) -> tuple[int, int] | None:
+    """(steal, total) CPU time in clock ticks since boot, summed over this machine's CPUs, from Linux's
+    /proc/stat; None elsewhere. The difference of two readings gives the share of CPU time the hypervisor gave
+    to other guests (steal) while a run was timed: a run on a shared cloud machine is slower by about that."""
+    try:
+        fields = stat.read_text().splitlines()[0].split()
+    except OSError:
+        return None
+    if fields[0] != "cpu" or len(fields) < 9:
+        return None
+    ticks = [int(x) for x in fields[1:]]
+    return ticks[7], sum(ticks[:8])  # user nice system idle iowait irq softirq steal (guest is within user)
+
+
+def steal_fraction(start: tuple[int, int] | None, end: tuple[int, int] | None) -> float | None:
+    """The share of CPU time stolen between two ``cpu_times`` readings (None when either is None)."""
+    if start is None or end is None or end[1] <= start[1]:
+        return None
+    return (end[0] - start[0]) / (end[1] - start[1])
+
+
 def flops_per_token(num_params: int, num_layers: int, hidden: int, seq_len: int) -> float:
     return 6.0 * num_params + 6.0 * num_layers * hidden * seq_len
 

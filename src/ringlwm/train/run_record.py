@@ -5,7 +5,8 @@ start. A rerun with the same ``--out`` compares its own resolved recipe with it:
 - the same recipe: resume from the newest verified checkpoint (or say that the run is complete);
 - only schedule, bookkeeping and exact memory keys changed (``stages.N.steps``, ``stages.N.warmup_steps``,
   ``checkpoint.*``, ``logging.*``, ``model.activation_checkpointing``, ``model.activation_offloading``,
-  ``model.offload_prefetch``: the last three change where activations live, never a value): allowed where the checkpoints allow it. More steps for the stage that holds the newest
+  ``model.offload_prefetch``: the last three change where activations live, never a value;
+  ``parallel.fsdp_units``: how parameters are gathered, not the checkpoint layout): allowed where the checkpoints allow it. More steps for the stage that holds the newest
   checkpoint continue training it; the learning-rate schedule of that stage is recomputed for its new
   number of steps (warmup, then cosine down to ``min_lr_ratio`` at the new last step) from the resumed
   step on. Steps below what a checkpoint already holds, or new steps for a stage that a later stage has
@@ -30,7 +31,7 @@ from ringlwm.train.config import TrainConfig, to_dict
 RECORD = "recipe.json"
 ADJUSTABLE = ("stages.*.steps", "stages.*.warmup_steps", "checkpoint.*", "logging.*",
               "model.activation_checkpointing", "model.activation_offloading", "model.offload_prefetch",
-              "model.ulysses_recompute")
+              "model.ulysses_recompute", "parallel.fsdp_units")
 
 
 def flatten(tree, prefix: str = "") -> dict:

@@ -101,15 +101,17 @@ def initial_state_dict(config: TrainConfig, model_config: LlamaConfig, init_conf
 
 
 def build_model(cls, model_config: LlamaConfig, fsdp_mesh, device: torch.device, *, mixed: bool,
-                state: dict | None = None, broadcast: bool = False, tensors=None, offload: bool = False) -> torch.nn.Module:
+                state: dict | None = None, broadcast: bool = False, tensors=None, offload: bool = False,
+                fsdp_units: str = "layers") -> torch.nn.Module:
     """``cls(model_config)`` built on the meta device, sharded with FSDP2 over ``fsdp_mesh`` (activation
     checkpointing and the other memory options are model options) and materialised on ``device``: filled from
     ``state`` (rank 0's, broadcast when ``broadcast``), else left to the caller (a checkpoint load).
     ``tensors``: a mode to materialise in (the planner's FakeTensorMode; the mesh is made outside it).
-    ``offload``: parameters, gradients and optimizer state in host memory (``parallel.offload: params``)."""
+    ``offload``: parameters, gradients and optimizer state in host memory (``parallel.offload: params``);
+    ``fsdp_units``: ``parallel.fsdp_units``."""
     with torch.device("meta"):
         model = cls(model_config)
-    parallelize_llama(model, fsdp_mesh, mixed_precision=mixed, offload=offload)
+    parallelize_llama(model, fsdp_mesh, mixed_precision=mixed, offload=offload, units=fsdp_units)
     with tensors or contextlib.nullcontext():
         materialize(model, device, state, broadcast=broadcast, offload=offload)
     return model
@@ -211,7 +213,8 @@ def build_stage(config: TrainConfig, index: int, world: int, device: torch.devic
     coords = dims.coordinates(mesh)
     state = initial_state_dict(config, model_config, init_config) if fresh else None
     model = build_model(model_class(config), model_config, fsdp_mesh, device, mixed=mixed, state=state,
-                        broadcast=fresh, offload=config.parallel.offload == "params")
+                        broadcast=fresh, offload=config.parallel.offload == "params",
+                        fsdp_units=config.parallel.fsdp_units)
     del state
     optimizer = build_optimizer(config, model, stage.lr)
     loader = build_loader(data_cfg, stage, tokenizer=tokenizer, vocab_size=model_config.vocab_size,
