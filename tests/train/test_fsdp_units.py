@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_trainer import RECIPE, _kill_after, _metrics, _train, _write
+from test_trainer import RECIPE, _kill_after, _train, _write
 from tiny_models import tiny_llama_config
 
 from ringlwm import plan
