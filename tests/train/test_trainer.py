@@ -181,7 +181,7 @@ def test_two_stages_change_theta_length_and_sp(tmp_path):
         ("optim.betas=[0.9, 1.5]", "betas must be two numbers"),
         ("stages.0.batch_size=true", "batch_size must be int, got True"),
         ("stages.0.rope_theta=-1", "rope_theta must be positive"),
-        ("parallel.fsdp_units=blocks", "fsdp_units must be 'layers' or 'model'"),
+        ("parallel.fsdp_units=blocks", r"fsdp_units must be one of \('layers', 'model'\)"),
     ],
 )
 def test_bad_configs_name_the_problem(tmp_path, override, match):

@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-FSDP_UNITS = ("layers", "model")
+from ringlwm.constants import FSDP_UNITS
 
 
 def apply_fsdp(model, shard_mesh: DeviceMesh, mixed_precision: bool, offload: bool = False,

@@ -17,7 +17,7 @@ from pathlib import Path
 import tomllib
 import yaml
 
-from ringlwm.constants import VISION_VOCAB_SIZE
+from ringlwm.constants import FSDP_UNITS, VISION_VOCAB_SIZE
 from ringlwm.ring.layout import check_layout
 
 _SOURCE_FORMATS = ("jsonl", "parquet", "text", "synthetic")
@@ -249,8 +249,8 @@ class ParallelConfig:
     def __post_init__(self):
         if self.offload not in ("none", "params"):
             raise ValueError(f"parallel.offload must be 'none' or 'params', got {self.offload!r}")
-        if self.fsdp_units not in ("layers", "model"):
-            raise ValueError(f"parallel.fsdp_units must be 'layers' or 'model', got {self.fsdp_units!r}")
+        if self.fsdp_units not in FSDP_UNITS:
+            raise ValueError(f"parallel.fsdp_units must be one of {FSDP_UNITS}, got {self.fsdp_units!r}")
 
 
 @dataclass
